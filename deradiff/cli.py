@@ -1,0 +1,73 @@
+"""The `deradiff` command line: one subcommand per library entry point.
+
+Each subcommand lives in a library module exposing `add_arguments(parser)` and
+`run(args) -> int`; this file only routes. Modules are imported lazily so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deradiff.errors import UserError
+
+# name -> (module, one-line help). Nested groups use a space: "toy pretrain".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("deradiff.sample", "sample images from a (realigned) pipeline and write a grid + path KL"),
+    "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deradiff",
+        description="Align a diffusion model once, realign it at sampling time (DeRaDiff).",
+    )
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module, help_) in COMMANDS.items():
+        parts = name.split()
+        subparsers = top
+        if len(parts) == 2:
+            if parts[0] not in groups:
+                group = top.add_parser(parts[0], help=f"{parts[0]} commands")
+                groups[parts[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            subparsers = groups[parts[0]]
+        sub = subparsers.add_parser(
+            parts[-1], help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        sub.set_defaults(_module=module)
+        # Lazy: import the module only to add its arguments when this subcommand is chosen.
+        sub.set_defaults(_name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse once to learn the subcommand, then let its module add its own arguments.
+    first_pass = [a for a in argv if a not in ("-h", "--help")]
+    if not first_pass or first_pass[0].startswith("-"):
+        parser.parse_args(argv)  # top-level --help or a usage error
+    known, _ = parser.parse_known_args(first_pass)
+    module = importlib.import_module(known._module)
+    sub = _find_subparser(parser, known._name)
+    module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"deradiff {known._name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _find_subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for part in name.split():
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[part]
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
