@@ -1,0 +1,383 @@
+"""Sampling-time realignment (DeRaDiff): mix reference and aligned denoiser outputs with lambda.
+
+A diffusers pipeline takes :class:`RealignedDenoiser` in place of its ``unet`` (or
+``transformer``). At every call it evaluates the reference (LoRA disabled, or a second model)
+and the aligned model (LoRA enabled) on the same inputs and returns
+
+    out = (1 - lam(t)) * out_ref + lam(t) * out_aligned
+
+in the wrapped model's own output type. Every common parameterization (epsilon, v, x0,
+flow velocity) makes the step mean affine in the output with a map shared by both branches, so
+this is the normalized geometric mixture of the two Gaussian steps: the model that training at
+KL strength beta / lam would have given (method.md section 2). No pipeline code is copied; any
+scheduler that consumes the model output linearly works unchanged.
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(lora_dir)
+    with realigned(pipe, lam=2.0) as denoiser:
+        images = pipe(prompts, generator=torch.Generator().manual_seed(0)).images
+    print(path_kl(denoiser.records, pipe.scheduler, guidance_scale=7.5))
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from deradiff.errors import UserError
+from deradiff.models import adapters_disabled, lora_adapter_names
+
+Mode = Literal["two_forward", "mixed_batch"]
+MODES = ("two_forward", "mixed_batch")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """lam as a function of the diffusion timestep t in [0, num_train_timesteps].
+
+    Progress u = 1 - t / num_train_timesteps runs from 0 (pure noise) to 1 (clean image).
+    - constant: lam = start
+    - linear:   lam = start + (end - start) * u
+    - cosine:   lam = start + (end - start) * (1 - cos(pi * u)) / 2
+    - step:     lam = start while t >= switch_t, end afterwards (switch_t in timestep units)
+    Written on the command line as "2.0", "linear:0,2", "cosine:0,2" or "step:1,2@500".
+    """
+
+    kind: str = "constant"
+    start: float = 1.0
+    end: float = 1.0
+    switch_t: float = 500.0
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULE_KINDS:
+            raise UserError(f"unknown lambda schedule {self.kind!r}; choose from {list(SCHEDULE_KINDS)}")
+        for name in ("start", "end", "switch_t"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"lambda schedule {name} must be a finite number, got {getattr(self, name)}")
+
+    def __call__(self, t: float, num_train_timesteps: int = 1000) -> float:
+        u = 1.0 - float(t) / num_train_timesteps
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * u
+        if self.kind == "cosine":
+            return self.start + (self.end - self.start) * (1.0 - math.cos(math.pi * u)) / 2.0
+        return self.start if float(t) >= self.switch_t else self.end
+
+    def __str__(self) -> str:
+        if self.kind == "constant":
+            return f"{self.start:g}"
+        suffix = f"@{self.switch_t:g}" if self.kind == "step" else ""
+        return f"{self.kind}:{self.start:g},{self.end:g}{suffix}"
+
+
+def parse_lambda(spec: float | str | LambdaSchedule) -> LambdaSchedule:
+    """A float, a string ("0.5", "linear:0,2", "cosine:0,2", "step:1,2@500") or a schedule."""
+    if isinstance(spec, LambdaSchedule):
+        return spec
+    if isinstance(spec, (int, float)):
+        return LambdaSchedule("constant", float(spec), float(spec))
+    text = str(spec).strip()
+    kind, _, rest = text.partition(":")
+    try:
+        if not rest:
+            value = float(text)
+            return LambdaSchedule("constant", value, value)
+        values, _, switch = rest.partition("@")
+        start, end = (float(v) for v in values.split(","))
+        return LambdaSchedule(kind, start, end, float(switch) if switch else 500.0)
+    except ValueError:
+        raise UserError(
+            f"cannot read lambda {text!r}: write a number (2.0) or KIND:START,END with KIND in "
+            f"{list(SCHEDULE_KINDS[1:])}, e.g. linear:0,2 or step:1,2@500"
+        ) from None
+
+
+@dataclass
+class StepRecord:
+    """What one denoiser call saw: timestep, lam, and aligned - reference output per row."""
+
+    timestep: float
+    lam: float
+    delta: torch.Tensor  # (B, ...) aligned minus reference output, float32, on CPU
+
+
+@dataclass
+class _Batch:
+    """Positional and keyword arguments of one denoiser call, with the batch size found."""
+
+    args: tuple
+    kwargs: dict
+    size: int
+    timestep: float = field(default=0.0)
+
+
+class RealignedDenoiser(nn.Module):
+    """A denoiser returning (1 - lam(t)) * reference + lam(t) * aligned.
+
+    Args:
+        aligned: the adapted model (a diffusers UNet/transformer, with a peft LoRA in LoRA mode).
+        lam: float, schedule string or LambdaSchedule; lam > 1 extrapolates.
+        reference: a second full model (two-model mode); None means the aligned model with its
+            adapters disabled (LoRA mode: one set of base weights in memory).
+        mode: "two_forward" (two calls) or "mixed_batch" (one call on the doubled batch with the
+            adapter active on the second half only; LoRA mode only).
+        record: keep a StepRecord per call for path_kl().
+    Unknown attributes (config, dtype, device, add_embedding, ...) are read from `aligned`.
+    """
+
+    def __init__(
+        self,
+        aligned: nn.Module,
+        lam: float | str | LambdaSchedule = 1.0,
+        reference: nn.Module | None = None,
+        mode: Mode = "two_forward",
+        record: bool = True,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise UserError(f"unknown realignment mode {mode!r}; choose from {list(MODES)}")
+        if reference is None and not lora_adapter_names(aligned):
+            raise UserError(
+                "the aligned model has no LoRA adapter: load one (pipe.load_lora_weights(dir)) "
+                "or pass a second full model as `reference`"
+            )
+        if mode == "mixed_batch" and reference is not None:
+            raise UserError("mode='mixed_batch' needs LoRA mode (one model); use 'two_forward' with a reference")
+        self.aligned = aligned
+        self.reference = reference
+        self.schedule = parse_lambda(lam)
+        self.mode = mode
+        self.record = record
+        self.records: list[StepRecord] = []
+
+    # -- attribute proxy: pipelines read config, dtype, device, add_embedding, ... -------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["aligned"], name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.aligned.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.aligned.device
+
+    def lam_at(self, timestep: float) -> float:
+        num_train = getattr(self.aligned.config, "num_train_timesteps", None) or 1000
+        return self.schedule(timestep, num_train)
+
+    def reset_records(self) -> None:
+        self.records = []
+
+    def forward(self, *args, **kwargs):
+        batch = _read_batch(args, kwargs)
+        lam = self.lam_at(batch.timestep)
+        if lam == 0.0 and not self.record:
+            return self._reference_forward(args, kwargs)
+        if self.mode == "mixed_batch":
+            ref_out, aligned_out = self._mixed_forward(batch)
+        else:
+            ref_out = self._reference_forward(args, kwargs)
+            aligned_out = self.aligned(*args, **kwargs)
+        ref, aligned = _first_tensor(ref_out), _first_tensor(aligned_out)
+        if self.record:
+            delta = (aligned.detach().float() - ref.detach().float()).cpu()
+            self.records.append(StepRecord(batch.timestep, lam, delta))
+        # This exact form keeps lam=0 and lam=1 bit-identical to the branches;
+        # ref + lam * (aligned - ref) is off by ~5e-7 at lam=1.
+        mixed = (1.0 - lam) * ref + lam * aligned
+        return _replace_first_tensor(aligned_out, mixed)
+
+    def _reference_forward(self, args, kwargs):
+        if self.reference is not None:
+            return self.reference(*args, **kwargs)
+        with adapters_disabled(self.aligned):
+            return self.aligned(*args, **kwargs)
+
+    def _mixed_forward(self, batch: _Batch):
+        """One call on [rows; rows] with the adapter off for the first half, on for the second."""
+        n = batch.size
+        args = _double_batch(batch.args, n)
+        kwargs = _double_batch(batch.kwargs, n)
+        adapter = lora_adapter_names(self.aligned)[0]
+        names = ["__base__"] * n + [adapter] * n
+        with _adapter_names_for_rows(self.aligned, names):
+            out = self.aligned(*args, **kwargs)
+        both = _first_tensor(out)
+        return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
+
+
+@contextmanager
+def realigned(pipe, lam: float | str | LambdaSchedule = 1.0, reference: nn.Module | None = None,
+              mode: Mode = "two_forward", record: bool = True):
+    """Install a RealignedDenoiser as the pipeline's unet/transformer for the `with` block.
+
+    Restores the original module afterwards, so `pipe.set_adapters`, `pipe.save_pretrained` and
+    friends keep working outside the block. Yields the denoiser (for its `records`).
+    """
+    attr = denoiser_attribute(pipe)
+    original = getattr(pipe, attr)
+    denoiser = RealignedDenoiser(original, lam=lam, reference=reference, mode=mode, record=record)
+    # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config.
+    object.__setattr__(pipe, attr, denoiser)
+    try:
+        yield denoiser
+    finally:
+        object.__setattr__(pipe, attr, original)
+
+
+def denoiser_attribute(pipe) -> str:
+    """'unet' or 'transformer': the pipeline attribute holding the denoiser."""
+    for attr in ("unet", "transformer"):
+        if isinstance(getattr(pipe, attr, None), nn.Module):
+            return attr
+    raise UserError(
+        f"{type(pipe).__name__} has no `unet` or `transformer` module to realign; "
+        "realignment needs a diffusion pipeline with a denoiser"
+    )
+
+
+# -- path KL -------------------------------------------------------------------------------------
+
+
+def path_kl(
+    records: list[StepRecord], scheduler, guidance_scale: float = 1.0, eta: float = 0.0
+) -> torch.Tensor | None:
+    """Emulated per-sample KL(realigned path || reference path), in nats, shape (B,).
+
+    KL_path = sum_t lam_t^2 * ||mu_aligned - mu_ref||^2 / (2 sigma_t^2): both branches share the
+    step variance, and mu is affine in the (guided) model output with the shared map
+    mu = a_t * x_t + c_t * out, so mu_aligned - mu_ref = c_t * (guided delta). With
+    guidance_scale > 1 the records hold [uncond; cond] rows, as the pipeline batches them.
+    `eta` is the DDIM eta the pipeline was called with. Noiseless steps are left out; returns
+    None for deterministic samplers (every sigma_t = 0: the path KL is not finite) and for
+    schedulers without a closed form here.
+    """
+    if not records:
+        return None
+    total = None
+    for rec in records:
+        coef, sigma = step_mean_coefficient(scheduler, rec.timestep, eta)
+        if sigma is None:
+            return None
+        if sigma <= 0:  # noiseless final step (DDPM t=0): no density, left out as DDPO does
+            continue
+        delta = rec.delta
+        if guidance_scale > 1.0:
+            uncond, cond = delta.chunk(2)
+            delta = uncond + guidance_scale * (cond - uncond)
+        kl = rec.lam**2 * (coef**2) * delta.flatten(1).pow(2).sum(1) / (2.0 * sigma**2)
+        total = kl if total is None else total + kl
+    return total  # None when every step was noiseless (a deterministic sampler)
+
+
+def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple[float, float | None]:
+    """(c_t, sigma_t) with mu_{t-1} = a_t x_t + c_t * model_output and step noise std sigma_t.
+
+    Exact for DDPMScheduler (fixed_small variance) and DDIMScheduler (sigma from eta; eta = 0
+    is deterministic) with epsilon or v prediction, when clip_sample/thresholding are off
+    (clipping x0 makes the step nonlinear). Other schedulers: (nan, None).
+    """
+    name = type(scheduler).__name__
+    cfg = scheduler.config
+    t = int(round(float(timestep)))
+    abar = scheduler.alphas_cumprod
+    if name == "DDPMScheduler":
+        prev_t = scheduler.previous_timestep(t) if hasattr(scheduler, "previous_timestep") else t - 1
+        abar_t = float(abar[t])
+        abar_prev = float(abar[prev_t]) if prev_t >= 0 else 1.0
+        beta_t = 1.0 - abar_t / abar_prev
+        coef_eps = -beta_t / (math.sqrt(1.0 - beta_t) * math.sqrt(1.0 - abar_t))
+        var = (1.0 - abar_prev) / (1.0 - abar_t) * beta_t
+        if cfg.variance_type not in ("fixed_small", None):
+            return float("nan"), None
+        sigma = math.sqrt(max(var, 1e-20)) if t > 0 else 0.0
+    elif name == "DDIMScheduler":
+        step = cfg.num_train_timesteps // scheduler.num_inference_steps
+        prev_t = t - step
+        abar_t = float(abar[t])
+        abar_prev = float(abar[prev_t]) if prev_t >= 0 else float(scheduler.final_alpha_cumprod)
+        var = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+        sigma = eta * math.sqrt(var)
+        coef_eps = -math.sqrt(abar_prev) * math.sqrt(1.0 - abar_t) / math.sqrt(abar_t) + math.sqrt(
+            max(1.0 - abar_prev - sigma**2, 0.0)
+        )
+    else:
+        return float("nan"), None
+    if cfg.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x
+        coef_eps *= math.sqrt(abar_t)
+    elif cfg.prediction_type != "epsilon":
+        return float("nan"), None
+    return coef_eps, sigma
+
+
+# -- batch plumbing ------------------------------------------------------------------------------
+
+
+def _read_batch(args: tuple, kwargs: dict) -> _Batch:
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError("RealignedDenoiser expects the noisy sample as first argument or `sample=`")
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if isinstance(timestep, torch.Tensor):
+        timestep = timestep.flatten()[0].item() if timestep.numel() else 0.0
+    return _Batch(args, kwargs, sample.shape[0], float(timestep if timestep is not None else 0.0))
+
+
+def _double_batch(obj, n: int):
+    """Concatenate every tensor whose leading dim is the batch size with itself (recursively)."""
+    if isinstance(obj, torch.Tensor):
+        return torch.cat([obj, obj]) if obj.ndim > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: _double_batch(v, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_double_batch(v, n) for v in obj)
+    return obj
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out.sample if hasattr(out, "sample") else out
+
+
+def _replace_first_tensor(out, tensor: torch.Tensor):
+    if isinstance(out, torch.Tensor):
+        return tensor
+    if isinstance(out, tuple):
+        return (tensor, *out[1:])
+    # diffusers BaseOutput dataclasses (UNet2DConditionOutput, Transformer2DModelOutput, ...)
+    return type(out)(**{**out, next(iter(out.keys())): tensor})
+
+
+@contextmanager
+def _adapter_names_for_rows(model: nn.Module, names: list[str]):
+    """Make every peft LoRA layer use `names[i]` for batch row i (peft's mixed-batch forward).
+
+    The diffusers UNet forward does not accept `adapter_names`, so it is injected per layer with
+    forward pre-hooks; this works in train mode too (peft's own PeftModel route refuses there).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def inject(_module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [
+        m.register_forward_pre_hook(inject, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
