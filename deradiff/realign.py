@@ -93,6 +93,8 @@ def parse_lambda(spec: float | str | LambdaSchedule) -> LambdaSchedule:
         values, _, switch = rest.partition("@")
         start, end = (float(v) for v in values.split(","))
         return LambdaSchedule(kind, start, end, float(switch) if switch else 500.0)
+    except UserError:
+        raise
     except ValueError:
         raise UserError(
             f"cannot read lambda {text!r}: write a number (2.0) or KIND:START,END with KIND in "
@@ -302,7 +304,8 @@ def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple
         var = (1.0 - abar_prev) / (1.0 - abar_t) * beta_t
         if cfg.variance_type not in ("fixed_small", None):
             return float("nan"), None
-        sigma = math.sqrt(max(var, 1e-20)) if t > 0 else 0.0
+        # diffusers clamps the variance at 1e-20: such a step is noiseless (e.g. the last one).
+        sigma = math.sqrt(var) if t > 0 and var > 1e-12 else 0.0
     elif name == "DDIMScheduler":
         step = cfg.num_train_timesteps // scheduler.num_inference_steps
         prev_t = t - step
