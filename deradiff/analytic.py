@@ -1,0 +1,682 @@
+"""Exact ground truth for realignment: Gaussian-mixture data under the VP diffusion of diffusers.
+
+Data distribution p_ref = sum_k w_k N(mu_k, Sigma_k) in R^d. Under the forward process that
+DDPM/DDIM schedulers define, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the marginal is
+again a mixture,
+
+    p_t = sum_k w_k N(sqrt(abar_t) mu_k, abar_t Sigma_k + (1 - abar_t) I),
+
+so the ideal noise prediction is closed form: eps*(x_t, t) = -sqrt(1 - abar_t) grad log p_t(x_t).
+:class:`AnalyticDenoiser` wraps it as a model the real diffusers schedulers drive, with abar_t
+read from the scheduler's own ``alphas_cumprod`` (float64 throughout).
+
+Tilted target (method.md section 1). With a linear reward r(x) = a.x, completing the square
+
+    N(x; mu, Sigma) exp(a.x / beta) = exp(a.mu / beta + a^T Sigma a / (2 beta^2)) N(x; mu + Sigma a / beta, Sigma)
+
+gives p_ref(x) exp(r(x) / beta) / Z = sum_k w'_k N(mu_k + Sigma_k a / beta, Sigma_k) with
+w'_k ∝ w_k exp(a.mu_k / beta + a^T Sigma_k a / (2 beta^2)) and
+Z = sum_k w_k exp(a.mu_k / beta + a^T Sigma_k a / (2 beta^2)): again a mixture.
+
+Realignment mixes eps_lam = (1 - lam) eps_ref + lam eps_beta0 and asks whether this is the model
+trained at beta0 / lam. One Gaussian: eps* is affine in the data mean and the tilt moves the mean
+by lam Sigma a / beta0, so the mixed eps IS eps* of the target, at every t: realignment is exact.
+A mixture: the noised tilted marginal is p_t^beta ∝ exp(g_t.x / beta) sum_k w_k exp(h_k(t) / beta)
+N_k,t(x) (equal Sigma_k; h_k(t) = a.mu_k - abar_t mu_k^T C_t^-1 Sigma a, C_t = abar_t Sigma +
+(1 - abar_t) I), and the geometric mixture p_t^ref^(1-lam) (p_t^beta0)^lam differs from it
+whenever the h_k(t) differ: realignment is then an approximation, exact only at lam = 0 and 1.
+
+Two errors are kept apart (method.md section 2): realignment error (realigned vs the exact model
+at beta0 / lam, same sampler, same noise) and sampler error (any finite chain vs the target).
+For Gaussian data every sampler here is affine in (x_T, step noise), so
+:func:`exact_output_moments` propagates mean and covariance through the real scheduler exactly.
+
+    deradiff lab                          # Gaussian and GMM tables, DDIM (50) and DDPM (1000)
+    deradiff lab --scheduler euler --lambdas 0 0.5 1 2 4 --out lab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from deradiff.errors import UserError
+
+DTYPE = torch.float64
+# deradiff.models.SCHEDULERS names that run the VP (epsilon) diffusion; flow matching is not VP.
+LAB_SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp", "unipc", "pndm", "lms")
+DEFAULT_STEPS = {"ddpm": 1000}  # every other scheduler: 50
+
+
+# -- Gaussian mixtures -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """sum_k weights[k] N(means[k], covs[k]); weights (K,), means (K, d), covs (K, d, d), float64."""
+
+    weights: Tensor
+    means: Tensor
+    covs: Tensor
+
+    def __post_init__(self):
+        w, m, c = (torch.as_tensor(v, dtype=DTYPE) for v in (self.weights, self.means, self.covs))
+        if w.ndim != 1 or m.ndim != 2 or c.ndim != 3 or m.shape[0] != w.shape[0] or c.shape != (
+            w.shape[0], m.shape[1], m.shape[1]
+        ):
+            raise UserError(
+                f"mixture shapes must be weights (K,), means (K, d), covs (K, d, d); got "
+                f"{tuple(w.shape)}, {tuple(m.shape)}, {tuple(c.shape)}"
+            )
+        if (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+            raise UserError(f"mixture weights must be positive and sum to 1, got {w.tolist()}")
+        w = w / w.sum()  # float32 inputs sum to 1 only to float32 precision
+        if not torch.allclose(c, c.transpose(-1, -2)) or torch.linalg.cholesky_ex(c).info.any():
+            raise UserError("mixture covariances must be symmetric positive definite")
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "means", m)
+        object.__setattr__(self, "covs", c)
+        # Sigma_k = U_k diag(s_k) U_k^T; the noised covariance abar Sigma_k + (1 - abar) I shares U_k,
+        # which makes noised_score two batched matmuls per call (the sampler's hot loop).
+        eigvals, eigvecs = torch.linalg.eigh(c)
+        object.__setattr__(self, "_eigvals", eigvals)
+        object.__setattr__(self, "_eigvecs", eigvecs)
+
+    @classmethod
+    def gaussian(cls, mean: Sequence[float] | Tensor, cov: Sequence[Sequence[float]] | Tensor) -> GaussianMixture:
+        """A single Gaussian N(mean, cov) as a one-component mixture."""
+        return cls(torch.ones(1), torch.as_tensor(mean, dtype=DTYPE)[None], torch.as_tensor(cov, dtype=DTYPE)[None])
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def mean(self) -> Tensor:
+        """(d,) mean of the mixture."""
+        return self.weights @ self.means
+
+    def cov(self) -> Tensor:
+        """(d, d) covariance of the mixture (within plus between components)."""
+        m = self.mean()
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
+        return second - torch.outer(m, m)
+
+    def noised(self, abar: float) -> GaussianMixture:
+        """Marginal of sqrt(abar) x0 + sqrt(1 - abar) eps, x0 ~ self: means * sqrt(abar), covs abar S + (1-abar) I."""
+        eye = torch.eye(self.dim, dtype=DTYPE)
+        return GaussianMixture(self.weights, math.sqrt(abar) * self.means, abar * self.covs + (1.0 - abar) * eye)
+
+    def _component_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """log w_k + log N_k(x), shape (N, K), and the component scores -Sigma_k^-1 (x - mu_k), (N, K, d)."""
+        chol = torch.linalg.cholesky(self.covs)  # (K, d, d)
+        diff = (x[:, None, :] - self.means[None]).permute(1, 2, 0)  # (K, d, N)
+        white = torch.linalg.solve_triangular(chol, diff, upper=False)  # L^-1 (x - mu)
+        log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        log_norm = -0.5 * (white**2).sum(1) - 0.5 * log_det[:, None] - 0.5 * self.dim * math.log(2 * math.pi)
+        scores = -torch.linalg.solve_triangular(chol.transpose(-1, -2), white, upper=True)  # (K, d, N)
+        return (torch.log(self.weights)[:, None] + log_norm).T, scores.permute(2, 0, 1)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log density at x (N, d) -> (N,)."""
+        return torch.logsumexp(self._component_terms(x.to(DTYPE))[0], dim=1)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """Posterior component probabilities p(k | x), (N, K)."""
+        return torch.softmax(self._component_terms(x.to(DTYPE))[0], dim=1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """grad_x log p(x) at x (N, d) -> (N, d): responsibility-weighted component scores."""
+        log_terms, scores = self._component_terms(x.to(DTYPE))
+        return torch.einsum("nk,nkd->nd", torch.softmax(log_terms, dim=1), scores)
+
+    def noised_score(self, x: Tensor, abar: float) -> Tensor:
+        """grad log p_t at x (N, d) for the marginal at abar: equals self.noised(abar).score(x), faster."""
+        ev = abar * self._eigvals + (1.0 - abar)  # (K, d) eigenvalues of the noised covariances
+        diff = x.to(DTYPE)[None] - math.sqrt(abar) * self.means[:, None, :]  # (K, N, d)
+        y = torch.bmm(diff, self._eigvecs)  # coordinates in each component's eigenbasis
+        y_scaled = y / ev[:, None, :]
+        log_terms = (
+            torch.log(self.weights)[:, None] - 0.5 * (y * y_scaled).sum(-1) - 0.5 * torch.log(ev).sum(-1)[:, None]
+        )
+        resp = torch.softmax(log_terms, dim=0) if len(self.weights) > 1 else torch.ones_like(log_terms)
+        return -torch.bmm(resp[:, :, None] * y_scaled, self._eigvecs.transpose(1, 2)).sum(0)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n iid draws, (n, d)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=DTYPE)
+        return self.means[k] + torch.einsum("nij,nj->ni", torch.linalg.cholesky(self.covs)[k], z)
+
+    def _tilt_log_factors(self, a: Tensor, beta: float) -> Tensor:
+        c = torch.as_tensor(a, dtype=DTYPE) / beta
+        return torch.log(self.weights) + self.means @ c + 0.5 * torch.einsum("i,kij,j->k", c, self.covs, c)
+
+    def tilted(self, a: Sequence[float] | Tensor, beta: float) -> GaussianMixture:
+        """p(x) exp(a.x / beta) / Z, exactly (module docstring); beta = inf returns self."""
+        if math.isinf(beta):
+            return self
+        c = torch.as_tensor(a, dtype=DTYPE) / beta
+        log_w = self._tilt_log_factors(a, beta)
+        return GaussianMixture(torch.softmax(log_w, 0), self.means + torch.einsum("kij,j->ki", self.covs, c), self.covs)
+
+    def log_tilt_normalizer(self, a: Sequence[float] | Tensor, beta: float) -> float:
+        """log Z = log E_p[exp(a.x / beta)]."""
+        return float(torch.logsumexp(self._tilt_log_factors(torch.as_tensor(a, dtype=DTYPE), beta), 0))
+
+
+def tilted_target(base: GaussianMixture, a: Sequence[float] | Tensor, beta0: float, lam: float) -> GaussianMixture:
+    """The model KL-trained at beta0 / lam: base tilted by exp(lam a.x / beta0); lam = 0 is the base."""
+    return base if lam == 0 else base.tilted(a, beta0 / lam)
+
+
+# -- the closed-form denoiser ---------------------------------------------------------------------
+
+
+class AnalyticDenoiser(nn.Module):
+    """eps*(x_t, t) = -sqrt(1 - abar_t) grad log p_t(x_t) for GMM data: a model schedulers can drive.
+
+    Call it as a UNet: ``model(sample, timestep) -> eps`` with sample (N, d) and timestep a number
+    or tensor. abar_t comes from `alphas_cumprod` (the scheduler's); a fractional t (Euler-type
+    schedulers) interpolates sigma = sqrt((1 - abar) / abar) linearly in t, as those schedulers do.
+    """
+
+    def __init__(self, data: GaussianMixture, alphas_cumprod: Tensor):
+        super().__init__()
+        self.data = data
+        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod).to(DTYPE))
+        # What pipelines and RealignedDenoiser read from a denoiser.
+        self.config = SimpleNamespace(num_train_timesteps=len(alphas_cumprod), in_channels=data.dim)
+
+    @classmethod
+    def for_scheduler(cls, data: GaussianMixture, scheduler) -> AnalyticDenoiser:
+        return cls(data, scheduler.alphas_cumprod)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPE
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    def abar(self, timestep: float) -> float:
+        acp = self.alphas_cumprod
+        t = float(timestep)
+        if t == int(t):
+            return float(acp[int(t)])
+        sigmas = ((1.0 - acp) / acp).sqrt()
+        lo = int(math.floor(t))
+        sigma = sigmas[lo] + (t - lo) * (sigmas[lo + 1] - sigmas[lo])
+        return float(1.0 / (1.0 + sigma**2))
+
+    def forward(self, sample: Tensor, timestep: float | Tensor, *args, **kwargs) -> Tensor:
+        x = sample.to(DTYPE)
+        ts = torch.as_tensor(timestep, dtype=DTYPE).flatten()
+        if ts.numel() <= 1 or bool((ts == ts[0]).all()):
+            return self._eps(x, float(ts[0]) if ts.numel() else 0.0)
+        return torch.stack([self._eps(x[i : i + 1], float(t))[0] for i, t in enumerate(ts)])
+
+    def _eps(self, x: Tensor, t: float) -> Tensor:
+        abar = self.abar(t)
+        return -math.sqrt(1.0 - abar) * self.data.noised_score(x, abar)
+
+
+def realign(reference: nn.Module, aligned: nn.Module, lam: float) -> nn.Module:
+    """The project's RealignedDenoiser in two-model mode: (1 - lam) * reference + lam * aligned."""
+    from deradiff.realign import RealignedDenoiser
+
+    return RealignedDenoiser(aligned, lam=lam, reference=reference, record=False)
+
+
+# -- driving the real schedulers ------------------------------------------------------------------
+
+
+def make_scheduler(name: str, **overrides):
+    """A diffusers scheduler by deradiff name (LAB_SCHEDULERS) with its default VP schedule.
+
+    DDPM/DDIM get clip_sample=False: clipping x0 to [-1, 1] would make the step nonlinear.
+    """
+    import diffusers
+
+    from deradiff.models import SCHEDULERS
+
+    if name not in LAB_SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r} for the lab; choose from {list(LAB_SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if name in ("ddim", "ddpm"):
+        overrides.setdefault("clip_sample", False)
+    return cls(**overrides)
+
+
+def run_sampler(
+    model: nn.Module, scheduler, num_steps: int, x_T: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Denoise x_T (N, d) standard normal draws, scaled by init_noise_sigma, with a fresh copy of
+    `scheduler` over `num_steps` steps; step noise comes from `generator`. Returns x_0 (N, d)."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_steps)
+    x = x_T.to(DTYPE) * sched.init_noise_sigma
+    # Deterministic multistep schedulers (UniPC, PNDM, LMS) take no generator.
+    extra = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+    for t in sched.timesteps:
+        eps = model(sched.scale_model_input(x, t), t)
+        x = sched.step(eps, t, x, **extra).prev_sample
+    return x
+
+
+def draw_samples(model: nn.Module, scheduler, num_steps: int, n: int, dim: int, seed: int) -> Tensor:
+    """n samples (n, d); the same seed gives the same initial and step noise to any model."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, dim, generator=gen, dtype=DTYPE)
+    return run_sampler(model, scheduler, num_steps, x_T, generator=gen)
+
+
+@contextmanager
+def _scripted_noise(scheduler, noise: Callable[[int, tuple], Tensor]):
+    """Make the scheduler's step noise `noise(call_index, shape)` instead of random draws.
+
+    diffusers schedulers draw step noise through `randn_tensor` imported into their module, so
+    replacing that name there scripts the noise without touching the step math. Yields a
+    one-element list counting the draws.
+    """
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    calls = [0]
+
+    def scripted(shape, *args, **kwargs):
+        out = noise(calls[0], tuple(shape))
+        calls[0] += 1
+        return out
+
+    if original is not None:
+        module.randn_tensor = scripted
+    try:
+        yield calls
+    finally:
+        if original is not None:
+            module.randn_tensor = original
+
+
+def _count_noise_draws(scheduler, num_steps: int, dim: int) -> int:
+    """How many times a chain draws step noise (independent of the model: run with eps = 0)."""
+    with _scripted_noise(scheduler, lambda m, shape: torch.zeros(shape, dtype=DTYPE)) as calls:
+        run_sampler(lambda x, t: torch.zeros_like(x), scheduler, num_steps, torch.zeros(1, dim, dtype=DTYPE))
+    return calls[0]
+
+
+def exact_output_moments(
+    model: nn.Module, scheduler, num_steps: int, seed: int = 0, dim: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact mean (d,) and covariance (d, d) of the sampler's output, for a model whose eps is
+    affine in x_t (Gaussian data, or a lambda-mix of Gaussian models).
+
+    Then the whole chain is affine: x_0 = A x_T + b + sum_m S_m z_m with x_T, z_m ~ N(0, I). One
+    batched run reads b (row x_T = 0, no noise), A (rows x_T = e_i) and every S_m (rows with
+    z_m = e_i) off the real scheduler, multistep history included; mean = b and
+    cov = A A^T + sum_m S_m S_m^T. `dim` defaults to model.config.in_channels. An extra row with
+    random x_T and noise checks the affine claim and raises ValueError when it fails
+    (non-Gaussian data, clipping).
+    """
+    d = dim or model.config.in_channels
+    n_draws = _count_noise_draws(scheduler, num_steps, d)
+    rows = 1 + d + n_draws * d + 1  # mean, x_T basis, noise basis per draw, check row
+    gen = torch.Generator().manual_seed(seed)
+    check_x = torch.randn(d, generator=gen, dtype=DTYPE)
+    check_z = torch.randn(max(n_draws, 1), d, generator=gen, dtype=DTYPE)
+
+    def basis_noise(m: int, shape: tuple) -> Tensor:
+        if m >= n_draws or shape != (rows, d):
+            raise ValueError(f"scheduler drew unexpected noise (draw {m}, shape {shape}); cannot script it")
+        z = torch.zeros(shape, dtype=DTYPE)
+        z[1 + d + m * d : 1 + d + (m + 1) * d] = torch.eye(d, dtype=DTYPE)
+        z[-1] = check_z[m]
+        return z
+
+    x_T = torch.zeros(rows, d, dtype=DTYPE)
+    x_T[1 : 1 + d] = torch.eye(d, dtype=DTYPE)
+    x_T[-1] = check_x
+    with _scripted_noise(scheduler, basis_noise):
+        out = run_sampler(model, scheduler, num_steps, x_T)
+    b = out[0]
+    A = (out[1 : 1 + d] - b).T  # column i = response to e_i
+    S = (out[1 + d : -1] - b).reshape(n_draws, d, d).transpose(1, 2)  # (M, d, d)
+    predicted = b + A @ check_x + torch.einsum("mij,mj->i", S, check_z[:n_draws])
+    scale = out.abs().max().clamp_min(1.0)
+    if (predicted - out[-1]).abs().max() > 1e-6 * scale:
+        raise ValueError(
+            "the sampler is not affine in (x_T, noise) for this model: exact moments need Gaussian "
+            "data, an epsilon-linear scheduler and no clipping (clip_sample=False)"
+        )
+    cov = A @ A.T + torch.einsum("mij,mkj->ik", S, S)
+    return b, 0.5 * (cov + cov.T)
+
+
+# -- error measures --------------------------------------------------------------------------------
+
+
+def mean_error(mean: Tensor, target_mean: Tensor, target_cov: Tensor) -> float:
+    """||mean - target_mean|| in units of the target's RMS spread sqrt(tr(cov) / d)."""
+    spread = math.sqrt(float(torch.trace(target_cov)) / target_cov.shape[0])
+    return float(torch.linalg.norm(mean - target_mean)) / spread
+
+
+def cov_error(cov: Tensor, target_cov: Tensor) -> float:
+    """Relative Frobenius error ||cov - target_cov||_F / ||target_cov||_F."""
+    return float(torch.linalg.norm(cov - target_cov) / torch.linalg.norm(target_cov))
+
+
+def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between equal-size sample sets x, y (N, d): the RMS over
+    random unit directions of the 1-D W2 distance of the projections (sorted samples)."""
+    if x.shape != y.shape:
+        raise ValueError(f"sliced_wasserstein needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    dirs = torch.randn(x.shape[1], n_projections, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = torch.sort(x.to(DTYPE) @ dirs, dim=0)
+    py, _ = torch.sort(y.to(DTYPE) @ dirs, dim=0)
+    return float(((px - py) ** 2).mean().sqrt())
+
+
+def _spread_timesteps(scheduler, num_steps: int, at_most: int = 100) -> list[float]:
+    """At most `at_most` of the sampler's timesteps, evenly spread (eps checks need not visit all)."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_steps)
+    ts = sched.timesteps.tolist()
+    stride = max(1, math.ceil(len(ts) / at_most))
+    return ts[::stride]
+
+
+def eps_discrepancy(model: nn.Module, exact: AnalyticDenoiser, timesteps: Sequence[float], n: int, seed: int,
+                    ) -> tuple[float, float]:
+    """(max relative, RMS) difference of eps between `model` and `exact` at x_t ~ p_t of exact's
+    data (drawn exactly), over `timesteps`; relative to the RMS of exact's eps."""
+    gen = torch.Generator().manual_seed(seed)
+    worst, sq, count = 0.0, 0.0, 0
+    for t in timesteps:
+        x = exact.data.noised(exact.abar(float(t))).sample(n, gen)
+        e_model, e_exact = model(x, t), exact(x, t)
+        diff = (e_model - e_exact).norm(dim=1)
+        worst = max(worst, float(diff.max() / e_exact.norm(dim=1).pow(2).mean().sqrt()))
+        sq, count = sq + float(diff.pow(2).sum()), count + n
+    return worst, math.sqrt(sq / count / exact.data.dim)
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one thread inside the block: on these tiny (N, 2) tensors intra-op threads only
+    add start-up cost, and on a busy machine their barriers made the lab 10-40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the lab ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabProblem:
+    """The analytic cases: base data distributions and the linear reward r(x) = reward . x."""
+
+    gaussian: GaussianMixture
+    mixture: GaussianMixture
+    reward: Tensor
+
+
+def default_problem() -> LabProblem:
+    """A correlated 2-D Gaussian and a two-component 2-D mixture (unequal covariances) whose
+    weights the reward tilts strongly, so the mixture's realignment error is visible."""
+    gaussian = GaussianMixture.gaussian([0.5, -0.25], [[0.25, 0.08], [0.08, 0.16]])
+    mixture = GaussianMixture(
+        torch.tensor([0.7, 0.3], dtype=DTYPE),
+        torch.tensor([[-0.8, 0.3], [0.8, -0.3]], dtype=DTYPE),
+        torch.tensor([[[0.10, 0.02], [0.02, 0.08]], [[0.15, -0.05], [-0.05, 0.08]]], dtype=DTYPE),
+    )
+    return LabProblem(gaussian, mixture, torch.tensor([1.0, -0.5], dtype=DTYPE))
+
+
+RealignFn = Callable[[nn.Module, nn.Module, float], nn.Module]
+
+
+@single_thread()
+def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler, num_steps: int,
+                  n_samples: int = 64, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
+    """Errors of realignment at lam on Gaussian data, with exact sampler-output moments.
+
+    realign_*: realigned vs exact model at beta0 / lam through the same sampler (should be ~0);
+    sampler_*: exact model's output vs the tilted target (finite-step error, same for both);
+    eps_max_rel: largest eps difference at x_t ~ p_t; traj_max: largest sample difference under
+    the same noise, in units of the target's spread.
+    """
+    if base.weights.numel() != 1:
+        raise ValueError("gaussian_case needs a single Gaussian (one component)")
+    target = tilted_target(base, reward, beta0, lam)
+    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
+    realigned = realign_fn(
+        AnalyticDenoiser.for_scheduler(base, scheduler),
+        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
+        lam,
+    )
+    m_r, c_r = exact_output_moments(realigned, scheduler, num_steps, seed, base.dim)
+    m_e, c_e = exact_output_moments(exact, scheduler, num_steps, seed, base.dim)
+    t_mean, t_cov = target.mean(), target.cov()
+    eps_max, _ = eps_discrepancy(realigned, exact, _spread_timesteps(scheduler, num_steps), 64, seed)
+    x_r = draw_samples(realigned, scheduler, num_steps, n_samples, base.dim, seed)
+    x_e = draw_samples(exact, scheduler, num_steps, n_samples, base.dim, seed)
+    spread = math.sqrt(float(torch.trace(t_cov)) / base.dim)
+    return {
+        "lambda": lam,
+        "beta": beta0 / lam if lam else math.inf,
+        "realign_mean_err": mean_error(m_r, m_e, c_e),
+        "realign_cov_err": cov_error(c_r, c_e),
+        "eps_max_rel": eps_max,
+        "traj_max": float((x_r - x_e).abs().max()) / spread,
+        "sampler_mean_err": mean_error(m_e, t_mean, t_cov),
+        "sampler_cov_err": cov_error(c_e, t_cov),
+        "realigned_vs_target_cov_err": cov_error(c_r, t_cov),
+    }
+
+
+@single_thread()
+def mixture_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler, num_steps: int,
+                 n_samples: int = 4000, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
+    """Errors of realignment at lam on mixture data (Monte Carlo with shared noise).
+
+    eps_rms: RMS eps difference realigned vs exact model at x_t ~ p_t (exact draws, all steps),
+    the cause of everything else; traj_rms: RMS sample difference under the same noise;
+    mean_err_*: sample mean vs the target mean; weight_tv_*: total variation between the target's
+    weights and the weights estimated by soft assignment (target posterior) of samples;
+    sw_*: sliced W2 between realigned (r), exact-model (e) and iid target (t) samples. Distances
+    are in units of the target's RMS spread. The sw_e_t column is the sampler + Monte Carlo floor.
+    """
+    target = tilted_target(base, reward, beta0, lam)
+    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
+    realigned = realign_fn(
+        AnalyticDenoiser.for_scheduler(base, scheduler),
+        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
+        lam,
+    )
+    _, eps_rms = eps_discrepancy(realigned, exact, _spread_timesteps(scheduler, num_steps), 256, seed)
+    x_r = draw_samples(realigned, scheduler, num_steps, n_samples, base.dim, seed)
+    x_e = draw_samples(exact, scheduler, num_steps, n_samples, base.dim, seed)
+    x_t = target.sample(n_samples, torch.Generator().manual_seed(seed + 1))
+    t_cov = target.cov()
+    spread = math.sqrt(float(torch.trace(t_cov)) / base.dim)
+
+    def weight_tv(x: Tensor) -> float:
+        return 0.5 * float((target.responsibilities(x).mean(0) - target.weights).abs().sum())
+
+    return {
+        "lambda": lam,
+        "beta": beta0 / lam if lam else math.inf,
+        "target_weights": target.weights.tolist(),
+        "eps_rms": eps_rms,
+        "traj_rms": float((x_r - x_e).pow(2).sum(1).mean().sqrt()) / spread,
+        "mean_err_realigned": mean_error(x_r.mean(0), target.mean(), t_cov),
+        "mean_err_exact": mean_error(x_e.mean(0), target.mean(), t_cov),
+        "weight_tv_realigned": weight_tv(x_r),
+        "weight_tv_exact": weight_tv(x_e),
+        "sw_r_e": sliced_wasserstein(x_r, x_e, seed=seed) / spread,
+        "sw_r_t": sliced_wasserstein(x_r, x_t, seed=seed) / spread,
+        "sw_e_t": sliced_wasserstein(x_e, x_t, seed=seed) / spread,
+    }
+
+
+GAUSSIAN_COLUMNS = [
+    ("lambda", "lam", "{:g}"), ("beta", "beta", "{:.3g}"),
+    ("realign_mean_err", "realign mean", "{:.1e}"), ("realign_cov_err", "realign cov", "{:.1e}"),
+    ("eps_max_rel", "eps max", "{:.1e}"), ("traj_max", "traj max", "{:.1e}"),
+    ("sampler_mean_err", "sampler mean", "{:.1e}"), ("sampler_cov_err", "sampler cov", "{:.1e}"),
+]
+MIXTURE_COLUMNS = [
+    ("lambda", "lam", "{:g}"), ("beta", "beta", "{:.3g}"),
+    ("target_weights", "target w", None), ("eps_rms", "eps rms", "{:.1e}"), ("traj_rms", "traj rms", "{:.3f}"),
+    ("mean_err_realigned", "mean r", "{:.3f}"), ("mean_err_exact", "mean e", "{:.3f}"),
+    ("weight_tv_realigned", "w-TV r", "{:.3f}"), ("weight_tv_exact", "w-TV e", "{:.3f}"),
+    ("sw_r_e", "SW r-e", "{:.3f}"), ("sw_r_t", "SW r-t", "{:.3f}"), ("sw_e_t", "SW e-t", "{:.3f}"),
+]
+
+
+def format_table(rows: list[dict], columns: list[tuple]) -> str:
+    """A plain-text table of `rows` with (key, header, format) columns."""
+    def cell(row, key, fmt):
+        value = row[key]
+        if fmt is None:
+            return "/".join(f"{v:.2f}" for v in value)
+        return fmt.format(value)
+
+    body = [[header for _, header, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in body]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, steps: int | None,
+            n_samples: int, seed: int, problem: LabProblem | None = None, progress: bool = False) -> dict:
+    """Every (scheduler, case, lambda) row; a JSON-ready dict."""
+    from tqdm import tqdm
+
+    problem = problem or default_problem()
+    result = {
+        "config": {
+            "schedulers": list(schedulers), "lambdas": list(lambdas), "beta0": beta0, "samples": n_samples,
+            "seed": seed, "reward": problem.reward.tolist(),
+            "gaussian": {"mean": problem.gaussian.means[0].tolist(), "cov": problem.gaussian.covs[0].tolist()},
+            "mixture": {"weights": problem.mixture.weights.tolist(), "means": problem.mixture.means.tolist(),
+                        "covs": problem.mixture.covs.tolist()},
+        },
+        "gaussian": [], "mixture": [],
+    }
+    jobs = [(s, case, lam) for s in schedulers for case in ("gaussian", "mixture") for lam in lambdas]
+    for name, case, lam in tqdm(jobs, desc="lab", disable=not progress, leave=False):
+        scheduler = make_scheduler(name)
+        n_steps = steps or DEFAULT_STEPS.get(name, 50)
+        if case == "gaussian":
+            row = gaussian_case(problem.gaussian, problem.reward, beta0, lam, scheduler, n_steps, seed=seed)
+        else:
+            row = mixture_case(problem.mixture, problem.reward, beta0, lam, scheduler, n_steps, n_samples, seed)
+        result[case].append({"scheduler": name, "steps": n_steps, **row})
+    return result
+
+
+def render_lab(result: dict) -> str:
+    """The lab's tables, one Gaussian and one mixture table per scheduler, with a legend."""
+    parts = []
+    cfg = result["config"]
+    for name in cfg["schedulers"]:
+        g = [r for r in result["gaussian"] if r["scheduler"] == name]
+        m = [r for r in result["mixture"] if r["scheduler"] == name]
+        steps = g[0]["steps"] if g else m[0]["steps"]
+        parts.append(
+            f"== {name}, {steps} steps: single Gaussian, exact output moments (realigned vs exact model "
+            f"at beta0/lam, and exact model vs tilted target) ==\n" + format_table(g, GAUSSIAN_COLUMNS)
+        )
+        parts.append(
+            f"== {name}, {steps} steps: 2-component mixture, {cfg['samples']} samples, same noise "
+            f"(r = realigned, e = exact model at beta0/lam, t = target) ==\n" + format_table(m, MIXTURE_COLUMNS)
+        )
+    parts.append(
+        "Single Gaussian: realignment is exact (realign columns at float precision); what remains is the "
+        "sampler's finite-step error, the same for the retrained model.\nMixture: realignment is an "
+        "approximation, exact only at lam = 0 and 1; its error is the eps/traj columns and the r-vs-e gaps. "
+        "Mean and SW errors are in units of the target's RMS spread."
+    )
+    return "\n\n".join(parts)
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", nargs="+", default=["ddim", "ddpm"], choices=LAB_SCHEDULERS, metavar="NAME",
+                   help=f"diffusers schedulers to run, from {list(LAB_SCHEDULERS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps for every scheduler (default: 1000 for ddpm, 50 for the others)")
+    p.add_argument("--samples", type=int, default=4000, help="Monte Carlo samples for the mixture case")
+    p.add_argument("--beta", type=float, default=1.0, help="KL strength beta0 of the 'aligned' (tilted) model")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0],
+                   help="realignment strengths; lambda emulates beta0 / lambda (0 = reference)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared sampling noise")
+    p.add_argument("--out", default=None, help="write the table as JSON to this path")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.beta) or args.beta <= 0:
+        raise UserError(f"--beta must be a positive finite number, got {args.beta}")
+    bad = [v for v in args.lambdas if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"--lambdas must be finite numbers, got {bad}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.samples < 2:
+        raise UserError(f"--samples must be at least 2, got {args.samples}")
+    if args.out and os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a file path such as {args.out}/lab.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    start = time.perf_counter()
+    result = run_lab(args.scheduler, args.lambdas, args.beta, args.steps, args.samples, args.seed, progress=True)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    print(render_lab(result))
+    print(f"\n({result['seconds']} s)")
+    if args.out:
+        _write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        # inf (lambda = 0 means beta = inf) is written as null to keep the file valid JSON.
+        json.dump(_finite(data), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
