@@ -399,10 +399,11 @@ def _spread_timesteps(scheduler, num_steps: int, at_most: int = 100) -> list[flo
     return ts[::stride]
 
 
-def eps_discrepancy(model: nn.Module, exact: AnalyticDenoiser, timesteps: Sequence[float], n: int, seed: int,
-                    ) -> tuple[float, float]:
-    """(max relative, RMS) difference of eps between `model` and `exact` at x_t ~ p_t of exact's
-    data (drawn exactly), over `timesteps`; relative to the RMS of exact's eps."""
+def eps_discrepancy(
+    model: nn.Module, exact: AnalyticDenoiser, timesteps: Sequence[float], n: int, seed: int
+) -> tuple[float, float]:
+    """Difference of eps between `model` and `exact` at n draws x_t ~ p_t of exact's data per
+    timestep: (largest difference norm relative to exact's RMS eps norm, RMS per coordinate)."""
     gen = torch.Generator().manual_seed(seed)
     worst, sq, count = 0.0, 0.0, 0
     for t in timesteps:
@@ -497,8 +498,8 @@ def mixture_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float
                  n_samples: int = 4000, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
     """Errors of realignment at lam on mixture data (Monte Carlo with shared noise).
 
-    eps_rms: RMS eps difference realigned vs exact model at x_t ~ p_t (exact draws, all steps),
-    the cause of everything else; traj_rms: RMS sample difference under the same noise;
+    eps_rms: RMS eps difference per coordinate, realigned vs exact model, at x_t ~ p_t (exact
+    draws, up to 100 of the sampler's timesteps): the cause of everything else; traj_rms: RMS sample difference under the same noise;
     mean_err_*: sample mean vs the target mean; weight_tv_*: total variation between the target's
     weights and the weights estimated by soft assignment (target posterior) of samples;
     sw_*: sliced W2 between realigned (r), exact-model (e) and iid target (t) samples. Distances
@@ -626,7 +627,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", nargs="+", default=["ddim", "ddpm"], choices=LAB_SCHEDULERS, metavar="NAME",
                    help=f"diffusers schedulers to run, from {list(LAB_SCHEDULERS)}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps for every scheduler (default: 1000 for ddpm, 50 for the others)")
+                   help="sampling steps for every scheduler; unset: 1000 for ddpm, 50 for the others")
     p.add_argument("--samples", type=int, default=4000, help="Monte Carlo samples for the mixture case")
     p.add_argument("--beta", type=float, default=1.0, help="KL strength beta0 of the 'aligned' (tilted) model")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0],
