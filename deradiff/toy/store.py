@@ -1,0 +1,60 @@
+"""Where the shipped toy weights live, and their SHA-256 manifest.
+
+Layout of an asset root (the package's `assets/` folder, or `deradiff toy pretrain --out DIR`):
+`pipeline/` (a diffusers `StableDiffusionPipeline.save_pretrained` folder), `classifier/`,
+`quality.json` (what pretraining measured) and `manifest.json` ({relative path: sha256}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from deradiff.errors import UserError
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+MANIFEST_NAME = "manifest.json"
+REBUILD_HINT = "rebuild them with `deradiff toy pretrain` (about 30 min on 2 CPU cores)"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp") and "__pycache__" not in p.parts
+    )
+
+
+def write_manifest(root: str | os.PathLike) -> Path:
+    """Hash every file under `root` into `root/manifest.json` (written atomically)."""
+    root = Path(root)
+    manifest = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+    return root / MANIFEST_NAME
+
+
+def verify_manifest(root: str | os.PathLike) -> dict[str, str]:
+    """Check every file listed in `root/manifest.json`; raise UserError naming the missing or
+    corrupt files and how to rebuild them. Returns the manifest."""
+    root = Path(root)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise UserError(f"toy weights missing: no {MANIFEST_NAME} in {root}; {REBUILD_HINT}")
+    manifest = json.loads(manifest_path.read_text())
+    missing = [name for name in manifest if not (root / name).is_file()]
+    corrupt = [name for name in manifest if name not in missing and sha256(root / name) != manifest[name]]
+    if missing or corrupt:
+        problems = [f"missing {missing}"] * bool(missing) + [f"checksum mismatch {corrupt}"] * bool(corrupt)
+        raise UserError(f"toy weights in {root} are damaged ({'; '.join(problems)}); {REBUILD_HINT}")
+    return manifest
