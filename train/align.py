@@ -1,0 +1,47 @@
+"""Train ONE aligned LoRA from a recipe: Diffusion-DPO or KL-regularized reward fine-tuning.
+
+    # one process (CPU or one GPU)
+    accelerate launch train/align.py recipe=recipes/toy-dpo.yaml
+    # override any recipe key with dotted key=value
+    accelerate launch train/align.py recipe=recipes/toy-dpo.yaml trainer.lr=1e-4 method.beta=2500
+    # several GPUs, DeepSpeed ZeRO-2
+    accelerate launch --config_file configs/accelerate/zero2.yaml train/align.py recipe=recipes/sd15-dpo-pickapic.yaml
+    # two CPU processes (gloo), e.g. to test distribution on a laptop
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train/align.py recipe=recipes/toy-dpo.yaml
+
+The run directory (trainer.output_dir) receives recipe.yaml, metrics.jsonl, TensorBoard logs,
+checkpoints/step-N (resume state) and lora/pytorch_lora_weights.safetensors. Re-running the
+same command resumes from the latest checkpoint; a different recipe in the same directory is
+refused (trainer.resume=force overrides).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from deradiff.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    from deradiff.recipe import load_recipe, parse_cli
+
+    try:
+        recipe_path, overrides = parse_cli(argv)
+        recipe = load_recipe(recipe_path, overrides)
+        from deradiff.methods import METHODS, check_run_dir
+
+        run_dir = check_run_dir(recipe)
+        from deradiff.trainer import fit
+
+        fit(recipe, METHODS[recipe.method.name], run_dir)
+    except UserError as err:
+        print(f"align: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
