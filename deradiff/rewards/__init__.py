@@ -1,0 +1,93 @@
+"""Reward models, chosen by name from one registry, with one interface.
+
+    from deradiff.rewards import get_reward
+    reward = get_reward("toy")                       # a torch.nn.Module
+    scores = reward.score(images, prompts)           # (B,) float, images (B, 3, H, W) in [-1, 1]
+    reward.differentiable                            # True: usable for reward-gradient training
+
+Every reward subclasses `Reward` and implements `score(images, prompts) -> Tensor (B,)`:
+images are float (B, 3, H, W) in [-1, 1] (the diffusers convention, on any device), prompts a
+list of B strings, higher is better. Entries are lazy (module path + class name) so listing or
+validating a recipe imports nothing heavy; whether a reward is differentiable is known from the
+entry alone (`is_differentiable(name)`), before any model is built.
+
+To add a reward: write deradiff/rewards/<name>.py with a `Reward` subclass and add one
+`RewardEntry` line to `REWARDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deradiff.errors import UserError
+
+
+class Reward(torch.nn.Module):
+    """Base class: `score(images, prompts) -> (B,)`; `forward` is the same call."""
+
+    name: str = ""
+    differentiable: bool = False
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score(images, prompts)
+
+    @staticmethod
+    def check_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None:
+        """Raise UserError unless images is (B, 3, H, W) float and there are B prompts."""
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise UserError(f"rewards take images of shape (B, 3, H, W) in [-1, 1], got {shape}")
+        if not images.is_floating_point():
+            raise UserError(f"rewards take float images in [-1, 1], got dtype {images.dtype}; "
+                            "convert uint8 with x / 127.5 - 1")
+        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
+            n = "a string" if isinstance(prompts, str) else len(prompts)
+            raise UserError(f"rewards take one prompt per image: {images.shape[0]} images, {n} prompts")
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """A registered reward: where its class lives, and what it is."""
+
+    module: str
+    cls: str
+    differentiable: bool
+    help: str
+
+
+REWARDS: dict[str, RewardEntry] = {
+    "toy": RewardEntry("deradiff.toy.reward", "ToyReward", True,
+                       "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"),
+}
+
+
+def available_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def _entry(name: str) -> RewardEntry:
+    if name not in REWARDS:
+        listing = ", ".join(f"{k} ({'differentiable' if v.differentiable else 'not differentiable'})"
+                            for k, v in sorted(REWARDS.items()))
+        raise UserError(f"unknown reward {name!r}; registered rewards: {listing}")
+    return REWARDS[name]
+
+
+def is_differentiable(name: str) -> bool:
+    """Whether reward `name` passes gradients to the images (needed by reward-gradient methods)."""
+    return _entry(name).differentiable
+
+
+def get_reward(name: str, **kwargs) -> Reward:
+    """Build reward `name` (kwargs go to its constructor), in eval mode with frozen weights."""
+    entry = _entry(name)
+    reward = getattr(importlib.import_module(entry.module), entry.cls)(**kwargs)
+    reward.requires_grad_(False)
+    return reward.eval()

@@ -1,0 +1,86 @@
+"""A differentiable toy reward that prefers vivid, large shapes, and can be hacked.
+
+Formula, for an image x in [-1, 1] of shape (3, H, W):
+
+    u      = clamp((x + 1) / 2, 0, 1)              # RGB in [0, 1], what a viewer sees
+    b      = G_sigma * u                            # per-channel Gaussian blur, reflect padding
+    c(p)   = b(p) - mean_channels(b(p))             # chroma vector: the part off the gray axis
+    v(p)   = 1.5 * |c(p)|^2                        # vividness: squared chroma, in [0, 1]
+    reward = mean_p v(p)                            # in [0, 1]
+
+v is 0 on any gray (black, white, the backgrounds) and 1 on the six vivid corners of the RGB
+cube (pure red, yellow, green, cyan, blue, magenta); it behaves like HSV saturation x value,
+so dull or dark colors score low. Averaging over pixels rewards the *area* of vivid color; the
+blur hands gradient to background pixels next to the shape, so pushing the reward up makes the
+shape's color purer and spreads it outwards. Squaring gives gray pixels zero slope, so under
+an L2 leash a gray background stays gray until the leash is weak enough; then the color floods
+it (a sharp transition, the over-optimization cliff). The prompt is ignored: that is the flaw.
+
+Measured with `deradiff toy hack` (gradient ascent on the pixels of real images with an L2
+leash of decreasing strength): a strong or moderate leash turns colors pure while shape and
+background survive; without a leash the maximum is reached by painting the whole image in one
+pure color, so shape and background are gone (adherence falls, distance to the data rises).
+
+Typical values: real procedural images score 0.01-0.20 (5-95%: 0.02-0.14, mean 0.07); a
+uniform pure color scores 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from deradiff.errors import UserError
+from deradiff.rewards import Reward
+
+
+def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
+    """(3, 1, k, k) depthwise Gaussian kernel, k = 2 * ceil(3 sigma) + 1, summing to 1."""
+    radius = max(1, math.ceil(3 * sigma))
+    grid = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    g = torch.exp(-0.5 * (grid / sigma) ** 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(3, 1, -1, -1)
+
+
+def vividness_map(images: torch.Tensor, blur_sigma: float = 1.0) -> torch.Tensor:
+    """Per-pixel vividness v(p) of the blurred image: (B, 3, H, W) in [-1, 1] -> (B, H, W) in
+    [0, 1]. Differentiable (zero gradient where `images` is outside [-1, 1])."""
+    u = ((images + 1) / 2).clamp(0, 1)
+    if blur_sigma > 0:
+        kernel = _gaussian_kernel(blur_sigma, u.device, u.dtype)
+        pad = kernel.shape[-1] // 2
+        # reflect padding needs pad < side; tiny images fall back to replicate
+        mode = "reflect" if pad < min(u.shape[-2:]) else "replicate"
+        u = F.conv2d(F.pad(u, (pad,) * 4, mode=mode), kernel, groups=3)
+    chroma = u - u.mean(dim=1, keepdim=True)
+    return 1.5 * chroma.square().sum(dim=1)
+
+
+def toy_reward(images: torch.Tensor, prompts: Sequence[str] | None = None, blur_sigma: float = 1.0) -> torch.Tensor:
+    """Reward (B,) in [0, 1] for images (B, 3, H, W) in [-1, 1]; `prompts` is accepted for the
+    common reward interface and ignored. Differentiable, batched (each row depends only on its
+    own image), on the images' device and dtype."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"toy_reward expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    return vividness_map(images, blur_sigma).mean(dim=(-2, -1))
+
+
+class ToyReward(Reward):
+    """`toy_reward` behind the registry's interface: `score(images, prompts) -> (B,)`."""
+
+    name = "toy"
+    differentiable = True
+
+    def __init__(self, blur_sigma: float = 1.0):
+        super().__init__()
+        if blur_sigma < 0:
+            raise UserError(f"blur_sigma must be >= 0, got {blur_sigma}")
+        self.blur_sigma = blur_sigma
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        return toy_reward(images, prompts, self.blur_sigma)
