@@ -1,7 +1,7 @@
 """The training loop shared by every method: setup -> fit -> (train_step, log, checkpoint) -> save.
 
 A method (Diffusion-DPO, KL reward gradient, KL policy gradient) supplies a dataset of rows and
-a step function `step(rows, step, epoch) -> (loss, metrics)`; everything else (accelerate and
+a step function `step(unet, batch, step, epoch) -> (loss, metrics)`; everything else (accelerate and
 DeepSpeed, mixed precision, accumulation, clipping, logging, sample grids, atomic checkpoints,
 exact resume) lives here once.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,11 @@ from deradiff.data_order import DataOrder
 from deradiff.errors import UserError
 from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
 
+# Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
+# "try again"; slurm/*.sbatch requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
 
 @dataclass
 class Method:
@@ -32,7 +39,10 @@ class Method:
     name: str
     dataset: torch.utils.data.Dataset  # rows; a row's position in the dataset is its id
     collate: Callable[[list[dict], list[int]], dict]  # (rows, ids) -> batch
-    step: Callable[[dict, int, int], tuple[torch.Tensor, dict[str, float]]]  # (batch, step, epoch)
+    # step(unet, batch, step, epoch) -> (loss, metrics). `unet` is the trainable model as
+    # accelerate prepared it (DDP/DeepSpeed-wrapped); accelerator.unwrap_model(unet) is the
+    # plain module, which with adapters_disabled() is the reference.
+    step: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
     describe: str = ""  # one line for the start-of-run log (e.g. the beta convention)
 
 
@@ -56,6 +66,7 @@ def make_accelerator(recipe, run_dir: Path):
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.trainer.per_device_batch_size
         ds["gradient_accumulation_steps"] = recipe.trainer.gradient_accumulation
+        ds["gradient_clipping"] = recipe.trainer.max_grad_norm
     return accelerator
 
 
@@ -156,6 +167,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         f"{t.gradient_accumulation} accumulation | {order.steps_per_epoch} steps/epoch | {t.max_steps} steps"
     )
     log_path = run_dir / "metrics.jsonl"
+    preempted = _install_preemption_handlers()
     bar = tqdm(total=t.max_steps, initial=state.step, desc=method.name, disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     start = time.perf_counter()
@@ -168,7 +180,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             ids = order.indices(state.step, micro, accelerator.process_index)
             batch = method.collate([method.dataset[i] for i in ids], ids)
             with accelerator.accumulate(unet):
-                loss, metrics = method.step(batch, state.step, epoch)
+                loss, metrics = method.step(unet, batch, state.step, epoch)
                 _check_finite(loss, state, batch, run_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
@@ -190,8 +202,15 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last.items() if k in _BAR_KEYS})
         bar.update()
-        if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
+        stop = _any_rank(accelerator, preempted["flag"])
+        if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             save_checkpoint(accelerator, run_dir, state)
+        if stop:
+            bar.close()
+            accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
+                              f"re-run the same command to resume")
+            accelerator.end_training()
+            sys.exit(PREEMPTED_EXIT_CODE)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -207,6 +226,27 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
 
 
 _BAR_KEYS = {"dpo/loss", "dpo/implicit_acc", "kl/reward", "kl/path_kl", "kl/loss"}
+
+
+def _install_preemption_handlers() -> dict:
+    """SIGUSR1/SIGTERM (SLURM's warning signal, preemption) ask for a checkpoint and exit after
+    the current step instead of dying mid-step."""
+    state = {"flag": False, "name": ""}
+
+    def handler(signum, _frame):
+        state["flag"], state["name"] = True, signal.Signals(signum).name
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, handler)
+    return state
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if the flag is set on any (all ranks must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _check_finite(loss: torch.Tensor, state: TrainState, batch: dict, run_dir: Path) -> None:

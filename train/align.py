@@ -18,22 +18,26 @@ refused (trainer.resume=force overrides).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from deradiff.errors import UserError
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        from deradiff.recipe import recipe_keys
+
+        print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/recipe.py for meanings):\n  "
+              + "\n  ".join(recipe_keys()))
         return 0
-    from deradiff.recipe import load_recipe, parse_cli
+    from deradiff.recipe import check_resume, load_recipe, preflight
 
     try:
-        recipe_path, overrides = parse_cli(argv)
-        recipe = load_recipe(recipe_path, overrides)
-        from deradiff.methods import METHODS, check_run_dir
-
-        run_dir = check_run_dir(recipe)
+        recipe = load_recipe(argv)  # validated: unknown keys, types, ranges, cross-field checks
+        preflight(recipe)  # files and machine: data present, bitsandbytes, fp16 needs CUDA
+        run_dir = Path(recipe.trainer.output_dir)
+        check_resume(recipe, run_dir)  # refuses a run directory that holds another recipe
+        from deradiff.methods import METHODS
         from deradiff.trainer import fit
 
         fit(recipe, METHODS[recipe.method.name], run_dir)
