@@ -52,7 +52,7 @@ def make_accelerator(recipe, run_dir: Path):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     handlers = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without this, accelerate on CPU believes num_processes=1 on every rank.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
@@ -84,7 +84,9 @@ def prepare_pipeline(recipe, accelerator):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
-            module.to(accelerator.device, dtype=dtype)
+            module.to(accelerator.device)
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
     add_lora(pipe.unet, rank=recipe.lora.rank, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
              target_modules=list(recipe.lora.target_modules))
     for p in pipe.unet.parameters():
