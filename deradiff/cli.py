@@ -16,6 +16,9 @@ from deradiff.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("deradiff.sample", "sample images from a (realigned) pipeline and write a grid + path KL"),
     "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions"),
+    "toy pretrain": ("deradiff.toy.pretrain", "rebuild the shipped toy pipeline + classifier from scratch (deterministic)"),
+    "toy sample-check": ("deradiff.toy.quality", "measure the toy quality bar (classifier color/shape accuracy) of a toy pipeline"),
+    "toy hack": ("deradiff.toy.hack", "plot the toy reward vs prior fidelity as a pixel leash weakens (reward hacking)"),
 }
 
 
