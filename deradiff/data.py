@@ -12,7 +12,7 @@ the same augmentation however batches are split across processes or resumed.
 Bad data is caught before training: missing columns (named), labels outside {0, 0.5, 1},
 nothing left after filtering. Undecodable images are skipped and counted (`PreferenceStats`).
 
-    pairs, stats = load_preference_pairs(recipe.data, seed=recipe.trainer.seed)
+    pairs, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed)
     batch = collate_pairs([pairs[i] for i in ids])   # pixel_values_w/_l (B, 3, H, W), captions, ...
 """
 
@@ -53,6 +53,9 @@ class PreferenceStats:
     flipped: int = 0  # label_0 == 0, swapped so the preferred image is first
     corrupt: int = 0  # undecodable image in the pair, skipped
     kept: int = 0  # pairs available for training (before lazily found corrupt ones)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def summary(self) -> str:
         return (f"{self.rows} pairs read: {self.ties} ties dropped, {self.flipped} flipped (preferred image "
@@ -389,7 +392,7 @@ def collate_pairs(examples: Sequence[dict]) -> dict:
     }
 
 
-def load_preference_pairs(
+def load_preference_dataset(
     data: DataSection, which: Literal["train", "eval"] = "train", seed: int = 0
 ) -> tuple[PreferencePairs | StreamingPreferencePairs, PreferenceStats]:
     """The recipe's preference pairs, validated and filtered, ready to index (or iterate, when
@@ -416,14 +419,15 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
 
     - a text file: one prompt per line; blank lines and lines starting with # are ignored;
     - "toy:train", "toy:test", "toy:all": the toy world's prompt split (deradiff.toy.prompts);
+      "toy" alone means "toy:train";
     - "hf:<dataset id>[:<split>]": the `caption` column of a hub dataset (streamed; split
       defaults to train), e.g. "hf:yuvalkirstain/pickapic_v2_no_images:test".
     UserError for a missing file, an unknown toy set, a dataset without captions, or no prompts.
     """
-    if spec.startswith("toy:"):
+    if spec == "toy" or spec.startswith("toy:"):
         from deradiff.toy.prompts import prompt_set
 
-        prompts = prompt_set(spec.removeprefix("toy:"))
+        prompts = prompt_set(spec.removeprefix("toy:") if spec != "toy" else "train")
     elif spec.startswith("hf:"):
         prompts = _hub_prompts(spec, max_prompts)
     else:

@@ -109,7 +109,7 @@ class DataSection:
         verify_images: decode every image once before training, so that corrupt rows are
             dropped and counted up front; false = detect them lazily while training.
         prompts: prompts for kl_grad / kl_pg (see deradiff.data.load_prompts): a text file (one
-            per line, # comments), "toy:train" / "toy:test" / "toy:all" (the toy captions), or
+            per line, # comments), "toy:train" (or "toy") / "toy:test" / "toy:all" (the toy captions), or
             "hf:<dataset id>[:<split>]" (its `caption` column).
         eval_prompts: held-out prompts for evaluation and sample grids, same forms; null = none.
     """
@@ -672,7 +672,7 @@ def preflight(recipe: Recipe) -> None:
         e.append(f"data.eval_path {d.eval_path!r} matches no parquet file{hint}; or set data.eval_path=null")
     for key in ("prompts", "eval_prompts"):
         spec = getattr(d, key)
-        if spec and not spec.startswith(("toy:", "hf:")) and not Path(spec).is_file():
+        if spec and spec != "toy" and not spec.startswith(("toy:", "hf:")) and not Path(spec).is_file():
             e.append(f"data.{key} {spec!r} is not a file (use a text file, 'toy:train' or 'hf:<dataset id>')")
     if recipe.method.name in ("kl_grad", "kl_pg"):
         from deradiff.rewards import is_differentiable

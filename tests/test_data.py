@@ -17,7 +17,7 @@ from deradiff.data import (
     collate_pairs,
     decode_image,
     filter_pairs,
-    load_preference_pairs,
+    load_preference_dataset,
     load_prompts,
     resolve_parquet_files,
     transform_pair,
@@ -78,7 +78,7 @@ def _bright_left(pixels: torch.Tensor) -> bool:
 
 
 def test_filtering_stats_ties_flips_and_corrupt_rows(prefs):
-    pairs, stats = load_preference_pairs(prefs)
+    pairs, stats = load_preference_dataset(prefs)
     assert (stats.rows, stats.ties, stats.corrupt, stats.flipped, stats.kept) == (6, 1, 1, 2, 4)
     assert len(pairs) == 4
     assert "1 ties dropped" in stats.summary() and "1 with a corrupt image" in stats.summary()
@@ -94,7 +94,7 @@ def test_filtering_stats_ties_flips_and_corrupt_rows(prefs):
 
 
 def test_flip_is_shared_by_both_images_and_keyed_by_epoch(prefs):
-    pairs, _ = load_preference_pairs(prefs, seed=3)
+    pairs, _ = load_preference_dataset(prefs, seed=3)
     seen = set()
     for epoch in range(8):
         pairs.set_epoch(epoch)
@@ -106,22 +106,22 @@ def test_flip_is_shared_by_both_images_and_keyed_by_epoch(prefs):
     assert seen == {True, False}, "random_flip flips some pairs and not others"
     # Deterministic: the same (seed, epoch, index) gives the same tensors.
     pairs.set_epoch(5)
-    again, _ = load_preference_pairs(prefs, seed=3)
+    again, _ = load_preference_dataset(prefs, seed=3)
     again.set_epoch(5)
     assert torch.equal(pairs[2]["pixel_values_w"], again[2]["pixel_values_w"])
-    no_flip, _ = load_preference_pairs(replace(prefs, random_flip=False))
+    no_flip, _ = load_preference_dataset(replace(prefs, random_flip=False))
     assert all(_bright_left(no_flip[i]["pixel_values_w"]) for i in range(len(no_flip)))
 
 
 def test_geometry_for_sdxl_time_ids(prefs):
-    pairs, _ = load_preference_pairs(replace(prefs, random_flip=False))
+    pairs, _ = load_preference_dataset(replace(prefs, random_flip=False))
     tall = pairs[2]
     assert tall["caption"] == "pair 4 (tall)"
     # 40 wide x 48 high: resized to 16 x 19 (shorter side 16), center crop top = round(1.5) = 2
     assert tall["original_size"] == (48, 40) and tall["crop_top_left"] == (2, 0)
     assert pairs[0]["original_size"] == (32, 32) and pairs[0]["crop_top_left"] == (0, 0)
     crops = set()
-    random_crop, _ = load_preference_pairs(replace(prefs, random_crop=True))
+    random_crop, _ = load_preference_dataset(replace(prefs, random_crop=True))
     for epoch in range(12):
         random_crop.set_epoch(epoch)
         top, left = random_crop[2]["crop_top_left"]
@@ -149,7 +149,7 @@ def test_transform_pair_matches_torchvision_official_pipeline():
 
 
 def test_collate(prefs):
-    pairs, _ = load_preference_pairs(prefs)
+    pairs, _ = load_preference_dataset(prefs)
     batch = collate_pairs([pairs[i] for i in range(3)])
     assert batch["pixel_values_w"].shape == batch["pixel_values_l"].shape == (3, 3, R, R)
     assert batch["captions"] == ["pair 0", "pair 1 (flipped)", "pair 4 (tall)"]
@@ -158,7 +158,7 @@ def test_collate(prefs):
 
 
 def test_lazy_corrupt_rows_are_skipped_and_counted(prefs):
-    pairs, stats = load_preference_pairs(replace(prefs, verify_images=False))
+    pairs, stats = load_preference_dataset(replace(prefs, verify_images=False))
     assert len(pairs) == 5 and stats.corrupt == 0
     item = pairs[2]  # the corrupt row: replaced by the next decodable pair
     assert item["caption"] == "pair 4 (tall)" and stats.corrupt == 1
@@ -167,17 +167,17 @@ def test_lazy_corrupt_rows_are_skipped_and_counted(prefs):
 
 
 def test_max_samples_and_held_out_pairs(prefs):
-    pairs, stats = load_preference_pairs(replace(prefs, max_train_samples=3, verify_images=False))
+    pairs, stats = load_preference_dataset(replace(prefs, max_train_samples=3, verify_images=False))
     assert stats.rows == 3 and len(pairs) + stats.ties == 3
-    held_out, stats = load_preference_pairs(prefs, which="eval")
+    held_out, stats = load_preference_dataset(prefs, which="eval")
     assert stats.kept == 2 and not held_out.random_flip
     assert all(_dominant(held_out[i]["pixel_values_w"]) == "red" for i in range(2))
     with pytest.raises(UserError, match="data.eval_path"):
-        load_preference_pairs(replace(prefs, eval_path=None), which="eval")
+        load_preference_dataset(replace(prefs, eval_path=None), which="eval")
 
 
 def test_streaming_gives_the_same_pairs(prefs):
-    stream, stats = load_preference_pairs(replace(prefs, streaming=True))
+    stream, stats = load_preference_dataset(replace(prefs, streaming=True))
     items = list(stream)
     assert [i["caption"] for i in items] == ["pair 0", "pair 1 (flipped)", "pair 4 (tall)", "pair 5 (flipped)"]
     assert (stats.ties, stats.corrupt, stats.flipped, stats.kept) == (1, 1, 2, 4)
@@ -189,27 +189,27 @@ def test_bad_labels_missing_columns_and_empty_sets(tmp_path, prefs):
     bad = _rows()[:2] + [{"caption": "x", "jpg_0": _image(RED), "jpg_1": _image(GREEN), "label_0": 0.7, "label_1": 0.3}]
     path = _write_parquet(tmp_path / "bad.parquet", bad)
     with pytest.raises(UserError, match=r"1 row\(s\) with invalid labels, first at row 2: label_0 = 0.7"):
-        load_preference_pairs(replace(prefs, path=path))
+        load_preference_dataset(replace(prefs, path=path))
     inconsistent = [{**_rows()[0], "label_1": 1.0}]
     path = _write_parquet(tmp_path / "inconsistent.parquet", inconsistent)
     with pytest.raises(UserError, match="do not sum to 1"):
-        load_preference_pairs(replace(prefs, path=path))
+        load_preference_dataset(replace(prefs, path=path))
     no_label = [{k: v for k, v in r.items() if k not in ("label_0", "label_1")} for r in _rows()]
     path = _write_parquet(tmp_path / "nolabel.parquet", no_label)
     with pytest.raises(UserError, match=r"lacks the Pick-a-Pic column\(s\) label_0 \(has: caption, jpg_0, jpg_1\)"):
-        load_preference_pairs(replace(prefs, path=path))
+        load_preference_dataset(replace(prefs, path=path))
     ties = [_rows()[2], _rows()[2]]
     path = _write_parquet(tmp_path / "ties.parquet", ties)
     with pytest.raises(UserError, match="no preference pairs left after filtering"):
-        load_preference_pairs(replace(prefs, path=path))
+        load_preference_dataset(replace(prefs, path=path))
     with pytest.raises(UserError, match="no preference pairs left"):
-        load_preference_pairs(replace(prefs, path=path, streaming=True))
+        load_preference_dataset(replace(prefs, path=path, streaming=True))
     all_corrupt = [_rows()[3]]
     path = _write_parquet(tmp_path / "corrupt.parquet", all_corrupt)
     with pytest.raises(UserError, match="no preference pairs left"):
-        load_preference_pairs(replace(prefs, path=path))
+        load_preference_dataset(replace(prefs, path=path))
     with pytest.raises(UserError, match=r"no parquet file matches .*make-prefs"):
-        load_preference_pairs(replace(prefs, source="toy", path=str(tmp_path / "missing.parquet")))
+        load_preference_dataset(replace(prefs, source="toy", path=str(tmp_path / "missing.parquet")))
 
 
 def test_filter_pairs_accepts_datasets_image_columns(tmp_path):
@@ -243,6 +243,7 @@ def test_load_prompts(tmp_path):
     test = load_prompts("toy:test")
     train = load_prompts("toy:train")
     assert len(test) == 12 and not set(test) & set(train)
+    assert load_prompts("toy") == train
     with pytest.raises(UserError, match="not found"):
         load_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("# only comments\n\n")
