@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy pretrain": ("deradiff.toy.pretrain", "rebuild the shipped toy pipeline + classifier from scratch (deterministic)"),
     "toy sample-check": ("deradiff.toy.quality", "measure the toy quality bar (classifier color/shape accuracy) of a toy pipeline"),
     "toy hack": ("deradiff.toy.hack", "plot the toy reward vs prior fidelity as a pixel leash weakens (reward hacking)"),
+    "toy make-prefs": ("deradiff.toy.prefs", "synthetic Pick-a-Pic-format preference pairs from the toy pipeline, Bradley-Terry labels on the toy reward"),
 }
 
 

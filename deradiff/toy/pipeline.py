@@ -75,7 +75,7 @@ def check_prompt(prompt: str) -> domain.ShapeSpec:
     try:
         return domain.parse_caption(prompt)
     except ValueError as err:
-        raise UserError(f"{err}. Write prompts like {domain.all_captions()[0]!r}") from None
+        raise UserError(f"{str(err).rstrip('.')}; write prompts like {domain.all_captions()[0]!r}") from None
 
 
 def build_text_encoder():
