@@ -58,10 +58,11 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, state: TrainState, 
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's shards are in tmp before it is renamed
     if accelerator.is_main_process:
         (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2))
         shutil.rmtree(final, ignore_errors=True)

@@ -202,19 +202,28 @@ def set_lora_scale(denoiser: nn.Module, scale: float) -> None:
 # -- pipelines and schedulers --------------------------------------------------------------------
 
 
-def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A diffusers pipeline from "toy", a local folder, or a hub id (safetensors only)."""
+def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  revision: str | None = None, variant: str | None = None, vae: str | None = None):
+    """A diffusers pipeline from "toy", a local folder, or a hub id (safetensors only).
+
+    `vae` replaces the pipeline's VAE (e.g. "madebyollin/sdxl-vae-fp16-fix" for SDXL in fp16).
+    """
     if name_or_path == "toy":
         from deradiff.toy.pipeline import load_toy_pipeline
 
         return load_toy_pipeline().to(device=device, dtype=dtype)
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True)
+        extra = {}
+        if vae:
+            extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, use_safetensors=True)
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True,
+                                                 revision=revision, variant=variant, **extra)
     except (OSError, ValueError) as err:
         where = "local folder" if Path(name_or_path).exists() else "hub id (is the hub reachable / cached?)"
-        raise UserError(f"cannot load pipeline {name_or_path!r} as a {where}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load pipeline {name_or_path!r} (or vae {vae!r}) as a {where}: "
+                        f"{str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -44,6 +44,8 @@ class Method:
     # plain module, which with adapters_disabled() is the reference.
     step: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
     describe: str = ""  # one line for the start-of-run log (e.g. the beta convention)
+    # evaluate(unet) -> metrics on held-out data (no gradients), at trainer.eval_every and the end
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
 def make_accelerator(recipe, run_dir: Path):
@@ -78,7 +80,8 @@ def prepare_pipeline(recipe, accelerator):
     """Load the pipeline, freeze it in the compute dtype, add the LoRA with fp32 parameters."""
     from deradiff.models import load_pipeline
 
-    pipe = load_pipeline(recipe.model.name_or_path)
+    m = recipe.model
+    pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
     dtype = weight_dtype(accelerator)
     for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipe, name, None)
@@ -131,14 +134,19 @@ def _register_lora_only_checkpointing(accelerator, unet) -> None:
 
 def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     """Train one LoRA as the recipe says; resume from the run's latest checkpoint if there is one."""
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     from deradiff.recipe import save_resolved
 
     accelerator = make_accelerator(recipe, run_dir)
     t = recipe.trainer
+    set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
     pipe = prepare_pipeline(recipe, accelerator)
     method: Method = method_factory(recipe, pipe, accelerator)
+    if not hasattr(method.dataset, "__len__"):
+        raise UserError("data.streaming=true is not supported by the trainer yet (the data order needs the "
+                        "dataset length for exact resume): set data.streaming=false")
     order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
                       t.gradient_accumulation, t.seed)
     if order.steps_per_epoch < 1:
@@ -154,6 +162,9 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     _register_lora_only_checkpointing(accelerator, unet)
     state = TrainState()
     checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and t.resume == "never":
+        raise UserError(f"{run_dir} already has checkpoints ({checkpoint.name}) and trainer.resume=never: "
+                        "choose another trainer.output_dir or set trainer.resume=auto")
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         if accelerator.is_main_process:
@@ -176,6 +187,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     last: dict[str, float] = {}
     while state.step < t.max_steps:
         epoch = order.epoch_of(state.step)
+        if hasattr(method.dataset, "set_epoch"):
+            method.dataset.set_epoch(epoch)  # augmentation (crop/flip) keyed by epoch
         step_metrics: list[dict] = []
         unet.train()
         for micro in range(t.gradient_accumulation):
@@ -199,6 +212,10 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         last = _reduce_metrics(accelerator, step_metrics)
         last["train/lr"] = lr_scheduler.get_last_lr()[0]
         last["train/epoch"] = epoch
+        if method.evaluate is not None and ((t.eval_every and state.step % t.eval_every == 0)
+                                            or state.step == t.max_steps):
+            unet.eval()
+            last.update(method.evaluate(unet))
         if accelerator.is_main_process and (state.step % t.log_every == 0 or state.step == t.max_steps):
             accelerator.log(last, step=state.step)
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
@@ -206,7 +223,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         bar.update()
         stop = _any_rank(accelerator, preempted["flag"])
         if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
-            save_checkpoint(accelerator, run_dir, state)
+            save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
         if stop:
             bar.close()
             accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
@@ -227,7 +244,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     return last
 
 
-_BAR_KEYS = {"dpo/loss", "dpo/implicit_acc", "kl/reward", "kl/path_kl", "kl/loss"}
+_BAR_KEYS = {"dpo/loss", "dpo/implicit_acc", "eval/dpo/implicit_acc", "kl/reward", "kl/path_kl", "kl/loss"}
 
 
 def _install_preemption_handlers() -> dict:

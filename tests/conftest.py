@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,47 @@ def tiny_sdxl(tmp_path_factory):
     adapted = build_tiny_sdxl(root)
     add_random_lora(adapted.unet)
     return adapted, base
+
+
+def write_pick_a_pic_parquet(path, n_pairs: int, seed: int = 0, size: int = 32) -> None:
+    """Pick-a-Pic v2-format pairs from the procedural toy domain: the image with the larger,
+    more vivid shape is preferred (label_0 = 1 when it is jpg_0), ~10% ties."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from deradiff.toy import domain
+
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n_pairs):
+        img0, spec0 = domain.sample(seed, 2 * i, size)
+        img1, _ = domain.sample(seed + 1, 2 * i, size, caption=spec0.caption)
+        encoded = []
+        for img in (img0, img1):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            encoded.append(buf.getvalue())
+        score = [float(np.abs(im.astype(float) - im.mean()).mean()) for im in (img0, img1)]
+        label = 0.5 if i % 10 == 9 else float(score[0] > score[1])
+        rows["caption"].append(spec0.caption)
+        rows["jpg_0"].append(encoded[0])
+        rows["jpg_1"].append(encoded[1])
+        rows["label_0"].append(label)
+        rows["label_1"].append(1.0 - label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """A saved random-weight toy pipeline and train/test preference parquets, on disk."""
+    from deradiff.toy.pipeline import build_toy_pipeline
+
+    root = tmp_path_factory.mktemp("toy_world")
+    pipe = build_toy_pipeline(seed=0)
+    pipe.save_pretrained(root / "pipe")
+    write_pick_a_pic_parquet(root / "prefs" / "train.parquet", 48, seed=0)
+    write_pick_a_pic_parquet(root / "prefs" / "test.parquet", 16, seed=100)
+    return root
