@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy sample-check": ("deradiff.toy.quality", "measure the toy quality bar (classifier color/shape accuracy) of a toy pipeline"),
     "toy hack": ("deradiff.toy.hack", "plot the toy reward vs prior fidelity as a pixel leash weakens (reward hacking)"),
     "toy make-prefs": ("deradiff.toy.prefs", "synthetic Pick-a-Pic-format preference pairs from the toy pipeline, Bradley-Terry labels on the toy reward"),
+    "slurm submit": ("deradiff.slurm", "check a recipe, then submit training, the beta sweep or the lambda search to SLURM"),
 }
 
 

@@ -42,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=["real", "pipeline"], default="real",
                    help="start from real procedural images, or from samples of the toy pipeline")
     p.add_argument("--pipeline", default=None,
-                   help="with --source pipeline: toy asset folder from `deradiff toy pretrain --out` "
-                        "(default: the shipped weights)")
+                   help="with --source pipeline: toy asset folder from `deradiff toy pretrain --out`; "
+                        "unset: the shipped weights")
     p.add_argument("--classifier", default=None,
-                   help="toy classifier folder or asset root for the fidelity metrics (default: shipped)")
+                   help="toy classifier folder or asset root for the fidelity metrics; unset: the shipped one")
     p.add_argument("--prompts", choices=["all", "train", "test"], default="all", help="toy prompt set")
     p.add_argument("--per-prompt", type=int, default=2, help="images per prompt (>= 2: KID and diversity need pairs)")
     p.add_argument("--leash", type=float, nargs="+", default=list(DEFAULT_LEASHES),
