@@ -73,4 +73,6 @@ def _lazy(module: str, name: str) -> Callable:
 
 METHODS: dict[str, Callable] = {
     "dpo": make_dpo,
+    "kl_grad": _lazy("deradiff.kl", "make_kl_grad"),
+    "kl_pg": _lazy("deradiff.kl", "make_kl_pg"),
 }
