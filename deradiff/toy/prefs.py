@@ -119,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="broken rows in each test file: corrupt.parquet cycles through "
                         f"{', '.join(CORRUPT_KINDS['corrupt.parquet'])}; bad_labels.parquet through "
                         f"{', '.join(CORRUPT_KINDS['bad_labels.parquet'])} (0: neither file)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (tiny convolutions: 1 is fastest on a busy CPU; 0: torch's default)")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -135,8 +136,10 @@ def bradley_terry_labels(r0: np.ndarray, r1: np.ndarray, temperature: float, tie
                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(label_0, label_1) float64 arrays: ties (0.5) for the round(tie_fraction * n) pairs with the
     smallest |r0 - r1|, otherwise label_0 ~ Bernoulli(sigmoid((r0 - r1) / temperature))."""
+    from scipy.special import expit  # the logistic sigmoid, without overflow
+
     r0, r1 = np.asarray(r0, np.float64), np.asarray(r1, np.float64)
-    p0 = 1.0 / (1.0 + np.exp(-(r0 - r1) / temperature))
+    p0 = expit((r0 - r1) / temperature)
     label_0 = (rng.random(r0.shape) < p0).astype(np.float64)
     n_ties = int(round(tie_fraction * r0.size))
     if n_ties:

@@ -1,0 +1,59 @@
+"""`deradiff toy hack`: the trade-off command runs and shows reward up, fidelity down."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from deradiff.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def classifier_args(tmp_path_factory) -> list[str]:
+    """No flag when the package ships its classifier; else a quickly trained one, saved."""
+    from deradiff.toy.classifier import load_classifier, save_classifier, train_classifier
+
+    try:
+        load_classifier()
+        return []
+    except UserError:
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("classifier")
+        save_classifier(train_classifier(steps=150, progress=False), path)
+        return ["--classifier", str(path)]
+
+
+def test_hack_command_shows_the_trade_off(tmp_path, classifier_args):
+    from deradiff.cli import main
+
+    out = tmp_path / "hack"
+    args = ["toy", "hack", "--prompts", "test", "--per-prompt", "2", "--leash", "10", "0",
+            "--steps", "100", "--examples", "4", "--out", str(out), *classifier_args]
+    assert main(args) == 0
+    result = json.loads((out / "hack.json").read_text())
+    strong, none = result["records"]
+    assert result["n_images"] == 24 and strong["leash"] == 10 and none["leash"] == 0
+    assert none["reward"][0] > 0.8 > strong["reward"][0]
+    assert none["fidelity/adherence"][0] < 0.5 <= strong["fidelity/adherence"][0]
+    assert none["fidelity/kid"][1] > strong["fidelity/kid"][2]  # intervals apart
+    assert none["rmsd"] > strong["rmsd"]
+    for name in ("hack.png", "grid.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] == 16 + 2 * (128 + 2)  # column labels + one row per leash strength
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--per-prompt", "1", "per-prompt"),
+    ("--leash", "-1", "leash"),
+    ("--steps", "0", "steps"),
+])
+def test_bad_input(tmp_path, capsys, flag, value, match):
+    from deradiff.cli import main
+
+    assert main(["toy", "hack", "--out", str(tmp_path / "o"), flag, value]) == 2
+    assert match in capsys.readouterr().err
