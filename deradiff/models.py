@@ -50,21 +50,30 @@ def lora_adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the block with every LoRA adapter of `model` off: the reference model, bit-exact,
-    without a second copy of the weights. Used by realignment and by DPO/KL training."""
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """The peft adapter layers inside `model` (cache it: walking a large UNet takes ~1 ms)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    was_enabled = [not m.disable_adapters for m in layers]
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module, layers: list[nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Run the block with every LoRA adapter of `model` off: the reference model, bit-exact,
+    without a second copy of the weights. Used by realignment and by DPO/KL training.
+
+    Flips peft's per-layer switch directly: `enable_adapters()` would also reset the adapters'
+    requires_grad flags, which must not change behind a trainer's (or a user's) back.
+    """
+    layers = tuner_layers(model) if layers is None else layers
+    was_disabled = [m._disable_adapters for m in layers]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield model
     finally:
-        for layer, enabled in zip(layers, was_enabled, strict=True):
-            layer.enable_adapters(enabled)
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer._disable_adapters = disabled
 
 
 def add_lora(

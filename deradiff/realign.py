@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deradiff.errors import UserError
-from deradiff.models import adapters_disabled, lora_adapter_names
+from deradiff.models import adapters_disabled, lora_adapter_names, tuner_layers
 
 Mode = Literal["two_forward", "mixed_batch"]
 MODES = ("two_forward", "mixed_batch")
@@ -159,6 +159,7 @@ class RealignedDenoiser(nn.Module):
         self.mode = mode
         self.record = record
         self.records: list[StepRecord] = []
+        self._layers = tuner_layers(aligned) if reference is None else []
 
     # -- attribute proxy: pipelines read config, dtype, device, add_embedding, ... -------------
     def __getattr__(self, name: str) -> Any:
@@ -204,7 +205,7 @@ class RealignedDenoiser(nn.Module):
     def _reference_forward(self, args, kwargs):
         if self.reference is not None:
             return self.reference(*args, **kwargs)
-        with adapters_disabled(self.aligned):
+        with adapters_disabled(self.aligned, self._layers):
             return self.aligned(*args, **kwargs)
 
     def _mixed_forward(self, batch: _Batch):
@@ -214,7 +215,7 @@ class RealignedDenoiser(nn.Module):
         kwargs = _double_batch(batch.kwargs, n)
         adapter = lora_adapter_names(self.aligned)[0]
         names = ["__base__"] * n + [adapter] * n
-        with _adapter_names_for_rows(self.aligned, names):
+        with _adapter_names_for_rows(self._layers, names):
             out = self.aligned(*args, **kwargs)
         both = _first_tensor(out)
         return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
@@ -363,7 +364,7 @@ def _replace_first_tensor(out, tensor: torch.Tensor):
 
 
 @contextmanager
-def _adapter_names_for_rows(model: nn.Module, names: list[str]):
+def _adapter_names_for_rows(layers: list[nn.Module], names: list[str]):
     """Make every peft LoRA layer use `names[i]` for batch row i (peft's mixed-batch forward).
 
     The diffusers UNet forward does not accept `adapter_names`, so it is injected per layer with
@@ -374,11 +375,7 @@ def _adapter_names_for_rows(model: nn.Module, names: list[str]):
     def inject(_module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
-    handles = [
-        m.register_forward_pre_hook(inject, with_kwargs=True)
-        for m in model.modules()
-        if isinstance(m, LoraLayer)
-    ]
+    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in layers if isinstance(m, LoraLayer)]
     try:
         yield
     finally:
