@@ -57,3 +57,20 @@ def test_bad_input(tmp_path, capsys, flag, value, match):
 
     assert main(["toy", "hack", "--out", str(tmp_path / "o"), flag, value]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_hack_from_pipeline_samples(tmp_path, classifier_args):
+    """--source pipeline: starting images come from a toy pipeline folder (random weights here)."""
+    from deradiff.cli import main
+    from deradiff.toy.pipeline import build_toy_pipeline
+    from deradiff.toy.store import write_manifest
+
+    root = tmp_path / "assets"
+    build_toy_pipeline(seed=0).save_pretrained(str(root / "pipeline"), safe_serialization=True)
+    write_manifest(root)
+    out = tmp_path / "hack"
+    args = ["toy", "hack", "--source", "pipeline", "--pipeline", str(root), "--prompts", "test",
+            "--per-prompt", "2", "--leash", "1", "0", "--steps", "20", "--out", str(out), *classifier_args]
+    assert main(args) == 0
+    records = json.loads((out / "hack.json").read_text())["records"]
+    assert records[1]["reward"][0] > records[0]["reward"][0]
