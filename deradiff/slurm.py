@@ -109,8 +109,9 @@ def check_accelerate_config(path: str | None, nodes: int, procs_per_node: int) -
     cfg = OmegaConf.to_container(OmegaConf.load(config))
     if cfg.get("distributed_type") == "DEEPSPEED":
         ds = (cfg.get("deepspeed_config") or {}).get("deepspeed_config_file")
-        if ds and not (Path(ds).is_file() or (ROOT / ds).is_file()):
-            raise UserError(f"accelerate config {config} names DeepSpeed config {ds!r}, which does not exist")
+        if ds and not Path(ds).is_file():  # accelerate resolves it against the job's folder, the submit folder
+            raise UserError(f"accelerate config {config} names DeepSpeed config {ds!r}, which is not found from "
+                            f"{Path.cwd()} where the job will run: submit from the repository root")
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
             raise UserError(f"ACCELERATE_USE_CPU is set in this environment, which silently drops DeepSpeed "
                             f"({config.name}); unset it or use a non-DeepSpeed config")
@@ -200,6 +201,8 @@ def submit(cmd: list[str], env: dict[str, str], dry_run: bool) -> str:
         return "DRY-RUN"
     if shutil.which(cmd[0]) is None:
         raise UserError("sbatch not found: run this on a SLURM login node (or use --dry-run to see the command)")
+    log_dir = next(Path(a.split("=", 1)[1]).parent for a in cmd if a.startswith("--output="))
+    log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create it; a job without it fails silently
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -222,7 +225,6 @@ def _check_common(args: argparse.Namespace) -> None:
     if args.signal_seconds >= limit:
         raise UserError(f"--signal-seconds {args.signal_seconds} is not below the time limit ({limit} s): the "
                         f"checkpoint warning would come at once; lower it or raise --time")
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
 
 
 def submit_training(args: argparse.Namespace, kind: str) -> list[str]:

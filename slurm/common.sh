@@ -55,7 +55,7 @@ deradiff_launch() {
     --output="${node_log}-node%n.out" \
     bash -c 'trap "" USR1; exec accelerate launch --config_file "$DERADIFF_ACCELERATE_CONFIG" \
       --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" --num_processes "$DERADIFF_NUM_PROCESSES" \
-      --main_process_ip "$DERADIFF_MAIN_HOST" --main_process_port "$DERADIFF_MAIN_PORT" \
+      --main_process_ip "$DERADIFF_MAIN_HOST" --main_process_port "$DERADIFF_MAIN_PORT" --deepspeed_multinode_launcher standard \
       "$DERADIFF_ROOT/train/align.py" "$@"' align "$@" &
   local pid=$! rc=0
   # `wait` returns early whenever a trapped signal arrives; keep waiting for srun itself.

@@ -104,6 +104,19 @@ def test_align_bad_input_fails_before_sbatch(recording_sbatch, fake_data, capsys
     assert time.perf_counter() - start < 60
 
 
+def test_deepspeed_config_checks(recording_sbatch, fake_data, capsys, monkeypatch):
+    argv = ["align", "--nodes", "2", "--accelerate-config", "configs/accelerate/zero2.yaml", "--dry-run",
+            "--recipe", str(ROOT / "recipes/toy-dpo.yaml"), *fake_data]
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert _submit(*argv) == 2  # its configs/deepspeed/zero2.json is relative: not found from tmp_path
+    assert "submit from the repository root" in capsys.readouterr().err
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert _submit(*argv) == 2
+    assert "silently drops DeepSpeed" in capsys.readouterr().err
+    assert not recording_sbatch.exists()
+
+
 def _sweep_argv(tmp_path, fake_data, *extra):
     return ["sweep", "--recipe", str(ROOT / "recipes/toy-sweep.yaml"), *fake_data, "sweep.lambdas=[0.5,1,2]",
             f"trainer.output_dir={tmp_path / 'sweep'}", "trainer.max_steps=3", "trainer.warmup_steps=0", *extra]
@@ -249,24 +262,38 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["dpo/loss"] for r in rows}
 
 
+# How each preempted run is interrupted once it has logged 3 steps.
+PREEMPTIONS = {
+    # SLURM's time-limit warning, as `#SBATCH --signal=B:USR1@secs` sends it: align.sbatch passes it
+    # to the trainers, which checkpoint and stop; the script requeues the job.
+    "warned": ["scancel", "--batch", "--signal=USR1"],
+    # The scheduler (or an admin) requeues the job: SIGTERM to every process, SIGKILL after KillWait.
+    "requeued": ["scontrol", "requeue"],
+}
+
+
 @pytest.fixture(scope="module")
 def jobs(cluster, toy_world, tmp_path_factory):
-    """Submit every cluster job at once (they run side by side on the 2 nodes); tests wait on theirs."""
+    """Submit every training job at once through `deradiff slurm submit` (they run side by side on
+    the 2 nodes); each test waits on its own."""
     work = tmp_path_factory.mktemp("slurm")
     logs = work / "logs"
     common = ["--time", "20", "--log-dir", str(logs)]
-    submitted = {}
-    for name in ("reference", "preempted"):  # the same 2-node run; one gets preempted mid-run
-        proc = _helper(cluster, work, "align", "--nodes", "2", *common, "--job-name", f"align-{name}",
-                       "--recipe", str(ROOT / "recipes/toy-dpo.yaml"), *_train_overrides(toy_world, work / name))
-        assert proc.returncode == 0, proc.stderr
-        submitted[name] = proc.stdout.strip()
-    sweep_argv = ["sweep", *common, "--recipe", str(ROOT / "recipes/toy-sweep.yaml"),
-                  *_train_overrides(toy_world, work / "sweep", **{"trainer.max_steps": 3}), "sweep.lambdas=[0.5,1,2]"]
-    proc = _helper(cluster, work, *sweep_argv)
-    assert proc.returncode == 0, proc.stderr
-    submitted["sweep"] = proc.stdout.strip()
-    return {"work": work, "logs": logs, "ids": submitted, "sweep_argv": sweep_argv}
+    argv = {}
+    for name in ("reference", *PREEMPTIONS):  # the same 2-node run, uninterrupted or preempted mid-run
+        argv[name] = ["align", "--nodes", "2", *common, "--job-name", f"align-{name}",
+                      "--recipe", str(ROOT / "recipes/toy-dpo.yaml"), *_train_overrides(toy_world, work / name)]
+    argv["sweep"] = ["sweep", *common, "--recipe", str(ROOT / "recipes/toy-sweep.yaml"),
+                     *_train_overrides(toy_world, work / "sweep", **{"trainer.max_steps": 3}), "sweep.lambdas=[0.5,1,2]"]
+    helpers = {name: subprocess.Popen([sys.executable, "-m", "deradiff.cli", "slurm", "submit", *a], cwd=work,
+                                      env=cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, a in argv.items()}
+    ids = {}
+    for name, proc in helpers.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        ids[name] = out.strip()
+    return {"work": work, "logs": logs, "ids": ids, "sweep_argv": argv["sweep"]}
 
 
 @pytest.mark.slow
@@ -284,42 +311,44 @@ def test_cluster_runs_a_two_node_step(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, jobs):
-    """SLURM's time-limit warning (SIGUSR1 to the batch script, as --signal=B:USR1@secs sends it)
-    mid-run: the trainers checkpoint, the job requeues itself, resumes, and logs exactly the
-    losses of the uninterrupted reference run."""
-    job, run = jobs["ids"]["preempted"], jobs["work"] / "preempted"
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").exists() and len(_losses(run)) >= 3):
-        assert time.monotonic() < deadline, _logs(jobs["logs"], "align-preempted*")
-        time.sleep(0.2)
-    assert _sh(["scancel", "--batch", "--signal=USR1", job], cluster).returncode == 0
-
-    pending_since: list[float] = []
-
-    def release_requeued(states):
-        # A requeued job waits 2 minutes (BeginTime) before it may start again; shorten that to
-        # a few seconds (sooner, slurmd still holds the revoked credential of the first run).
-        if states and states[0].get("JobState") == "PENDING" and int(states[0].get("Restarts", 0)) > 0:
-            pending_since.append(time.monotonic())
-            if time.monotonic() - pending_since[0] > 5:
-                _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
-
-    (state,) = _wait(job, cluster, timeout=300, on_poll=release_requeued)
-    logs = _logs(jobs["logs"], "align-preempted*")
-    assert state["JobState"] == "COMPLETED", logs
-    assert int(state["Restarts"]) == 1, logs
-    assert "requeueing" in logs
-    # Each node's first process prints these lines.
-    stopped = {int(s) for s in re.findall(r"checkpoint at step (\d+) saved", logs)}
-    resumed = {int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)}
-    assert len(stopped) == 1 and stopped == resumed, logs
-    assert 0 < min(stopped) < 14, logs  # really stopped mid-run
+    """Interrupted mid-run both ways, each job checkpoints, is requeued, resumes, and logs exactly
+    the losses of the uninterrupted reference run."""
+    ids = {name: jobs["ids"][name] for name in PREEMPTIONS}
+    to_signal, pending_since, final = set(PREEMPTIONS), {}, {}
+    deadline = time.monotonic() + 400
+    while len(final) < len(ids):
+        assert time.monotonic() < deadline, _logs(jobs["logs"], "align-*")
+        for name in sorted(to_signal):
+            run = jobs["work"] / name
+            if (run / "metrics.jsonl").exists() and len(_losses(run)) >= 3:
+                assert _sh([*PREEMPTIONS[name], ids[name]], cluster).returncode == 0
+                to_signal.discard(name)
+        for name, job in ids.items():
+            (state,) = _job_states(job, cluster)
+            if state["JobState"] in TERMINAL and name not in to_signal:
+                final[name] = state
+            elif state["JobState"] == "PENDING" and int(state.get("Restarts", 0)) > 0:
+                # A requeued job waits 2 minutes (BeginTime) before it may start again; shorten that
+                # to a few seconds (sooner, slurmd may still hold the revoked credential of its first run).
+                if time.monotonic() - pending_since.setdefault(name, time.monotonic()) > 5:
+                    _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
+        time.sleep(0.3)
 
     (ref_state,) = _wait(jobs["ids"]["reference"], cluster, timeout=300)
     assert ref_state["JobState"] == "COMPLETED", _logs(jobs["logs"], "align-reference*")
-    reference, preempted = _losses(jobs["work"] / "reference"), _losses(run)
-    assert sorted(preempted) == list(range(1, 15))
-    assert preempted == reference  # bit-identical losses after the resume
+    reference = _losses(jobs["work"] / "reference")
+    for name, state in final.items():
+        logs = _logs(jobs["logs"], f"align-{name}*")
+        assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, logs
+        # Each node's first process prints these lines.
+        stopped = {int(s) for s in re.findall(r"checkpoint at step (\d+) saved", logs)}
+        resumed = {int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)}
+        assert len(stopped) == 1 and stopped == resumed, logs
+        assert 0 < min(stopped) < 14, logs  # really stopped mid-run
+        assert ("requeueing; the next start resumes" in logs) == (name == "warned"), logs
+        losses = _losses(jobs["work"] / name)
+        assert sorted(losses) == list(range(1, 15))
+        assert losses == reference, name  # bit-identical losses after the resume
 
 
 @pytest.mark.slow
