@@ -48,6 +48,11 @@ class Method:
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished when its final LoRA and summary exist (both written at the very end)."""
+    return (run_dir / "lora" / LORA_WEIGHT_NAME).exists() and (run_dir / "summary.json").exists()
+
+
 def make_accelerator(recipe, run_dir: Path):
     """accelerate.Accelerator for this recipe: mixed precision, accumulation, trackers, gloo on CPU."""
     from accelerate import Accelerator
@@ -221,6 +226,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last.items() if k in _BAR_KEYS})
         bar.update()
+        if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
+            save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
         stop = _any_rank(accelerator, preempted["flag"])
         if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
@@ -232,6 +239,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             sys.exit(PREEMPTED_EXIT_CODE)
     bar.close()
     accelerator.wait_for_everyone()
+    save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
     if accelerator.is_main_process:
         pipe.unet = accelerator.unwrap_model(unet)
         save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
@@ -245,6 +253,34 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
 
 
 _BAR_KEYS = {"dpo/loss", "dpo/implicit_acc", "eval/dpo/implicit_acc", "kl/reward", "kl/path_kl", "kl/loss"}
+
+
+@torch.no_grad()
+def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
+    """Main process: recipe.sample prompts (rows) x images, from the base (first column) and the
+    current LoRA model (the rest), same seeds, written atomically as a PNG."""
+    from deradiff.grids import save_image_grid
+    from deradiff.models import adapters_disabled, set_scheduler
+
+    s = recipe.sample
+    zero3 = accelerator.state.deepspeed_plugin is not None and \
+        accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not s.prompts or not accelerator.is_main_process or zero3:  # ZeRO-3 shards weights over ranks
+        return
+    training_scheduler = pipe.scheduler
+    set_scheduler(pipe, s.scheduler)
+    rows = []
+    for i, prompt in enumerate(s.prompts):
+        kwargs = dict(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, output_type="np")
+        gen = torch.Generator().manual_seed(s.seed + i)
+        with adapters_disabled(pipe.unet):
+            base = pipe(prompt, generator=gen, **kwargs).images[0]
+        gen = torch.Generator().manual_seed(s.seed + i)
+        tuned = pipe(prompt, num_images_per_prompt=s.images_per_prompt, generator=gen, **kwargs).images
+        rows.append([(img * 255).round().astype("uint8") for img in (base, *tuned)])
+    pipe.scheduler = training_scheduler
+    save_image_grid(rows, path, row_labels=[p[:28] for p in s.prompts],
+                    col_labels=["base"] + [f"lora #{j}" for j in range(s.images_per_prompt)])
 
 
 def _install_preemption_handlers() -> dict:

@@ -33,6 +33,8 @@ def _args(toy_world, out, **over) -> list[str]:
         "trainer.checkpoint_every": 2,
         "trainer.eval_every": 0,
         "trainer.sample_every": 0,
+        "sample.images_per_prompt": 1,
+        "sample.num_inference_steps": 3,
     }
     base.update(over)
     return ["recipe=recipes/toy-dpo.yaml", *(f"{k}={v}" for k, v in base.items())]
@@ -70,6 +72,7 @@ def test_outputs_of_a_dpo_run(reference_run, toy_world):
     summary = json.loads((out / "summary.json").read_text())
     assert "eval/dpo/implicit_acc" in summary and 0 <= summary["eval/dpo/implicit_acc"] <= 1
     assert "global batch 4 = 4 per device x 1 processes x 1 accumulation" in proc.stdout + proc.stderr
+    assert (out / "samples" / "step-000006.png").exists()
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(toy_world / "pipe"))
@@ -119,6 +122,20 @@ def test_a_different_recipe_in_the_same_run_dir_is_refused(reference_run, toy_wo
     proc = _run(_args(toy_world, out, **{"method.beta": 500}))
     assert proc.returncode == 2
     assert "different recipe" in proc.stderr and "method.beta" in proc.stderr
+
+
+def test_sweep_recipe_trains_each_point_and_skips_finished_ones(toy_world, tmp_path):
+    args = _args(toy_world, tmp_path / "sweep", **{"trainer.max_steps": 2, "data.eval_path": "null",
+                                                    "sample.prompts": "[]"})
+    args[0] = "recipe=recipes/toy-sweep.yaml"
+    proc = _run([*args, "sweep.lambdas=[1,4]"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for lam, beta in (("1", 2000), ("4", 500)):
+        run = tmp_path / "sweep" / f"lambda-{lam}"
+        assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+        assert json.loads((run / "lora" / "lora_info.json").read_text())["beta"] == beta
+    again = _run([*args, "sweep.lambdas=[1,4]"])
+    assert again.returncode == 0 and again.stdout.count("finished already") == 2
 
 
 def test_bad_recipe_fails_before_loading_anything(toy_world, tmp_path):

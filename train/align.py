@@ -12,7 +12,9 @@
 The run directory (trainer.output_dir) receives recipe.yaml, metrics.jsonl, TensorBoard logs,
 checkpoints/step-N (resume state) and lora/pytorch_lora_weights.safetensors. Re-running the
 same command resumes from the latest checkpoint; a different recipe in the same directory is
-refused (trainer.resume=force overrides).
+refused (trainer.resume=force overrides). A sweep recipe (sweep.lambdas) trains one run per
+lambda at beta / lambda into output_dir/lambda-<lambda>, skipping finished ones;
+sweep.index=i trains only the i-th (a SLURM array task).
 """
 
 from __future__ import annotations
@@ -30,17 +32,24 @@ def main(argv: list[str]) -> int:
         print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/recipe.py for meanings):\n  "
               + "\n  ".join(recipe_keys()))
         return 0
-    from deradiff.recipe import check_resume, load_recipe, preflight
+    from deradiff.recipe import check_resume, load_recipe, preflight, sweep_recipes
 
     try:
         recipe = load_recipe(argv)  # validated: unknown keys, types, ranges, cross-field checks
         preflight(recipe)  # files and machine: data present, bitsandbytes, fp16 needs CUDA
-        run_dir = Path(recipe.trainer.output_dir)
-        check_resume(recipe, run_dir)  # refuses a run directory that holds another recipe
+        # A sweep recipe trains one run per lambda at beta / lambda (sweep.index: just one).
+        runs = [r for _, r in sweep_recipes(recipe)] if recipe.sweep.lambdas else [recipe]
+        for run in runs:
+            check_resume(run, Path(run.trainer.output_dir))  # refuse a directory holding another recipe
         from deradiff.methods import METHODS
-        from deradiff.trainer import fit
+        from deradiff.trainer import fit, is_finished
 
-        fit(recipe, METHODS[recipe.method.name], run_dir)
+        for run in runs:
+            run_dir = Path(run.trainer.output_dir)
+            if is_finished(run_dir):
+                print(f"{run_dir}: finished already (lora/ and summary.json present), skipped")
+                continue
+            fit(run, METHODS[run.method.name], run_dir)
     except UserError as err:
         print(f"align: error: {err}", file=sys.stderr)
         return 2
