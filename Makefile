@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench system-test-deps
 
 $(PY):
 	bash scripts/install.sh
@@ -14,7 +14,14 @@ install: $(PY)
 demo: $(PY)
 	bash scripts/demo.sh
 
-test: $(PY)
+# The SLURM tests start a real local cluster from Debian's packages (root + apt only;
+# elsewhere those tests skip and say why).
+system-test-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null) \
+	  || echo "could not install slurm packages: the SLURM tests will skip"; fi
+
+test: $(PY) system-test-deps
 	$(PY) -m pytest -q -ra
 
 lint: $(PY)
