@@ -3,7 +3,9 @@
     deradiff slurm submit align --nodes 2 --gpus-per-node 8 --partition gpu --account proj \
         --time 24:00:00 --recipe recipes/sd15-dpo-pickapic.yaml trainer.output_dir=runs/sd15-dpo
     deradiff slurm submit sweep --gpus-per-node 1 --time 2:00:00 --recipe recipes/toy-sweep.yaml
-    deradiff slurm submit search --shards 8 --out runs/search --evaluate-args "[deradiff evaluate arguments]"
+    deradiff slurm submit search --shards 8 --out runs/eval --gpus-per-node 1 \
+        --evaluate-args "--lora runs/toy-dpo --prompts toy:test --lam 0 0.5 1 2 4" \
+        --search-args "--grid 0 0.5 1 2 4 --maximize reward/toy"
 
 Everything a job would fail on after hours in the queue fails here in seconds: the recipe is
 loaded, validated and preflighted (data files, optional packages), the batch split over
@@ -276,31 +278,39 @@ def submit_training(args: argparse.Namespace, kind: str) -> list[str]:
     return [job]
 
 
+def _check_arguments(module: str, argv: list[str]) -> None:
+    """Parse `deradiff <module>` arguments with that command's own parser (typos fail here)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"deradiff.{module}")
+    except ImportError:
+        raise UserError(f"`deradiff {module}` is not available in this installation") from None
+    parser = argparse.ArgumentParser(prog=f"deradiff {module}", exit_on_error=False)
+    mod.add_arguments(parser)
+    try:
+        parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise UserError(f"deradiff {module} arguments {shlex.join(argv)!r} do not parse: {err}") from None
+
+
 def submit_search(args: argparse.Namespace) -> list[str]:
     """Array over prompt shards + a merge/search/report job after all shards succeed."""
     if args.shards < 1:
         raise UserError(f"--shards must be >= 1, got {args.shards}")
     if not args.out:
-        raise UserError("--out is required for search: the results folder the shards share, e.g. --out runs/search")
-    evaluate_args = shlex.split(args.evaluate_args)
-    try:
-        from deradiff import evaluate
-    except ImportError:
-        raise UserError("`deradiff evaluate` is not available in this version, so the search cannot be submitted") from None
-    parser = argparse.ArgumentParser(prog="deradiff evaluate", exit_on_error=False)
-    evaluate.add_arguments(parser)
-    try:
-        parser.parse_args([*evaluate_args, "--out", args.out])
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise UserError(f"deradiff evaluate arguments do not parse: {err}") from None
-    env = {"SEARCH_DIR": args.out, "SEARCH_SHARDS": str(args.shards), "SEARCH_ARGS": args.search_args,
-           "REPORT_ARGS": args.report_args}
+        raise UserError("--out is required for search: the evaluation folder the shards share, e.g. --out runs/eval")
+    evaluate_args, search_args = shlex.split(args.evaluate_args), shlex.split(args.search_args)
+    _check_arguments("evaluate", ["--out", args.out, *evaluate_args, "--shard", f"0/{args.shards}"])
+    _check_arguments("search", ["--out", args.out, *search_args])
+    _check_arguments("report", ["--eval", args.out, *shlex.split(args.report_args)])
+    env = {"SEARCH_DIR": args.out, "SEARCH_SHARDS": str(args.shards), "REPORT_ARGS": args.report_args}
     extra = ["--nodes=1", "--ntasks=1", "--requeue", "--open-mode=append"]
     shard_job = submit(sbatch_command(args, SCRIPTS["search"], array=array_spec(list(range(args.shards)), args.max_parallel),
                                       name="deradiff-search", signal=False, extra=extra) + ["shard", *evaluate_args],
                        env, args.dry_run)
     merge_job = submit(sbatch_command(args, SCRIPTS["search"], name="deradiff-search-merge", signal=False,
-                                      extra=[*extra, f"--dependency=afterok:{shard_job}"]) + ["merge", *evaluate_args],
+                                      extra=[*extra, f"--dependency=afterok:{shard_job}"]) + ["merge", *search_args],
                        env, args.dry_run)
     print(f"search: shards job {shard_job} ({args.shards} tasks), merge job {merge_job} (after all shards succeed), "
           f"results {args.out}", file=sys.stderr)
@@ -345,10 +355,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "refused when it does not divide")
     s = parser.add_argument_group("search")
     s.add_argument("--shards", type=int, default=4, help="prompt shards = array tasks of the evaluation")
-    s.add_argument("--out", help="results folder shared by the shards and the merge")
-    s.add_argument("--evaluate-args", default="", help="`deradiff evaluate` arguments (one string, split like a shell)")
-    s.add_argument("--search-args", default="", help="extra `deradiff search` arguments (one string)")
-    s.add_argument("--report-args", default="", help="extra `deradiff report` arguments (one string)")
+    s.add_argument("--out", help="evaluation folder shared by the shards, the search and the report")
+    s.add_argument("--evaluate-args", default="", help="arguments of each shard's `deradiff evaluate` (one string, "
+                   "split like a shell; write --evaluate-args=\"...\" when it starts with a dash), e.g. \"--lora runs/toy-dpo --prompts toy:test --lam 0 0.5 1 2 4\"")
+    s.add_argument("--search-args", default="", help="arguments of `deradiff search` in the merge job, e.g. "
+                   "\"--grid 0 0.5 1 2 4 --maximize reward/toy\"")
+    s.add_argument("--report-args", default="", help="extra arguments of `deradiff report` in the merge job")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the sbatch commands only")
 
 

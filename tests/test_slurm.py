@@ -117,6 +117,27 @@ def test_deepspeed_config_checks(recording_sbatch, fake_data, capsys, monkeypatc
     assert not recording_sbatch.exists()
 
 
+def test_search_submission_is_shards_then_a_dependent_merge(recording_sbatch, tmp_path, capsys):
+    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    rc = _submit("search", "--shards", "3", "--out", str(tmp_path / "eval"), "--evaluate-args",
+                 "--lora runs/x --prompts 'a red circle on a dark background' --lam 0 1", "--search-args", "--grid 0 1")
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.split() == ["4242", "4242"]
+    shard, merge = recording_sbatch.read_text().splitlines()
+    assert "--array=0-2 " in shard and "--dependency" not in shard
+    assert shard.endswith("search.sbatch shard --lora runs/x --prompts a red circle on a dark background --lam 0 1")
+    assert "--dependency=afterok:4242 " in merge and merge.endswith("search.sbatch merge --grid 0 1")
+
+
+@pytest.mark.parametrize("flag, value", [("--evaluate-args", "--lamb 0 1"), ("--search-args", "--refine many")])
+def test_search_bad_arguments_fail_before_sbatch(recording_sbatch, tmp_path, capsys, flag, value):
+    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    assert _submit("search", "--out", str(tmp_path / "eval"), flag, value) == 2
+    assert "do not parse" in capsys.readouterr().err
+    assert not recording_sbatch.exists()
+
+
 def _sweep_argv(tmp_path, fake_data, *extra):
     return ["sweep", "--recipe", str(ROOT / "recipes/toy-sweep.yaml"), *fake_data, "sweep.lambdas=[0.5,1,2]",
             f"trainer.output_dir={tmp_path / 'sweep'}", "trainer.max_steps=3", "trainer.warmup_steps=0", *extra]
@@ -393,7 +414,7 @@ import json, os, sys, time
 from pathlib import Path
 
 cmd, args = sys.argv[1], sys.argv[2:]
-out = Path(args[args.index("--out" if "--out" in args else "--results") + 1])
+out = Path(args[args.index("--out" if "--out" in args else "--eval") + 1])
 out.mkdir(parents=True, exist_ok=True)
 record = {{"args": args, "node": os.environ.get("SLURMD_NODENAME"), "time": time.time()}}
 if cmd == "evaluate" and "--shard" in args:
@@ -409,20 +430,22 @@ elif cmd == "evaluate" and "--merge" in args:
 else:
     (out / f"{{cmd}}.json").write_text(json.dumps(record))
 '''
+EVAL_ARGS = ["--prompts", "a red circle, on a dark background", "--lam", "0", "1"]
+SEARCH_ARGS = ["--grid", "0", "1", "--maximize", "reward/toy"]
 
 
 def _submit_search(cluster, tmp_path, out: Path, **env) -> tuple[str, str]:
+    """The two sbatch lines of slurm/search.sbatch's header, with a stand-in `deradiff`."""
     stub = tmp_path / "deradiff-stub"
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(0o755)
-    env = {**cluster, "DERADIFF": str(stub), "SEARCH_DIR": str(out), "SEARCH_ARGS": "--objective reward", **env}
+    env = {**cluster, "DERADIFF": str(stub), "SEARCH_DIR": str(out), "REPORT_ARGS": "--n-boot 50", **env}
     script, logs = str(ROOT / "slurm" / "search.sbatch"), tmp_path / "logs"
-    eval_args = ["--prompts", "a red circle, on a dark background", "--lambdas", "0,0.5,1"]
     common = ["sbatch", "--parsable", "--time=5", f"--output={logs}/%x-%A_%a.out"]
     logs.mkdir()
-    shards = _sh([*common, "--array=0-1", script, "shard", *eval_args], env, cwd=tmp_path)
+    shards = _sh([*common, "--array=0-1", script, "shard", *EVAL_ARGS], env, cwd=tmp_path)
     assert shards.returncode == 0, shards.stderr
-    merge = _sh([*common, f"--dependency=afterok:{shards.stdout.strip()}", script, "merge", *eval_args], env,
+    merge = _sh([*common, f"--dependency=afterok:{shards.stdout.strip()}", script, "merge", *SEARCH_ARGS], env,
                 cwd=tmp_path)
     assert merge.returncode == 0, merge.stderr
     return shards.stdout.strip(), merge.stdout.strip()
@@ -430,19 +453,19 @@ def _submit_search(cluster, tmp_path, out: Path, **env) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_search_shards_then_merge_after_all_succeed(cluster, tmp_path):
-    """The sbatch plumbing of the sharded search (array + afterok merge), with a stand-in for
-    `deradiff evaluate/search/report`, which do not exist yet."""
+    """The sbatch plumbing of the sharded search (array + afterok merge), with a stand-in
+    `deradiff` that records its arguments."""
     out = tmp_path / "search"
     shard_job, merge_job = _submit_search(cluster, tmp_path, out)
     assert all(s["JobState"] == "COMPLETED" for s in _wait(shard_job, cluster, timeout=120)), _logs(tmp_path / "logs")
     (merge_state,) = _wait(merge_job, cluster, timeout=120)
     assert merge_state["JobState"] == "COMPLETED", _logs(tmp_path / "logs")
     merged = json.loads((out / "merged.json").read_text())
-    assert [s["args"][-1] for s in merged["shards"]] == ["0/2", "1/2"]
+    assert [s["args"] for s in merged["shards"]] == [
+        ["--out", str(out), *EVAL_ARGS, "--shard", f"{i}/2"] for i in range(2)]  # the prompt's spaces survive
     assert merged["time"] >= max(s["time"] for s in merged["shards"])  # ran after both shards
-    assert merged["args"][:2] == ["--prompts", "a red circle, on a dark background"]  # spaces survive
-    assert json.loads((out / "search.json").read_text())["args"] == ["--results", str(out), "--objective", "reward"]
-    assert (out / "report.json").exists()
+    assert json.loads((out / "search.json").read_text())["args"] == ["--out", str(out), *SEARCH_ARGS]
+    assert json.loads((out / "report.json").read_text())["args"] == ["--eval", str(out), "--n-boot", "50"]
 
 
 @pytest.mark.slow
@@ -458,3 +481,29 @@ def test_search_merge_never_runs_after_a_failed_shard(cluster, tmp_path):
     _sh(["scancel", merge_job], cluster)
     assert not (out / "merged.json").exists()
 
+
+@pytest.mark.slow
+def test_search_of_the_trained_lora_through_the_helper(cluster, jobs, toy_world):
+    """`deradiff slurm submit search` on the LoRA the 2-node job trained: 2 evaluate shards, then
+    merge + search + report, with the real commands."""
+    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    (state,) = _wait(jobs["ids"]["reference"], cluster, timeout=300)
+    assert state["JobState"] == "COMPLETED", _logs(jobs["logs"], "align-reference*")
+    out, logs = jobs["work"] / "eval", jobs["work"] / "search-logs"
+    evaluate = (f"--lora {jobs['work'] / 'reference'} --pipeline {toy_world / 'pipe'} --prompts toy:test "
+                "--max-prompts 2 --seeds 0 1 --steps 2 --lam 0 1 --reward toy --fidelity none")
+    proc = _helper(cluster, jobs["work"], "search", "--shards", "2", "--time", "20", "--log-dir", str(logs),
+                   "--out", str(out), "--evaluate-args", evaluate,
+                   "--search-args", "--grid 0 1 --maximize reward/toy --refine 1 --n-boot 50",
+                   "--report-args", "--n-boot 50")
+    assert proc.returncode == 0, proc.stderr
+    shard_job, merge_job = proc.stdout.split()
+    assert all(s["JobState"] == "COMPLETED" for s in _wait(shard_job, cluster, timeout=240)), _logs(logs)
+    (merge_state,) = _wait(merge_job, cluster, timeout=240)
+    assert merge_state["JobState"] == "COMPLETED", _logs(logs)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0-of-2.jsonl", "1-of-2.jsonl"]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["prompt_id"], r["seed"]) for r in rows if r["lam"] in (0, 0.0, "0")} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    search = json.loads((out / "search.json").read_text())
+    assert 0 <= search["chosen_lambda"] <= 1
+    assert (out / "report" / "report.md").is_file()
