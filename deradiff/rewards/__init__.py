@@ -65,6 +65,14 @@ class RewardEntry:
 REWARDS: dict[str, RewardEntry] = {
     "toy": RewardEntry("deradiff.toy.reward", "ToyReward", True,
                        "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"),
+    "clipscore": RewardEntry("deradiff.rewards.clipscore", "CLIPScore", True,
+                             "prompt-image CLIP similarity 100*cos (openai/clip-vit-large-patch14)"),
+    "pickscore": RewardEntry("deradiff.rewards.pickscore", "PickScore", True,
+                             "PickScore_v1 (CLIP-H tuned on Pick-a-Pic): logit_scale * cos(image, prompt)"),
+    "hpsv2": RewardEntry("deradiff.rewards.hpsv2", "HPSv2", True,
+                         "HPSv2/v2.1 (open_clip ViT-H-14 tuned on HPDv2): cos(image, prompt)"),
+    "aesthetic": RewardEntry("deradiff.rewards.aesthetic", "AestheticScore", True,
+                             "LAION aesthetic predictor v2 (MLP on CLIP ViT-L/14 embeddings), prompt ignored"),
 }
 
 
