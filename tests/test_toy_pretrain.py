@@ -47,3 +47,18 @@ def test_measure_quality_scores_against_the_prompts():
     assert report.n == 6 and 0 <= report.color <= 1 and report.num_inference_steps == 2
     labels = labels_of(["a red circle on a dark background", "a blue cross on a light background"])
     assert labels["color"].tolist() == [0, 2] and labels["shape"].tolist() == [0, 3]
+
+
+def test_pretraining_is_deterministic(tmp_path):
+    from deradiff.toy.store import verify_manifest
+
+    sums = []
+    for name in ("a", "b"):
+        pretrain(PretrainConfig(**SMOKE), tmp_path / name, progress=False)
+        manifest = verify_manifest(tmp_path / name)
+        sums.append({k: v for k, v in manifest.items() if k != "quality.json"})  # timings differ
+    assert sums[0] == sums[1]
+    changed = pretrain(PretrainConfig(**{**SMOKE, "seed": 1}), tmp_path / "c", progress=False)
+    assert changed["config"]["seed"] == 1
+    assert verify_manifest(tmp_path / "c")["pipeline/unet/diffusion_pytorch_model.safetensors"] != \
+        sums[0]["pipeline/unet/diffusion_pytorch_model.safetensors"]
