@@ -33,7 +33,7 @@ HOSTS_TAG="# deradiff-slurm-cluster"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { echo "slurm_cluster: $*" >&2; }
-die() { log "error: $*"; exit "${2:-1}"; }
+die() { log "error: $1"; exit "${2:-1}"; }
 
 node_names() { local i; for ((i = 1; i <= NODES; i++)); do echo "$PREFIX$i"; done; }
 

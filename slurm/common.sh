@@ -46,8 +46,6 @@ deradiff_launch() {
     "main $DERADIFF_MAIN_HOST:$DERADIFF_MAIN_PORT, config $config; node logs ${node_log}-node<N>.out"
   _sbatch_log "train/align.py $*"
 
-  _deradiff_warned=0
-  trap _deradiff_forward_warning USR1
   # One task per node. The single quotes matter: each node's shell expands its own
   # SLURM_NODEID. USR1 is ignored in the launchers (their default action would kill them); the
   # trainer installs its own handler and checkpoints on it.
@@ -82,3 +80,8 @@ _deradiff_forward_warning() {
   # trainers), not this script.
   scancel --signal=USR1 "$SLURM_JOB_ID" || true
 }
+
+# From the moment this file is sourced: bash's default action for SIGUSR1 would end the script
+# (and the job, unrequeued).
+_deradiff_warned=0
+trap _deradiff_forward_warning USR1
