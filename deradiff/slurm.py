@@ -340,7 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time", default="24:00:00", help="time limit of each job (D-HH:MM:SS)")
     g.add_argument("--signal-seconds", type=int, default=600,
                    help="seconds before the time limit at which training checkpoints and requeues; must cover one "
-                   "step plus one checkpoint (SLURM sends it up to 60 s late)")
+                   "step plus one checkpoint (SLURM may send it up to 60 s early)")
     g.add_argument("--max-parallel", type=int, default=None, help="at most this many array tasks at once (sweep, search)")
     g.add_argument("--job-name", help="job name; default deradiff-<kind>")
     g.add_argument("--log-dir", default="logs/slurm", help="job logs: <log-dir>/<job name>-<job id>[_<task>].out")
