@@ -21,7 +21,7 @@ from tqdm import tqdm
 from deradiff.errors import UserError
 from deradiff.grids import save_image_grid
 from deradiff.models import SCHEDULERS, load_lora, load_pipeline, set_scheduler
-from deradiff.realign import MODES, LambdaSchedule, parse_lambda, path_kl, realigned
+from deradiff.realign import MODES, LambdaSchedule, parse_lambda
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,12 +131,10 @@ def pipeline_call_kwargs(args) -> dict:
 
 def sample_one(pipe, prompt, seed, schedule, reference, mode, call, eta):
     """One realigned image and its emulated path KL (None for deterministic samplers)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with realigned(pipe, lam=schedule, reference=reference, mode=mode) as denoiser:
-        image = pipe(prompt, generator=generator, **call).images[0]
-    guidance = call.get("guidance_scale", getattr(pipe, "_guidance_scale", 1.0))
-    kl = path_kl(denoiser.records, pipe.scheduler, guidance_scale=guidance, eta=eta)
-    return image, None if kl is None else float(kl[0])
+    from deradiff.evaluate import sample_batch
+
+    images, kls = sample_batch(pipe, [prompt], [seed], schedule, call, eta, reference=reference, mode=mode)
+    return images[0], kls[0]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
