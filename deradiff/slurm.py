@@ -21,7 +21,6 @@ exits 0 when that sweep point (or run) is already finished, 1 when it still has 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -122,15 +121,9 @@ def check_accelerate_config(path: str | None, nodes: int, procs_per_node: int) -
 
 def run_finished(recipe) -> bool:
     """True when the run directory holds the final LoRA and a summary at trainer.max_steps."""
-    run_dir = Path(recipe.trainer.output_dir)
-    summary = run_dir / SUMMARY_FILE
-    if not (summary.is_file() and (run_dir / LORA_FILE).is_file()):
-        return False
-    try:
-        step = int(json.loads(summary.read_text()).get("step", -1))
-    except (ValueError, OSError):
-        return False
-    return step >= recipe.trainer.max_steps
+    from deradiff.trainer import is_finished
+
+    return is_finished(Path(recipe.trainer.output_dir), recipe.trainer.max_steps)
 
 
 def load_checked(recipe_path: str, overrides: list[str]):

@@ -48,9 +48,16 @@ class Method:
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished when its final LoRA and summary exist (both written at the very end)."""
-    return (run_dir / "lora" / LORA_WEIGHT_NAME).exists() and (run_dir / "summary.json").exists()
+def is_finished(run_dir: Path, max_steps: int) -> bool:
+    """A run is finished when its final LoRA and summary exist (both written at the very end) and
+    it reached `max_steps` (raising trainer.max_steps continues a finished run)."""
+    summary = run_dir / "summary.json"
+    if not ((run_dir / "lora" / LORA_WEIGHT_NAME).exists() and summary.exists()):
+        return False
+    try:
+        return int(json.loads(summary.read_text()).get("step", -1)) >= max_steps
+    except (ValueError, OSError):  # a summary being written or damaged: not finished
+        return False
 
 
 def make_accelerator(recipe, run_dir: Path):

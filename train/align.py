@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
 
         for run in runs:
             run_dir = Path(run.trainer.output_dir)
-            if is_finished(run_dir):
+            if is_finished(run_dir, run.trainer.max_steps):
                 print(f"{run_dir}: finished already (lora/ and summary.json present), skipped")
                 continue
             fit(run, METHODS[run.method.name], run_dir)
