@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from deradiff.errors import UserError
-from deradiff.realign import MODES, LambdaSchedule, parse_lambda, path_kl, realigned
+from deradiff.realign import MODES, LambdaSchedule, denoiser_attribute, parse_lambda, path_kl, realigned
 
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
@@ -61,7 +61,7 @@ LOWER_IS_BETTER = ("path_kl", "fidelity/kid")
 
 @dataclass
 class EvalConfig:
-    """What an evaluation folder holds samples of. Fields in `IDENTITY` must match on resume."""
+    """What an evaluation folder holds samples of; `identity()` must match on resume."""
 
     lora: str
     pipeline: str = "toy"
@@ -86,7 +86,13 @@ class EvalConfig:
         LoRA (and classifier) identified by content hash."""
         out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "lora", "classifier", "beta0")}
         out["lora_sha256"] = file_sha256(resolve_lora(self.lora))
+        out["fidelity"] = self.uses_fidelity  # "auto" and "toy" that resolve alike make the same samples
         out["classifier_sha256"] = _classifier_hash(self.classifier) if self.uses_fidelity else None
+        if self.pipeline == "toy":  # re-pretrained toy weights make other samples
+            from deradiff.toy.store import ASSET_DIR, MANIFEST_NAME
+
+            manifest = ASSET_DIR / MANIFEST_NAME
+            out["toy_manifest_sha256"] = file_sha256(manifest) if manifest.exists() else None
         return out
 
     @property
@@ -290,9 +296,21 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, rows: Iterable[dict]) -> None:
-    from deradiff.sample import write_jsonl
+    """Write a JSONL table atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
-    write_jsonl(path, list(rows))
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a crash mid-append) so that appended rows start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def merge_shards(out: Path) -> list[dict]:
@@ -425,7 +443,9 @@ class Evaluator:
             if self.beta0 is None:
                 raise UserError(f"the aligned LoRA {cfg.lora} has no beta (lora_info.json / recipe.yaml): pass --beta0")
         check_resume_config(self.out, cfg)
-        self.rows = {row_key(r): r for r in read_rows(self.results)}
+        # A shard also reuses rows already merged into results.jsonl; it writes only its own file.
+        merged = read_rows(self.out / RESULTS) if self.results.name != RESULTS else []
+        self.rows = {row_key(r): r for r in [*merged, *read_rows(self.results)]}
         self._verified: set[tuple] = set()
         self.resampled = 0  # stored images found missing or corrupt, sampled again
         self.sampled = 0
@@ -499,11 +519,12 @@ class Evaluator:
             yield parse_lambda(lam)
         elif arm == LORA_SCALE:
             pipe.set_adapters([ALIGNED_ADAPTER])
-            set_lora_scale(pipe.unet, float(lam))
+            denoiser = getattr(pipe, denoiser_attribute(pipe))
+            set_lora_scale(denoiser, float(lam))
             try:
                 yield parse_lambda(1.0)
             finally:
-                set_lora_scale(pipe.unet, 1.0)
+                set_lora_scale(denoiser, 1.0)
         else:
             name = f"baseline{list(self.baselines).index(arm)}"
             load_lora(pipe, self.baselines[arm].file, adapter_name=name)
@@ -518,6 +539,7 @@ class Evaluator:
         self._load()
         cfg = self.cfg
         self.results.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.results)
         bar = tqdm(total=len(todo), desc="evaluate", unit="img", dynamic_ncols=True)
         groups: dict[tuple[str, str], list] = {}
         for job in todo:
@@ -799,10 +821,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: Sequence[dict], metrics: Sequence[str] | None = None) -> str:
-    """A plain-text table: one line per (arm, lam), value [lo, hi] per metric."""
+    """A plain-text table: one line per (arm, lam), value [lo, hi] per metric (default: the
+    rewards, path_kl, fidelity/adherence and fidelity/kid; summary.json has them all)."""
     if not summary:
         return "(no rows)"
-    metrics = metrics or sorted({k for r in summary for k in r if f"{k}_lo" in r})
+    present = sorted({k for r in summary for k in r if f"{k}_lo" in r})
+    metrics = metrics or [m for m in present if m.startswith("reward/") or m in (
+        "path_kl", "fidelity/adherence", "fidelity/kid")] or present
     head = f"{'arm':24s} {'lam':>12s}  " + "  ".join(f"{m:>28s}" for m in metrics)
     lines = [head]
     for r in summary:

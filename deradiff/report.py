@@ -26,6 +26,7 @@ from deradiff.errors import UserError
 from deradiff.evaluate import (
     CONFIG,
     LORA_SCALE,
+    LOWER_IS_BETTER,
     REALIGNED,
     RESULTS,
     format_summary,
@@ -128,7 +129,7 @@ def plot_frontier(summary: Sequence[dict], reward: str, x_metric: str, path: Pat
                     fontsize=7, color="C3")
     if retrained:
         ax.plot([], [], "D", color="C3", label="retrained (label: lambda)")
-    ax.set_xlabel(x_metric + ("  (lower = closer to the prior)" if x_metric in ("path_kl", "fidelity/kid") else ""))
+    ax.set_xlabel(x_metric + ("  (lower = closer to the prior)" if x_metric in LOWER_IS_BETTER else ""))
     ax.set_ylabel(reward)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -32,6 +32,7 @@ import numpy as np
 from deradiff.errors import UserError
 from deradiff.evaluate import (
     REALIGNED,
+    SET_METRICS,
     Evaluator,
     add_eval_arguments,
     config_from_args,
@@ -180,7 +181,7 @@ def bootstrap_choice(points: Sequence[Evaluated], objective: Objective, n_boot: 
 def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: int, n_boot: int = 1000,
            alpha: float = 0.05, digits: int = 4) -> dict:
     """Sample the grid, refine by golden section, bootstrap the choice; returns the search record."""
-    judge = ev.judge() if any(m.startswith("fidelity/") for m in objective.metrics) else None
+    judge = ev.judge() if any(m in SET_METRICS for m in objective.metrics) else None  # KID needs images
     points: dict[str, Evaluated] = {}
     rows_used: dict[tuple, dict] = {}
 

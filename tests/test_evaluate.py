@@ -147,9 +147,12 @@ def test_evaluate_arms_resume_corruption_and_config_guard(world, tmp_path, capsy
     broken = out / rows[("realigned", "1", 1, 0)]["image"]
     broken.write_bytes(broken.read_bytes()[:60])
     (out / rows[("lora-scale", "0", 0, 1)]["image"]).unlink()
+    with open(out / RESULTS, "a") as f:  # a crash mid-append leaves a torn last line
+        f.write('{"arm": "realigned", "la')
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "re-sampled 2 stored images" in text and "(2 sampled now" in text
+    assert len(read_rows(out / RESULTS)) == len(rows)  # the torn line was cut, new rows start clean
     again = rows_by_key(out)
     assert again[("realigned", "1", 1, 0)]["reward/toy"] == pytest.approx(rows[("realigned", "1", 1, 0)]["reward/toy"], abs=1e-6)
 
