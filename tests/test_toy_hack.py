@@ -5,33 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
-from deradiff.errors import UserError
 
-
-@pytest.fixture(scope="module")
-def classifier_args(tmp_path_factory) -> list[str]:
-    """No flag when the package ships its classifier; else a quickly trained one, saved."""
-    from deradiff.toy.classifier import load_classifier, save_classifier, train_classifier
-
-    try:
-        load_classifier()
-        return []
-    except UserError:
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp("classifier")
-        save_classifier(train_classifier(steps=150, progress=False), path)
-        return ["--classifier", str(path)]
-
-
-def test_hack_command_shows_the_trade_off(tmp_path, classifier_args):
+def test_hack_command_shows_the_trade_off(tmp_path):
     from deradiff.cli import main
 
     out = tmp_path / "hack"
     args = ["toy", "hack", "--prompts", "test", "--per-prompt", "2", "--leash", "10", "0",
-            "--steps", "100", "--examples", "4", "--out", str(out), *classifier_args]
+            "--steps", "100", "--examples", "4", "--out", str(out)]
     assert main(args) == 0
     result = json.loads((out / "hack.json").read_text())
     strong, none = result["records"]
@@ -59,7 +41,7 @@ def test_bad_input(tmp_path, capsys, flag, value, match):
     assert match in capsys.readouterr().err
 
 
-def test_hack_from_pipeline_samples(tmp_path, classifier_args):
+def test_hack_from_pipeline_samples(tmp_path):
     """--source pipeline: starting images come from a toy pipeline folder (random weights here)."""
     from deradiff.cli import main
     from deradiff.toy.pipeline import build_toy_pipeline
@@ -70,7 +52,7 @@ def test_hack_from_pipeline_samples(tmp_path, classifier_args):
     write_manifest(root)
     out = tmp_path / "hack"
     args = ["toy", "hack", "--source", "pipeline", "--pipeline", str(root), "--prompts", "test",
-            "--per-prompt", "2", "--leash", "1", "0", "--steps", "20", "--out", str(out), *classifier_args]
+            "--per-prompt", "2", "--leash", "1", "0", "--steps", "20", "--out", str(out)]
     assert main(args) == 0
     records = json.loads((out / "hack.json").read_text())["records"]
     assert records[1]["reward"][0] > records[0]["reward"][0]

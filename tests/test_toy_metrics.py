@@ -16,17 +16,21 @@ from deradiff.toy.metrics import FidelityJudge, fidelity_metrics, kernel_distanc
 NAMES = ("color_acc", "shape_acc", "background_acc", "adherence", "diversity", "diversity_rel", "kid")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread is fastest, and many times faster on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def judge():
-    """A judge with the shipped classifier; a quickly trained one if the package has no weights yet."""
-    from deradiff.toy.classifier import load_classifier, train_classifier
+    """A judge with the shipped classifier."""
+    from deradiff.toy.classifier import load_classifier
 
-    try:
-        classifier = load_classifier()
-    except UserError:
-        torch.manual_seed(0)
-        classifier = train_classifier(steps=150, progress=False)
-    return FidelityJudge(classifier, n_reference=32)
+    return FidelityJudge(load_classifier(), n_reference=32)
 
 
 @pytest.fixture(scope="module")
