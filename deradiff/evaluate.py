@@ -102,6 +102,14 @@ class EvalConfig:
         return self.fidelity == "toy"
 
 
+def expected_metrics(cfg: EvalConfig) -> list[str]:
+    """The metric names an evaluation with `cfg` can produce (path_kl only with a stochastic sampler)."""
+    names = [f"reward/{parse_reward_spec(spec)[0]}" for spec in cfg.rewards] + ["path_kl"]
+    if cfg.uses_fidelity:
+        names += list(ADHERENCE_COLUMNS.values()) + (list(SET_METRICS) if len(cfg.seeds) >= 2 else [])
+    return names
+
+
 def _is_toy_caption(prompt: str) -> bool:
     from deradiff.toy.domain import parse_caption
 
@@ -709,7 +717,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="toy classifier folder for the fidelity metrics (default: the shipped one)")
     p.add_argument("--beta0", default=unset, type=float,
                    help="beta the aligned LoRA was trained at (default: from its lora_info.json / recipe.yaml)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample and score")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over prompts for intervals")
     p.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha")

@@ -36,6 +36,7 @@ from deradiff.evaluate import (
     Evaluator,
     add_eval_arguments,
     config_from_args,
+    expected_metrics,
     lam_name,
     log_command,
     parse_grid,
@@ -252,6 +253,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--refine must be >= 0, got {args.refine}")
     objective = parse_objective(args.maximize, args.budget, args.weights)
     cfg = config_from_args(args)
+    unknown = [m for m in objective.metrics if m not in expected_metrics(cfg)]
+    if unknown:
+        raise UserError(f"objective metrics {unknown} are not measured by this evaluation; available: "
+                        f"{expected_metrics(cfg)} (rewards come from --reward)")
     out = Path(args.out)
     start = time.perf_counter()
     ev = Evaluator(cfg, out)

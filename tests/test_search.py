@@ -105,3 +105,18 @@ def test_search_cli_rejects_schedules_in_the_grid(tmp_path, capsys):
 
     assert main(["search", "--out", str(tmp_path), "--grid", "0", "linear:0,2", "--maximize", "reward/toy"]) == 2
     assert "constant lambdas only" in capsys.readouterr().err
+
+
+def test_search_cli_checks_the_objective_before_sampling(tmp_path, capsys):
+    from deradiff.cli import main
+    from deradiff.models import add_lora, save_lora
+    from deradiff.toy.pipeline import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed=0)
+    add_lora(pipe.unet, rank=2)
+    save_lora(pipe, tmp_path / "lora", metadata={"beta": 1.0})
+    argv = ["search", "--out", str(tmp_path / "eval"), "--lora", str(tmp_path / "lora"), "--fidelity", "none",
+            "--maximize", "reward/pickscore"]
+    assert main(argv) == 2
+    assert "['reward/pickscore'] are not measured" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "results.jsonl").exists()
