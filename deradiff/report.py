@@ -23,16 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deradiff.errors import UserError
-from deradiff.evaluate import (
-    CONFIG,
-    LORA_SCALE,
+from deradiff.evaluate import CONFIG, LORA_SCALE, REALIGNED, load_judge, load_saved_config
+from deradiff.results import (
     LOWER_IS_BETTER,
-    REALIGNED,
     RESULTS,
     format_summary,
     lam_value,
-    load_judge,
-    load_saved_config,
     per_prompt_table,
     read_rows,
     summarize,

@@ -32,17 +32,14 @@ import numpy as np
 from deradiff.errors import UserError
 from deradiff.evaluate import (
     REALIGNED,
-    SET_METRICS,
     Evaluator,
     add_eval_arguments,
     config_from_args,
     expected_metrics,
-    lam_name,
     log_command,
     parse_grid,
-    per_prompt_table,
-    write_json,
 )
+from deradiff.results import SET_METRICS, lam_name, per_prompt_table, write_json
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 _BUDGET = re.compile(r"^\s*([\w/.-]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")

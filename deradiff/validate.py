@@ -24,20 +24,17 @@ import json
 import time
 from pathlib import Path
 
+from deradiff.baselines import lora_run
 from deradiff.errors import UserError
 from deradiff.evaluate import (
     LORA_SCALE,
     REALIGNED,
     Evaluator,
-    Table,
     add_eval_arguments,
     config_from_args,
-    lam_name,
     log_command,
-    lora_run,
-    per_prompt_table,
-    write_json,
 )
+from deradiff.results import Table, lam_name, per_prompt_table, write_json
 from deradiff.stats import bootstrap_ci
 
 

@@ -12,14 +12,8 @@ from PIL import Image
 
 from deradiff.cli import main
 from deradiff.errors import UserError
-from deradiff.evaluate import (
-    RESULTS,
-    parse_grid,
-    parse_reward_spec,
-    parse_shard,
-    read_rows,
-    shard_prompt_ids,
-)
+from deradiff.evaluate import parse_grid, parse_reward_spec
+from deradiff.results import RESULTS, parse_shard, read_rows, shard_prompt_ids
 
 PROMPTS = ["a red circle on a dark background", "a blue square on a light background"]
 

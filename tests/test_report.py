@@ -12,8 +12,9 @@ from PIL import Image
 
 from deradiff.cli import main
 from deradiff.errors import UserError
-from deradiff.evaluate import RESULTS, EvalConfig, write_json
+from deradiff.evaluate import EvalConfig
 from deradiff.report import build_report, markdown_table
+from deradiff.results import RESULTS, write_json
 
 PROMPTS = ["a red circle on a dark background", "a blue square on a light background", "a green cross on a dark background"]
 ARMS = {"realigned": ["0", "0.5", "1", "2", "linear:0,2"], "lora-scale": ["0.5", "2"], "retrained:lambda-2": ["2"]}

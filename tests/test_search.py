@@ -8,7 +8,7 @@ import math
 import pytest
 
 from deradiff.errors import UserError
-from deradiff.evaluate import lam_name
+from deradiff.results import lam_name
 from deradiff.search import Evaluated, Objective, bootstrap_choice, golden_section, parse_objective, search
 
 PROMPTS = [f"prompt {i}" for i in range(8)]

@@ -9,16 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from deradiff.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.errors import UserError
-from deradiff.evaluate import (
-    LORA_SCALE,
-    REALIGNED,
-    RETRAINED,
-    baseline_lambda,
-    check_baselines,
-    lam_name,
-    lora_run,
-)
+from deradiff.evaluate import LORA_SCALE, REALIGNED, RETRAINED
+from deradiff.results import lam_name
 from deradiff.validate import compute_ratio, paired, validate
 
 
