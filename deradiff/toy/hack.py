@@ -16,6 +16,13 @@ metrics (deradiff.toy.metrics) with 95% intervals over prompts, and writes:
     OUT/hack.json   config and one record per leash: reward, rmsd to x0, fidelity/* as [value, lo, hi]
     OUT/hack.png    reward, adherence and KID against leash strength (strong -> none)
     OUT/grid.png    example images, one row per leash strength
+
+Measured on a busy 2-core CPU (one thread): 47 s with the defaults (96 real images, 8 leash
+strengths); 84 s with --source pipeline (sampling included). Both show reward rising and
+adherence falling as the leash weakens (table in deradiff/toy/reward.py). From pipeline samples,
+whose gray backgrounds carry faint color noise, the unleashed run stalls in a mosaic of pure
+colors (reward 0.90, below the 0.93 reached at leash 0.5): a local optimum, with adherence
+(0.18) and KID (2.3) as ruined as at leash 0.5 (0.23, 2.4).
 """
 
 from __future__ import annotations

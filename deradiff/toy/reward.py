@@ -16,10 +16,17 @@ shape's color purer and spreads it outwards. Squaring gives gray pixels zero slo
 an L2 leash a gray background stays gray until the leash is weak enough; then the color floods
 it (a sharp transition, the over-optimization cliff). The prompt is ignored: that is the flaw.
 
-Measured with `deradiff toy hack` (gradient ascent on the pixels of real images with an L2
-leash of decreasing strength): a strong or moderate leash turns colors pure while shape and
-background survive; without a leash the maximum is reached by painting the whole image in one
-pure color, so shape and background are gone (adherence falls, distance to the data rises).
+Measured with `deradiff toy hack` (200 Adam steps of gradient ascent on the pixels of 96 real
+images, 2 per caption, with an L2 leash of decreasing strength; adherence = shape, color and
+background all right, KID to real data):
+
+    leash        30     4    1.5     1    0.5   none
+    reward    0.077 0.113  0.160 0.462  0.966  0.999
+    adherence  1.00  1.00   1.00  0.66   0.18   0.06
+    KID       -0.01  0.00   0.07  1.07   3.21   4.92
+
+A strong or moderate leash turns colors pure while shape and background survive; without a
+leash the maximum is reached by painting the whole image in one pure color.
 
 Typical values: real procedural images score 0.01-0.20 (5-95%: 0.02-0.14, mean 0.07); a
 uniform pure color scores 1.
