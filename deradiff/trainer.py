@@ -231,7 +231,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         if accelerator.is_main_process and (state.step % t.log_every == 0 or state.step == t.max_steps):
             accelerator.log(last, step=state.step)
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last.items() if k in _BAR_KEYS})
+        bar.set_postfix({short: f"{last[k]:.4g}" for k, short in _BAR_KEYS.items() if k in last})
         bar.update()
         if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
             save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
@@ -259,7 +259,9 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     return last
 
 
-_BAR_KEYS = {"dpo/loss", "dpo/implicit_acc", "eval/dpo/implicit_acc", "kl/reward", "kl/path_kl", "kl/loss"}
+# metric -> its short name in the progress bar
+_BAR_KEYS = {"dpo/loss": "loss", "dpo/implicit_acc": "acc", "eval/dpo/implicit_acc": "eval_acc",
+             "kl/loss": "loss", "kl/reward": "reward", "kl/path_kl": "kl", "eval/kl/reward": "eval_reward"}
 
 
 @torch.no_grad()

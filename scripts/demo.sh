@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
-# The main job on the embedded toy world (CPU, offline). Called by `make demo`.
+# The main job on the embedded toy world (CPU, offline), called by `make demo`:
+# preference data -> one aligned LoRA (Diffusion-DPO) -> realigned lambda grid -> lambda search
+# -> report with plots and an image grid. Re-running resumes every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-PY="${VENV:-.venv}/bin"
+BIN="${VENV:-.venv}/bin"
 OUT="${OUT:-runs/demo}"
+LAMS="0 0.5 1 2 4"
+EVAL_ARGS=(--prompts toy:test --seeds 0 1 2 3 --scheduler ddim --eta 1.0 --reward toy)
 mkdir -p "$OUT"
-echo "== 1/1 exact realignment on analytic diffusions (deradiff lab)"
-"$PY/deradiff" lab --out "$OUT/lab.json"
-echo "demo outputs in $OUT/"
+step() { echo; echo "== $*"; }
+
+step "1/6 exact realignment on analytic diffusions (deradiff lab)"
+"$BIN/deradiff" lab --out "$OUT/lab.json"
+
+step "2/6 synthetic Pick-a-Pic preference pairs from the shipped toy pipeline"
+[ -f runs/toy-prefs/train.parquet ] || "$BIN/deradiff" toy make-prefs --out runs/toy-prefs
+
+step "3/6 train ONE aligned LoRA with Diffusion-DPO (beta0 = 2000, official convention)"
+"$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    train/align.py recipe=recipes/toy-dpo.yaml trainer.output_dir="$OUT/toy-dpo"
+
+step "4/6 realign it over lambda = $LAMS on held-out prompts (no retraining)"
+"$BIN/deradiff" evaluate --lora "$OUT/toy-dpo" --out "$OUT/eval" --lam $LAMS --baseline lora-scale "${EVAL_ARGS[@]}"
+
+step "5/6 pick lambda by sampling only: max toy reward with prompt adherence kept"
+"$BIN/deradiff" search --out "$OUT/eval" --maximize reward/toy --refine 2 \
+    --budget 'fidelity/color_acc>=0.9' 'fidelity/shape_acc>=0.8'
+
+step "6/6 report: tables, plots, image grid"
+"$BIN/deradiff" report --eval "$OUT/eval" --out "$OUT/report"
+echo
+echo "done: open $OUT/report/report.md (LoRA: $OUT/toy-dpo/lora, samples: $OUT/toy-dpo/samples/)"
