@@ -351,14 +351,12 @@ def training_prompts(recipe) -> list[str]:
     """The prompts of data.prompts (deradiff.data.load_prompts); with data.prompts unset or
     "toy" on the toy model, the toy training split."""
     spec = recipe.data.prompts
-    if spec in (None, "toy"):
-        if recipe.model.name_or_path != "toy":
-            raise UserError(f"method {recipe.method.name} samples from prompts: set data.prompts "
-                            "(a text file, 'toy:train' or 'hf:<dataset id>')")
-        spec = "toy:train"
+    if spec is None and recipe.model.name_or_path != "toy":
+        raise UserError(f"method {recipe.method.name} samples from prompts: set data.prompts "
+                        "(a text file, 'toy:train' or 'hf:<dataset id>')")
     from deradiff.data import load_prompts
 
-    return load_prompts(spec)
+    return load_prompts(spec or "toy:train")  # load_prompts reads "toy" as the toy training split
 
 
 def _rollout_parts(recipe, pipe, accelerator):
