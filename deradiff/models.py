@@ -220,7 +220,8 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device:
     if name_or_path == "toy":
         from deradiff.toy.pipeline import load_toy_pipeline
 
-        return load_toy_pipeline().to(device=device, dtype=dtype)
+        pipe = load_toy_pipeline().to(device)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     try:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 BIN="${VENV:-.venv}/bin"
 OUT="${OUT:-runs/demo}"
-LAMS="0 0.5 1 2 4"
+LAMS="0 0.5 1 2 4 8"
 # DDIM with eta = 1 is stochastic, so every image also gets its emulated path KL.
 EVAL_ARGS=(--prompts toy:test --seeds 0 1 --steps 10 --scheduler ddim --eta 1.0 --reward toy)
 mkdir -p "$OUT"
@@ -29,7 +29,7 @@ step "4/6 realign it over lambda = $LAMS on held-out prompts (no retraining)"
 "$BIN/deradiff" evaluate --lora "$OUT/toy-dpo" --out "$OUT/eval" --lam $LAMS --baseline lora-scale "${EVAL_ARGS[@]}"
 
 step "5/6 pick lambda by sampling only: max toy reward with prompt adherence kept"
-"$BIN/deradiff" search --out "$OUT/eval" --maximize reward/toy --refine 2 \
+"$BIN/deradiff" search --out "$OUT/eval" --grid $LAMS --maximize reward/toy --refine 2 \
     --budget 'fidelity/color_acc>=0.9' 'fidelity/shape_acc>=0.8'
 
 step "6/6 report: tables, plots, image grid"
