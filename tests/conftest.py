@@ -110,6 +110,17 @@ def build_tiny_sdxl(tmp_dir):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny convolutions run fastest on one thread, and many times
+    faster than on two when the machine's cores are shared. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def add_random_lora(unet, rank: int = 4, strength: float = 0.3, seed: int = 1) -> None:
     """Inject a LoRA and give it random nonzero B so the adapted model differs from the base."""
     from deradiff.models import add_lora

@@ -18,13 +18,7 @@ from deradiff.results import RESULTS, parse_shard, read_rows, shard_prompt_ids
 PROMPTS = ["a red circle on a dark background", "a blue square on a light background"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and immune to oversubscription on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
 
 
 def make_lora(root, name, beta, seed, strength=0.3, rank=4, base="toy", wall_s=100.0):

@@ -16,13 +16,7 @@ from deradiff.toy.metrics import FidelityJudge, fidelity_metrics, kernel_distanc
 NAMES = ("color_acc", "shape_acc", "background_acc", "adherence", "diversity", "diversity_rel", "kid")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and many times faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deradiff.errors import UserError
@@ -26,13 +25,7 @@ from deradiff.toy.prompts import train_prompts
 PAIRS, TEST_PAIRS, BROKEN = 2, 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sampling tiny convs: one thread is fastest, and many times faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
 
 
 @pytest.fixture(scope="module")

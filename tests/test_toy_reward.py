@@ -22,13 +22,7 @@ def _real(n: int, seed: int = 0, captions=None) -> tuple[torch.Tensor, list[str]
     return torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and many times faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
 
 
 @pytest.fixture(scope="module")
