@@ -53,7 +53,26 @@ def dpo_step(
     seed: int,
     epoch: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Diffusion-DPO loss for B pairs.
+    """Diffusion-DPO loss for B pairs: `diffusion_dpo_loss` on the errors of `dpo_errors`
+    (same arguments). Returns the scalar loss and `dpo/*` metrics."""
+    errors = dpo_errors(unet, reference_unet, vae, noise_scheduler, pixel_values_w, pixel_values_l, cond,
+                        pair_ids, seed, epoch)
+    return diffusion_dpo_loss(*errors, beta=beta, convention=convention)
+
+
+def dpo_errors(
+    unet,
+    reference_unet,
+    vae,
+    noise_scheduler,
+    pixel_values_w: torch.Tensor,
+    pixel_values_l: torch.Tensor,
+    cond: Conditioning,
+    pair_ids: list[int],
+    seed: int,
+    epoch: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair denoising errors of the model and the reference on B preference pairs.
 
     Args:
         unet: the trainable (possibly accelerate-wrapped) UNet with its LoRA enabled.
@@ -62,7 +81,7 @@ def dpo_step(
         cond: text conditioning for the B prompts.
         pair_ids, seed, epoch: key the noise, timestep and VAE draw of each pair, so results do
             not depend on how pairs are split across processes or on resuming.
-    Returns the scalar loss and `dpo/*` metrics (see losses.diffusion_dpo_loss).
+    Returns (model_err_w, model_err_l, ref_err_w, ref_err_l), each (B,) (per-sample MSE).
     """
     # Image keys: 2 * id for the preferred image of pair `id`, 2 * id + 1 for the rejected one.
     image_keys = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
@@ -82,4 +101,4 @@ def dpo_step(
     ref_err = per_sample_mse(ref_pred.float(), target.float())
     m_w, m_l = model_err.chunk(2)
     r_w, r_l = ref_err.chunk(2)
-    return diffusion_dpo_loss(m_w, m_l, r_w, r_l, beta=beta, convention=convention)
+    return m_w, m_l, r_w, r_l

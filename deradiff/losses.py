@@ -42,6 +42,18 @@ def dpo_scale(beta: float, convention: DPOConvention) -> float:
     raise ValueError(f"unknown DPO beta convention {convention!r}; use 'official' or 'diffusers'")
 
 
+def dpo_logits(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
+               ref_err_l: torch.Tensor) -> torch.Tensor:
+    """(B,) implicit reward margins before the beta scale: (r_w - r_l) - (m_w - m_l); > 0 where
+    the model prefers x_w more than the reference does. The reference errors carry no gradient."""
+    return (ref_err_w - ref_err_l).detach() - (model_err_w - model_err_l)
+
+
+def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 where a margin of `dpo_logits` is positive, 0 where negative, 1/2 on exact ties."""
+    return (logits > 0).float() + 0.5 * (logits == 0).float()
+
+
 def diffusion_dpo_loss(
     model_err_w: torch.Tensor,
     model_err_l: torch.Tensor,
@@ -81,10 +93,10 @@ def diffusion_dpo_loss(
     scale = dpo_scale(beta, convention)
     model_margin = model_err_w - model_err_l
     ref_margin = (ref_err_w - ref_err_l).detach()
-    logits = ref_margin - model_margin  # > 0: the model prefers x_w more than the reference does
+    logits = dpo_logits(model_err_w, model_err_l, ref_err_w, ref_err_l)
     loss = -F.logsigmoid(scale * logits).mean()
     with torch.no_grad():
-        acc = (logits > 0).float() + 0.5 * (logits == 0).float()
+        acc = implicit_accuracy(logits)
         metrics = {
             "dpo/loss": float(loss),
             "dpo/implicit_acc": float(acc.mean()),

@@ -17,7 +17,8 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     """Diffusion-DPO on Pick-a-Pic-format preference pairs; reference = LoRA disabled."""
     from deradiff.conditioning import encode_prompts
     from deradiff.data import collate_pairs, load_preference_dataset
-    from deradiff.dpo import dpo_step
+    from deradiff.dpo import dpo_errors
+    from deradiff.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
 
     dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed)
     accelerator.print(f"preference pairs: {stats}")
@@ -27,14 +28,17 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     def collate(rows: list[dict], ids: list[int]) -> dict:
         return {**collate_pairs(rows), "ids": ids}
 
-    def step(unet, batch: dict, step_index: int, epoch: int):
+    def errors(unet, batch: dict, epoch: int):
         reference = accelerator.unwrap_model(unet)
         cond = encode_prompts(pipe, batch["captions"], device, recipe.data.resolution,
                               batch.get("original_sizes"), batch.get("crops_top_left"))
         with accelerator.autocast():
-            return dpo_step(unet, reference, pipe.vae, pipe.scheduler, batch["pixel_values_w"].to(device),
-                            batch["pixel_values_l"].to(device), cond, beta=m.beta, convention=m.beta_convention,
-                            pair_ids=batch["ids"], seed=recipe.trainer.seed, epoch=epoch)
+            return dpo_errors(unet, reference, pipe.vae, pipe.scheduler, batch["pixel_values_w"].to(device),
+                              batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
+                              seed=recipe.trainer.seed, epoch=epoch)
+
+    def step(unet, batch: dict, step_index: int, epoch: int):
+        return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
 
     eval_set = None
     if recipe.data.eval_path or recipe.data.eval_split:
@@ -43,15 +47,24 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
 
     @torch.no_grad()
     def evaluate(unet) -> dict[str, float]:
-        """Held-out DPO metrics with fixed noise (epoch key -1), this rank's share, averaged over ranks."""
+        """Held-out DPO metrics, this rank's share, averaged over ranks: each pair at
+        method.eval_draws fixed (timestep, noise) draws (epoch keys -1, -2, ...); eval/dpo/* are
+        means over pairs and draws, eval/dpo/ranking_acc the implicit accuracy of the
+        draw-averaged margin (the model's implicit reward, E_t,noise, estimated per pair)."""
         rows = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
         size = recipe.trainer.per_device_batch_size
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"dpo/ranking_acc": 0.0}
         for start in range(0, len(rows), size):
             ids = rows[start:start + size]
-            _, metrics = step(unet, collate([eval_set[i] for i in ids], ids), -1, -1)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * len(ids)
+            batch = collate([eval_set[i] for i in ids], ids)
+            margin = torch.zeros(len(ids), dtype=torch.float64, device=device)
+            for draw in range(m.eval_draws):
+                errs = errors(unet, batch, -1 - draw)
+                margin += dpo_logits(*errs).double()
+                _, metrics = diffusion_dpo_loss(*errs, beta=m.beta, convention=m.beta_convention)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(ids) / m.eval_draws
+            sums["dpo/ranking_acc"] += float(implicit_accuracy(margin).sum())
         keys = sorted(sums)
         totals = torch.tensor([sums[k] for k in keys] + [len(rows)], dtype=torch.float64, device=device)
         totals = accelerator.reduce(totals, reduction="sum")

@@ -145,6 +145,10 @@ class MethodSection:
         beta_convention: dpo only. "official": loss = -log sigmoid(-(beta/2) * margin diff)
             (Salesforce DiffusionDPO, diffusers' SDXL script); "diffusers": without the 1/2
             (diffusers' SD1.5 script, beta 2500). official beta 5000 == diffusers beta 2500.
+        eval_draws: dpo: keyed (timestep, noise) draws per held-out pair at each evaluation.
+            eval/dpo/* average over them; eval/dpo/ranking_acc is the implicit accuracy of each
+            pair's draw-averaged margin (a single draw's sign, eval/dpo/implicit_acc, is a much
+            noisier estimate of whether the model ranks the pair right).
         reward: kl_*: reward name in the registry, called as reward(images, prompts) -> (B,).
         num_steps: kl_*: sampling steps of the training rollouts.
         eta: kl_*: DDIM eta of the rollouts, > 0 (the per-step KL needs a stochastic sampler).
@@ -165,6 +169,7 @@ class MethodSection:
     name: MethodName = "dpo"
     beta: float | None = None
     beta_convention: Literal["official", "diffusers"] = "official"
+    eval_draws: int = 4
     reward: str = "toy"
     num_steps: int = 20
     eta: float = 1.0
@@ -597,6 +602,7 @@ def validation_errors(recipe: Recipe) -> list[str]:
         need(finite(me.eta) and 0 < me.eta <= 1,
              f"method.eta must be in (0, 1], got {me.eta}: the per-step KL needs a stochastic sampler (1.0 = DDPM)")
         need(finite(me.guidance_scale) and me.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance), got {me.guidance_scale}")
+    need(me.eval_draws >= 1, f"method.eval_draws must be >= 1, got {me.eval_draws}")
     if me.name == "kl_grad":
         need(1 <= me.truncation_steps <= me.num_steps,
              f"method.truncation_steps must be in [1, method.num_steps={me.num_steps}], got {me.truncation_steps}")

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from deradiff.losses import (
     diffusion_dpo_loss,
+    dpo_logits,
     dpo_scale,
     gaussian_kl,
     gaussian_log_prob,
+    implicit_accuracy,
     kl_regularized_reward_loss,
     normalize_advantages_per_prompt,
     per_sample_mse,
@@ -83,6 +85,19 @@ def test_implicit_accuracy_margins_and_kl_proxy_on_constructed_pairs():
     loss0, m0 = diffusion_dpo_loss(rw, rl, rw, rl, beta=5000)
     assert loss0.item() == pytest.approx(math.log(2)) and m0["dpo/implicit_acc"] == 0.5
     assert m0["dpo/kl_proxy"] == 0.0
+
+
+def test_ranking_by_draw_averaged_margin_differs_from_per_draw_accuracy():
+    # One pair, four (timestep, noise) draws: one large correct margin, three small wrong ones.
+    # Per draw the model is right 1 time in 4; its implicit reward (the mean margin) ranks it right.
+    rw, rl = torch.zeros(4), torch.zeros(4)
+    mw, ml = torch.tensor([-1.0, 0.1, 0.1, 0.1]), torch.zeros(4)
+    logits = dpo_logits(mw, ml, rw, rl)
+    assert logits.tolist() == pytest.approx([1.0, -0.1, -0.1, -0.1])
+    assert float(implicit_accuracy(logits).mean()) == 0.25
+    assert float(implicit_accuracy(logits.mean().reshape(1))) == 1.0
+    _, m = diffusion_dpo_loss(mw, ml, rw, rl, beta=1.0)
+    assert m["dpo/implicit_acc"] == 0.25
 
 
 def _diffusers_sd15_dpo(model_pred, ref_pred, target, beta_dpo):

@@ -71,6 +71,7 @@ def test_outputs_of_a_dpo_run(reference_run, toy_world):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
     summary = json.loads((out / "summary.json").read_text())
     assert "eval/dpo/implicit_acc" in summary and 0 <= summary["eval/dpo/implicit_acc"] <= 1
+    assert 0 <= summary["eval/dpo/ranking_acc"] <= 1
     assert "global batch 4 = 4 per device x 1 processes x 1 accumulation" in proc.stdout + proc.stderr
     assert (out / "samples" / "step-000006.png").exists()
     from diffusers import StableDiffusionPipeline
