@@ -34,6 +34,7 @@ from deradiff.results import (
     summarize,
     write_json,
 )
+from deradiff.validate import format_search_check
 
 MAX_GRID_PROMPTS = 6
 
@@ -244,6 +245,8 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
         if comp.get("ratio"):
             parts += [f"Compute: the sweep trained for {comp['sweep_train_s']:.1f} s; the search sampled for "
                       f"{comp['search_sample_s']:.1f} s ({comp['search_source']}): **{comp['ratio']:.1f}x** less.", ""]
+        if validation.get("search_check"):
+            parts += [format_search_check(validation["search_check"]).replace("search: c", "Search check: c", 1) + ".", ""]
         if comp.get("baselines_without_time"):
             parts += [f"Baselines without a training time: {comp['baselines_without_time']}.", ""]
     parts += ["## Metrics per arm and lambda", "",

@@ -216,6 +216,7 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
     beta0 = ev.beta0
     return {
         "objective": objective.describe(),
+        "maximize": objective.metric if objective.kind == "constrained" else None,
         "chosen_lambda": chosen,
         "lambda_interval": choice.pop("lambda_interval"),
         "beta0": beta0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -115,6 +116,34 @@ def compute_ratio(record: dict, ev: Evaluator, search_file: Path | None) -> dict
             "search_source": source, "ratio": sweep_s / search_s if search_s > 0 and sweep_s > 0 else None}
 
 
+def search_check(record: dict, search: dict) -> dict | None:
+    """Is the searched lambda a good pick by the retrained models? Takes the baseline nearest the
+    chosen lambda (in log lambda) and compares its retrained value of the searched metric with
+    the best baseline's interval. None for a weighted objective or a metric without comparisons."""
+    metric = search.get("maximize")
+    rows = [c for c in record["comparisons"] if c["metric"] == metric]
+    chosen = float(search["chosen_lambda"])
+    if not rows or chosen <= 0:
+        return None
+    nearest = min(rows, key=lambda c: abs(math.log(c["lam"] / chosen)))
+    best = max(rows, key=lambda c: c["retrained"][0])
+    return {"metric": metric, "chosen_lambda": chosen, "nearest_lambda": nearest["lam"],
+            "nearest_retrained": nearest["retrained"], "best_lambda": best["lam"], "best_retrained": best["retrained"],
+            "within_best_interval": nearest["retrained"][0] >= best["retrained"][1],
+            "inside_sweep_range": min(c["lam"] for c in rows) <= chosen <= max(c["lam"] for c in rows)}
+
+
+def format_search_check(check: dict) -> str:
+    """One sentence on `search_check`'s verdict."""
+    est = check["nearest_retrained"]
+    best = check["best_retrained"]
+    where = "" if check["inside_sweep_range"] else " (outside the sweep's lambda range, so the nearest baseline stands in)"
+    return (f"search: chose lambda {check['chosen_lambda']:g}{where}; retrained {check['metric']} at lambda "
+            f"{check['nearest_lambda']:g} is {est[0]:.4g} [{est[1]:.3g}, {est[2]:.3g}], the best baseline (lambda "
+            f"{check['best_lambda']:g}) {best[0]:.4g} [{best[1]:.3g}, {best[2]:.3g}]: "
+            f"{'within' if check['within_best_interval'] else 'NOT within'} the best baseline's interval")
+
+
 def format_validation(record: dict) -> str:
     lines = [f"{'lam':>7s} {'metric':26s} {'realigned':>26s} {'retrained':>26s} {'gap [CI]':>28s}  in-CI  "
              + ("lora-scale gap" if any("lora_scale_gap" in c for c in record["comparisons"]) else "")]
@@ -133,6 +162,8 @@ def format_validation(record: dict) -> str:
     if comp["ratio"] is not None:
         lines.append(f"compute: sweep {comp['sweep_train_s']:.1f}s of training vs {comp['search_sample_s']:.1f}s of "
                      f"sampling ({comp['search_source']}): {comp['ratio']:.1f}x")
+    if record.get("search_check"):
+        lines.append(format_search_check(record["search_check"]))
     return "\n".join(lines)
 
 
@@ -153,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
     ev = Evaluator(cfg, out, baselines=baselines)
     log_command(out, args)
     record = validate(ev, not args.no_lora_scale, args.n_boot, args.alpha)
-    record["compute"] = compute_ratio(record, ev, Path(args.search) if args.search else out / "search.json")
+    search_file = Path(args.search) if args.search else out / "search.json"
+    record["compute"] = compute_ratio(record, ev, search_file)
+    if search_file.exists():
+        record["search_check"] = search_check(record, json.loads(search_file.read_text()))
     record["wall_s"] = round(time.perf_counter() - start, 2)
     write_json(out / "validation.json", record)
     print(format_validation(record))

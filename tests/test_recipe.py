@@ -29,7 +29,7 @@ from deradiff.recipe import (
     validation_errors,
 )
 
-REQUIRED = {"toy-dpo", "toy-kl-grad", "toy-kl-pg", "toy-sweep", "sd15-dpo-pickapic", "sdxl-dpo-pickapic", "sd15-kl-pickscore"}
+REQUIRED = {"toy-dpo", "toy-kl-grad", "toy-kl-pg", "toy-sweep", "toy-kl-sweep", "sd15-dpo-pickapic", "sdxl-dpo-pickapic", "sd15-kl-pickscore"}
 
 
 def _write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -91,6 +91,14 @@ def test_sweep_recipe_covers_beta0_and_the_four_lambdas():
     assert diff_recipes(toy_dpo, recipe, ignore=("sweep", "trainer.output_dir")) == []
     (lam, only), = sweep_recipes(load_recipe(RECIPES_DIR / "toy-sweep.yaml", ["sweep.index=3"]))
     assert lam == recipe.sweep.lambdas[3] and only.method.beta == pytest.approx(beta0 / lam)
+
+
+def test_kl_sweep_recipe_spans_two_orders_of_magnitude_of_toy_kl_grad():
+    recipe = load_recipe(RECIPES_DIR / "toy-kl-sweep.yaml")
+    betas = sorted(r.method.beta for _, r in sweep_recipes(recipe))
+    assert len(betas) == 4 and betas[-1] / betas[0] >= 100
+    toy_kl = load_recipe(RECIPES_DIR / "toy-kl-grad.yaml")
+    assert diff_recipes(toy_kl, recipe, ignore=("sweep", "trainer.output_dir")) == []
 
 
 def test_every_option_is_documented_in_its_section():

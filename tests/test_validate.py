@@ -13,7 +13,7 @@ from deradiff.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.errors import UserError
 from deradiff.evaluate import LORA_SCALE, REALIGNED, RETRAINED
 from deradiff.results import lam_name
-from deradiff.validate import compute_ratio, paired, validate
+from deradiff.validate import compute_ratio, format_search_check, paired, search_check, validate
 
 
 def fake_run(root, name, rank=4, info=None, summary=None, metrics=None, recipe=None):
@@ -124,6 +124,23 @@ def test_validate_reports_gaps_verdicts_and_compute(tmp_path):
     search = tmp_path / "search.json"
     search.write_text(json.dumps({"cost": {"sample_s": 4.0}}))
     assert compute_ratio(record, ev, search)["ratio"] == 20.0
+
+
+def test_search_check_compares_the_nearest_baseline_with_the_best():
+    def row(lam, mean, lo, hi):
+        return {"metric": "reward/x", "lam": lam, "retrained": [mean, lo, hi]}
+
+    record = {"comparisons": [row(0.5, 0.10, 0.08, 0.12), row(2.0, 0.20, 0.18, 0.22), row(4.0, 0.21, 0.19, 0.23),
+                              {**row(2.0, 0.9, 0.9, 0.9), "metric": "fidelity/x"}]}
+    check = search_check(record, {"maximize": "reward/x", "chosen_lambda": 1.8})
+    assert check["nearest_lambda"] == 2.0 and check["best_lambda"] == 4.0
+    assert check["within_best_interval"] and check["inside_sweep_range"]
+    far = search_check(record, {"maximize": "reward/x", "chosen_lambda": 0.6})
+    assert far["nearest_lambda"] == 0.5 and not far["within_best_interval"]
+    assert "NOT within" in format_search_check(far)
+    beyond = search_check(record, {"maximize": "reward/x", "chosen_lambda": 8.0})
+    assert beyond["nearest_lambda"] == 4.0 and not beyond["inside_sweep_range"]
+    assert search_check(record, {"maximize": None, "chosen_lambda": 2.0}) is None
 
 
 def test_validate_needs_baselines(tmp_path):
