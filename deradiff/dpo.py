@@ -2,7 +2,10 @@
 
 The preferred (w) and rejected (l) images of a pair share the timestep and the noise; the
 reference is the same UNet with its LoRA disabled (no second copy in memory). The loss itself
-is the pure function `deradiff.losses.diffusion_dpo_loss`.
+is the pure function `deradiff.losses.diffusion_dpo_loss`:
+
+    loss, metrics = diffusion_dpo_loss(*dpo_errors(unet, unet, vae, scheduler, w, l, cond, ids, seed, epoch),
+                                       beta=2000, convention="official")
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from deradiff.conditioning import Conditioning
-from deradiff.losses import diffusion_dpo_loss, per_sample_mse
+from deradiff.losses import per_sample_mse
 from deradiff.models import adapters_disabled
 from deradiff.seeding import keyed_randint, keyed_randn
 
@@ -37,27 +40,6 @@ def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"prediction_type {kind!r} is not supported for DPO; use epsilon or v_prediction")
-
-
-def dpo_step(
-    unet,
-    reference_unet,
-    vae,
-    noise_scheduler,
-    pixel_values_w: torch.Tensor,
-    pixel_values_l: torch.Tensor,
-    cond: Conditioning,
-    beta: float,
-    convention: str,
-    pair_ids: list[int],
-    seed: int,
-    epoch: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Diffusion-DPO loss for B pairs: `diffusion_dpo_loss` on the errors of `dpo_errors`
-    (same arguments). Returns the scalar loss and `dpo/*` metrics."""
-    errors = dpo_errors(unet, reference_unet, vae, noise_scheduler, pixel_values_w, pixel_values_l, cond,
-                        pair_ids, seed, epoch)
-    return diffusion_dpo_loss(*errors, beta=beta, convention=convention)
 
 
 def dpo_errors(

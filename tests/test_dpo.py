@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny_sd15
 
 from deradiff.conditioning import encode_prompts
-from deradiff.dpo import dpo_step
+from deradiff.dpo import dpo_errors
+from deradiff.losses import diffusion_dpo_loss
 from deradiff.models import add_lora
 
 
@@ -19,8 +20,8 @@ def _pairs(n, seed=0):
 
 def _step(pipe, w, lose, ids, prompts):
     cond = encode_prompts(pipe, prompts, "cpu")
-    return dpo_step(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, w, lose, cond, beta=2000, convention="official",
-                    pair_ids=ids, seed=0, epoch=0)
+    errors = dpo_errors(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, w, lose, cond, pair_ids=ids, seed=0, epoch=0)
+    return diffusion_dpo_loss(*errors, beta=2000, convention="official")
 
 
 def test_fresh_lora_equals_reference_so_loss_is_log2(tmp_path):
