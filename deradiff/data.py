@@ -336,6 +336,8 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)  # reseeds a shuffled stream's buffer
 
     def raw_pairs(self) -> Iterator[tuple[str, PILImage.Image, PILImage.Image]]:
         """(caption, preferred, rejected) for each usable row, updating `stats`."""
@@ -392,17 +394,33 @@ def collate_pairs(examples: Sequence[dict]) -> dict:
     }
 
 
+STREAM_SHUFFLE_BUFFER = 1000  # rows; a streamed training set is shuffled through this buffer, reseeded per epoch
+
+
 def load_preference_dataset(
-    data: DataSection, which: Literal["train", "eval"] = "train", seed: int = 0
+    data: DataSection, which: Literal["train", "eval"] = "train", seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> tuple[PreferencePairs | StreamingPreferencePairs, PreferenceStats]:
     """The recipe's preference pairs, validated and filtered, ready to index (or iterate, when
     data.streaming). which="eval" reads the held-out pairs (data.eval_path or data.eval_split,
-    at most data.max_eval_samples) without random crop or flip. Logs the stats summary."""
+    at most data.max_eval_samples) without random crop or flip. Logs the stats summary.
+
+    A streamed training set is the first data.max_train_samples rows, this rank's share of them
+    (`datasets.distributed.split_dataset_by_node`: whole files when they divide evenly, else
+    every world_size-th row), shuffled through a STREAM_SHUFFLE_BUFFER-row buffer keyed by seed
+    and epoch."""
     ds, where = _open_rows(data, which)
     train = which == "train"
     max_samples = data.max_train_samples if train else data.max_eval_samples
     random_crop, random_flip = (data.random_crop, data.random_flip) if train else (False, False)
     if data.streaming:
+        if train:
+            from datasets.distributed import split_dataset_by_node
+
+            if max_samples is not None:
+                ds, max_samples = ds.take(max_samples), None
+            if world_size > 1:
+                ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+            ds = ds.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
         pairs = StreamingPreferencePairs(ds, where, data.resolution, random_crop, random_flip, seed, max_samples)
         pairs.check_not_empty()
         return pairs, pairs.stats

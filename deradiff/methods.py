@@ -20,8 +20,9 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     from deradiff.dpo import dpo_errors
     from deradiff.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
 
-    dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed)
-    accelerator.print(f"preference pairs: {stats}")
+    dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed, rank=accelerator.process_index,
+                                             world_size=accelerator.num_processes)
+    accelerator.print(f"preference pairs: {'streamed, counted as they arrive' if recipe.data.streaming else stats}")
     m = recipe.method
     device = accelerator.device
 
@@ -43,6 +44,8 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     eval_set = None
     if recipe.data.eval_path or recipe.data.eval_split:
         eval_set, eval_stats = load_preference_dataset(recipe.data, which="eval", seed=recipe.trainer.seed)
+        if not hasattr(eval_set, "__len__"):
+            eval_set = list(eval_set)  # held-out pairs are few (data.max_eval_samples): read them once
         accelerator.print(f"held-out pairs: {eval_stats}")
 
     @torch.no_grad()

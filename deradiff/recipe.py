@@ -100,7 +100,9 @@ class DataSection:
         eval_path: parquet of held-out pairs for implicit accuracy (toy, parquet); null = none.
         eval_split: held-out split of the hub dataset, e.g. "validation_unique"; null = none.
         max_eval_samples: cap on held-out pairs evaluated; null = all.
-        streaming: stream the dataset instead of downloading it first (hub or parquet).
+        streaming: stream the dataset instead of downloading it first (hub or parquet). Each
+            process reads its own shard, shuffled through a 1000-row buffer reseeded per epoch;
+            resuming re-reads the shard up to the saved step (deradiff.data_order.StreamOrder).
         cache_dir: datasets cache folder; null = the datasets default.
         resolution: training side length in pixels; images are resized (shorter side) and cropped.
         random_crop: random crop (else center crop) after resizing, as the official code.

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from deradiff.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from deradiff.data_order import DataOrder
+from deradiff.data_order import DataOrder, StreamOrder
 from deradiff.errors import UserError
 from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
 
@@ -156,12 +156,12 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
     pipe = prepare_pipeline(recipe, accelerator)
     method: Method = method_factory(recipe, pipe, accelerator)
-    if not hasattr(method.dataset, "__len__"):
-        raise UserError("data.streaming=true is not supported by the trainer yet (the data order needs the "
-                        "dataset length for exact resume): set data.streaming=false")
-    order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
-                      t.gradient_accumulation, t.seed)
-    if order.steps_per_epoch < 1:
+    if hasattr(method.dataset, "__len__"):
+        order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
+                          t.gradient_accumulation, t.seed)
+    else:  # streamed: each rank reads its own shard
+        order = StreamOrder(t.per_device_batch_size, accelerator.num_processes, t.gradient_accumulation)
+    if isinstance(order, DataOrder) and order.steps_per_epoch < 1:
         raise UserError(
             f"the dataset has {len(method.dataset)} rows, fewer than one global batch of {order.global_batch} "
             f"(per_device_batch_size x processes x gradient_accumulation): lower the batch or add data"
@@ -189,7 +189,9 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     accelerator.print(
         f"{method.name}: {method.describe} | {n_trainable / 1e6:.2f}M trainable LoRA params | global batch "
         f"{order.global_batch} = {t.per_device_batch_size} per device x {accelerator.num_processes} processes x "
-        f"{t.gradient_accumulation} accumulation | {order.steps_per_epoch} steps/epoch | {t.max_steps} steps"
+        f"{t.gradient_accumulation} accumulation | "
+        f"{f'{order.steps_per_epoch} steps/epoch' if isinstance(order, DataOrder) else 'streamed, a shard per rank'} | "
+        f"{t.max_steps} steps"
     )
     log_path = run_dir / "metrics.jsonl"
     preempted = _install_preemption_handlers()
@@ -198,14 +200,11 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     start = time.perf_counter()
     last: dict[str, float] = {}
     while state.step < t.max_steps:
-        epoch = order.epoch_of(state.step)
-        if hasattr(method.dataset, "set_epoch"):
-            method.dataset.set_epoch(epoch)  # augmentation (crop/flip) keyed by epoch
         step_metrics: list[dict] = []
         unet.train()
         for micro in range(t.gradient_accumulation):
-            ids = order.indices(state.step, micro, accelerator.process_index)
-            batch = method.collate([method.dataset[i] for i in ids], ids)
+            rows, ids, epoch = order.rows(method.dataset, state.step, micro, accelerator.process_index)
+            batch = method.collate(rows, ids)
             with accelerator.accumulate(unet):
                 loss, metrics = method.step(unet, batch, state.step, epoch)
                 _check_finite(loss, state, batch, run_dir)

@@ -118,6 +118,22 @@ def test_preemption_signal_checkpoints_and_exits_75_then_resumes(reference_run, 
     assert _losses(out) == _losses(ref_out)
 
 
+def test_streamed_data_trains_past_an_epoch_and_resumes_identically(toy_world, tmp_path):
+    # 48 pairs (a few ties and corrupt rows dropped), 4 per step: step 14 is in the second pass.
+    over = {"data.streaming": "true", "trainer.max_steps": 14, "trainer.checkpoint_every": 7,
+            "trainer.log_every": 7, "sample.prompts": "[]"}
+    whole = _run(_args(toy_world, tmp_path / "whole", **over))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "streamed, a shard per rank" in whole.stdout + whole.stderr
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["train/epoch"] == 1
+    first = _run(_args(toy_world, tmp_path / "split", **{**over, "trainer.max_steps": 7}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = _run(_args(toy_world, tmp_path / "split", **over))
+    assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    assert sorted(_losses(tmp_path / "whole")) == [7, 14]
+
+
 def test_a_different_recipe_in_the_same_run_dir_is_refused(reference_run, toy_world):
     out, _ = reference_run
     proc = _run(_args(toy_world, out, **{"method.beta": 500}))
