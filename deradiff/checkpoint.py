@@ -52,6 +52,10 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, state: TrainState, keep: int = 2) -> Path:
     """Save accelerate state + TrainState under checkpoints/step-N atomically; keep the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
@@ -61,7 +65,10 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, state: TrainState, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    # DeepSpeed saves its engine's module itself (our LoRA-only hook does not apply): keep only
+    # the trainable (LoRA) parameters; the frozen base comes from the model on load.
+    kwargs = {"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}
+    accelerator.save_state(str(tmp), safe_serialization=True, **kwargs)
     accelerator.wait_for_everyone()  # every rank's shards are in tmp before it is renamed
     if accelerator.is_main_process:
         (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2))
@@ -75,7 +82,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, state: TrainState, 
 
 def load_checkpoint(accelerator, checkpoint: Path) -> TrainState:
     """Restore accelerate state (model, optimizer, scheduler, RNG) and return the TrainState."""
-    accelerator.load_state(str(checkpoint))
+    accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if _deepspeed(accelerator) else {}))
     state = TrainState()
     state.load_state_dict(json.loads((checkpoint / "train_state.json").read_text()))
     return state

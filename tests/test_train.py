@@ -188,3 +188,22 @@ def test_two_processes_match_one_process(reference_run, toy_world, tmp_path, lau
     for step in (1, 2, 3, 4):
         # Same pairs, noise and timesteps per step; only float reduction order differs.
         assert abs(single[step] - multi[step]) < 1e-4, (step, single[step], multi[step])
+    if launcher == "zero2":
+        # Checkpoints hold the LoRA, not the UNet; resuming from one continues the same curve.
+        checkpoint = out / "checkpoints" / "step-000004"
+        module_bytes = sum(f.stat().st_size for f in checkpoint.rglob("*model_states.pt"))
+        unet_bytes = sum(p.numel() * 4 for p in _toy_unet_params(toy_world))
+        assert 0 < module_bytes < unet_bytes / 4, (module_bytes, unet_bytes)
+        args = [a for a in args if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=6"]
+        proc = subprocess.run([str(accelerate), *cmd[1:], str(ALIGN), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0 and "resumed from" in proc.stdout + proc.stderr, proc.stderr[-4000:]
+        resumed = _losses(out)
+        for step in (5, 6):
+            assert abs(single[step] - resumed[step]) < 1e-4, (step, single[step], resumed[step])
+
+
+def _toy_unet_params(toy_world):
+    from diffusers import UNet2DConditionModel
+
+    return list(UNet2DConditionModel.from_pretrained(str(toy_world / "pipe"), subfolder="unet").parameters())
