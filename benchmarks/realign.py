@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_workers, write_results
 
 APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "two_copies")
 
@@ -132,13 +132,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return 0
-    results = {}
-    for approach in APPROACHES:
-        cmd = [sys.executable, __file__, "--worker", approach, "--batch", str(args.batch), "--steps",
-               str(args.steps), "--repeats", str(args.repeats), "--width", str(args.width),
-               "--size", str(args.size), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[approach] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_workers(__file__, APPROACHES, args)
     official = results["two_copies"]
     plain = results["aligned_only"]
     print(f"UNet {plain['unet_params_m']:.1f}M params, batch {args.batch}, {args.steps} DDIM steps, "
@@ -159,11 +153,7 @@ def main(argv=None) -> int:
           f"(got {summary['two_forward_time_vs_two_plain_evals']:.2f}x); peak memory <= 0.55x two copies "
           f"(got {summary['two_forward_mem_vs_two_copies']:.2f}x); mixed_batch / two_forward time "
           f"= {summary['mixed_batch_time_vs_two_forward']:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results, "summary": summary}
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    write_results(args.out, args, results, summary)
     return 0
 
 

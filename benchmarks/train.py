@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import run_workers, write_results
 
 APPROACHES = ("lora_toggle", "frozen_copy")
 
@@ -107,12 +106,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return 0
-    results = {}
-    for approach in APPROACHES:
-        cmd = [sys.executable, __file__, "--worker", approach] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[approach] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_workers(__file__, APPROACHES, args)
     ours, official = results["lora_toggle"], results["frozen_copy"]
     summary = {"time_ratio": ours["sec_per_step"] / official["sec_per_step"],
                "memory_ratio": ours["peak_mib"] / official["peak_mib"],
@@ -124,11 +118,7 @@ def main(argv=None) -> int:
         print(f"{name:<14}{r['sec_per_step']:>10.4f}{r['peak_mib']:>10.1f}")
     print(f"lora_toggle / frozen_copy: time {summary['time_ratio']:.2f}x (target <= 1.05), "
           f"memory {summary['memory_ratio']:.2f}x (target <= 0.6); same loss: {summary['same_loss']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "worker"},
-                               "results": results, "summary": summary}, indent=2))
-    os.replace(tmp, args.out)
+    write_results(args.out, args, results, summary)
     return 0
 
 
