@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = _find_subparser(parser, known._name)
     module.add_arguments(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(module.run(args) or 0)
     except UserError as err:

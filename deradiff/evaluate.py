@@ -462,6 +462,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="beta the aligned LoRA was trained at (default: from its lora_info.json / recipe.yaml)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample and score")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is fastest for the toy model when other jobs share the CPU)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over prompts for intervals")
     p.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha")
 

@@ -209,3 +209,18 @@ def test_end_to_end_evaluate_search_validate_report(world, tmp_path, capsys):
     for name in ("reward_vs_lambda.png", "frontier.png", "grid.png", "summary.csv", "validation.csv"):
         assert (report / name).stat().st_size > 0
     assert "deradiff validate" in (out / "commands.txt").read_text()
+
+
+def test_threads_option_sets_torch_threads_before_any_work(tmp_path):
+    import torch
+
+    from deradiff.cli import main
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    try:
+        code = main(["evaluate", "--out", str(tmp_path / "e"), "--threads", str(target),
+                     "--prompts", str(tmp_path / "missing.txt")])
+        assert code == 2 and torch.get_num_threads() == target
+    finally:
+        torch.set_num_threads(before)
