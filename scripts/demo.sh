@@ -2,16 +2,13 @@
 # The main job on the embedded toy world (CPU, offline), called by `make demo`:
 # preference data -> one aligned LoRA (Diffusion-DPO) -> realigned lambda grid -> lambda search
 # -> report with plots and an image grid. Re-running resumes every stage.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
-BIN="${VENV:-.venv}/bin"
+cd "$(dirname "$0")/.." || exit 1
+source scripts/common.sh
 OUT="${OUT:-runs/demo}"
 LAMS="0 0.5 1 2 4 8"
 # DDIM with eta = 1 is stochastic, so every image also gets its emulated path KL.
 EVAL_ARGS=(--prompts toy:test --seeds 0 1 --steps 10 --scheduler ddim --eta 1.0 --reward toy)
 mkdir -p "$OUT"
-step() { echo; echo "== $*"; }
 
 step "1/6 exact realignment on analytic diffusions (deradiff lab)"
 "$BIN/deradiff" lab --out "$OUT/lab.json"
@@ -21,8 +18,7 @@ PREFS="$OUT/toy-prefs"
 [ -f "$PREFS/train.parquet" ] || "$BIN/deradiff" toy make-prefs --out "$PREFS" --pairs-per-prompt 24 --threads 2
 
 step "3/6 train ONE aligned LoRA with Diffusion-DPO (beta0 = 2000, official convention)"
-"$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    train/align.py recipe=recipes/toy-dpo.yaml trainer.output_dir="$OUT/toy-dpo" \
+align recipe=recipes/toy-dpo.yaml trainer.output_dir="$OUT/toy-dpo" \
     data.path="$PREFS/train.parquet" data.eval_path="$PREFS/test.parquet"
 
 step "4/6 realign it over lambda = $LAMS on held-out prompts (no retraining)"

@@ -4,23 +4,19 @@
 # train beta in {1e-5, 1e-6, 1e-7, 1e-8} (recipes/toy-kl-sweep.yaml), sample every run on the
 # held-out prompts with the same seeds, score reward, fidelity and path KL, and realign the
 # beta0 = 1e-6 run to each other beta. Re-running resumes every stage.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/.." || exit 1
+source scripts/common.sh
 # Tiny models: one torch thread per process is fastest, and keeps parallel jobs from thrashing.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-BIN="${VENV:-.venv}/bin"
 RUNS="${RUNS:-runs}"
 OUT="${OUT:-docs/toy-kl-sweep}"
 SWEEP="$RUNS/toy-kl-sweep"
 EVAL="$RUNS/toy-kl-eval"
 BASELINES=("$SWEEP/lambda-0.1" "$SWEEP/lambda-10" "$SWEEP/lambda-100")
 EVAL_ARGS=(--prompts toy:test --seeds 0 1 2 3 --steps 20 --guidance 3 --scheduler ddim --eta 1.0 --reward toy)
-step() { echo; echo "== $*"; }
 
 step "1/3 train toy-kl-grad at beta = 1e-6 / lambda, lambda in 1 0.1 10 100 (one after another)"
-"$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    train/align.py recipe=recipes/toy-kl-sweep.yaml trainer.output_dir="$SWEEP"
+align recipe=recipes/toy-kl-sweep.yaml trainer.output_dir="$SWEEP"
 
 step "2/3 sample every run (and the base, and the beta0 run realigned to each beta) on held-out prompts"
 "$BIN/deradiff" evaluate --lora "$SWEEP/lambda-1" --out "$EVAL" --lam 0 1 "${EVAL_ARGS[@]}"

@@ -4,12 +4,10 @@
 # preference data -> the toy-sweep baselines (toy-dpo at beta0 / lambda, lambda in {0.25, 0.5, 1, 2, 4})
 # -> realign the lambda = 1 LoRA over a grid -> search lambda by sampling only
 # -> validate against the retrained baselines -> report. Re-running resumes every stage.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/.." || exit 1
+source scripts/common.sh
 # Tiny models: one torch thread per process is fastest, and keeps parallel jobs from thrashing.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-BIN="${VENV:-.venv}/bin"
 RUNS="${RUNS:-runs}"
 OUT="${OUT:-docs/toy-validation}"
 SWEEP="$RUNS/toy-sweep"
@@ -19,14 +17,12 @@ BASELINES=("$SWEEP/lambda-0.25" "$SWEEP/lambda-0.5" "$SWEEP/lambda-2" "$SWEEP/la
 # DDIM with eta = 1 (stochastic) so every image also gets its emulated path KL. Two seeds per
 # prompt keep the search at 192 images (12 held-out prompts x 2 seeds x 8 lambdas).
 EVAL_ARGS=(--prompts toy:test --seeds 0 1 --steps 25 --scheduler ddim --eta 1.0 --reward toy)
-step() { echo; echo "== $*"; }
 
 step "1/5 synthetic Pick-a-Pic preference pairs (deradiff toy make-prefs defaults)"
 [ -f "$RUNS/toy-prefs/train.parquet" ] || "$BIN/deradiff" toy make-prefs --out "$RUNS/toy-prefs" --threads 2
 
 step "2/5 the sweep: toy-dpo at beta0 / lambda for lambda in 1 0.25 0.5 2 4 (one after another)"
-"$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    train/align.py recipe=recipes/toy-sweep.yaml trainer.output_dir="$SWEEP" \
+align recipe=recipes/toy-sweep.yaml trainer.output_dir="$SWEEP" \
     data.path="$RUNS/toy-prefs/train.parquet" data.eval_path="$RUNS/toy-prefs/test.parquet"
 
 step "3/5 realign the lambda = 1 LoRA over lambda = $LAMS; pick lambda by sampling only"
