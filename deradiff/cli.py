@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = _find_subparser(parser, known._name)
     module.add_arguments(sub)
     args = parser.parse_args(argv)
-    if getattr(args, "threads", 0):
+    if getattr(args, "threads", 0) > 0:  # every subcommand with --threads: torch CPU threads
         import torch
 
         torch.set_num_threads(args.threads)

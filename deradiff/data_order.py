@@ -40,6 +40,9 @@ class DataOrder:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def describe(self) -> str:
+        return f"{self.steps_per_epoch} steps/epoch"
+
     def rows(self, dataset, step: int, micro: int, rank: int) -> tuple[list[dict], list[int], int]:
         """(items, their keys, epoch) for step `step`, micro-batch `micro` on rank `rank`."""
         epoch = self.epoch_of(step)
@@ -67,6 +70,9 @@ class StreamOrder:
     @property
     def global_batch(self) -> int:
         return self.per_device * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        return "streamed, a shard per rank"
 
     def _reset(self) -> None:
         self._iterator, self._position, self._epoch, self._in_epoch = None, 0, 0, 0

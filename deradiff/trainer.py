@@ -159,13 +159,13 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     if hasattr(method.dataset, "__len__"):
         order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
                           t.gradient_accumulation, t.seed)
+        if order.steps_per_epoch < 1:
+            raise UserError(
+                f"the dataset has {len(method.dataset)} rows, fewer than one global batch of {order.global_batch} "
+                f"(per_device_batch_size x processes x gradient_accumulation): lower the batch or add data"
+            )
     else:  # streamed: each rank reads its own shard
         order = StreamOrder(t.per_device_batch_size, accelerator.num_processes, t.gradient_accumulation)
-    if isinstance(order, DataOrder) and order.steps_per_epoch < 1:
-        raise UserError(
-            f"the dataset has {len(method.dataset)} rows, fewer than one global batch of {order.global_batch} "
-            f"(per_device_batch_size x processes x gradient_accumulation): lower the batch or add data"
-        )
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * accelerator.num_processes,
@@ -189,9 +189,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     accelerator.print(
         f"{method.name}: {method.describe} | {n_trainable / 1e6:.2f}M trainable LoRA params | global batch "
         f"{order.global_batch} = {t.per_device_batch_size} per device x {accelerator.num_processes} processes x "
-        f"{t.gradient_accumulation} accumulation | "
-        f"{f'{order.steps_per_epoch} steps/epoch' if isinstance(order, DataOrder) else 'streamed, a shard per rank'} | "
-        f"{t.max_steps} steps"
+        f"{t.gradient_accumulation} accumulation | {order.describe()} | {t.max_steps} steps"
     )
     log_path = run_dir / "metrics.jsonl"
     preempted = _install_preemption_handlers()

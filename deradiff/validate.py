@@ -100,14 +100,15 @@ def _per_metric(comparisons: list[dict]) -> dict:
     return out
 
 
-def compute_ratio(record: dict, ev: Evaluator, search_file: Path | None) -> dict:
-    """The sweep's training seconds against the search's sampling seconds."""
+def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_source: str = "search.json") -> dict:
+    """The sweep's training seconds against the search's sampling seconds (from the search
+    record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas)."""
     walls = [b["wall_s"] for b in record["baselines"]]
     unknown = [b["label"] for b in record["baselines"] if b["wall_s"] is None]
     sweep_s = sum(w for w in walls if w is not None)
-    if search_file is not None and search_file.exists():
-        search_s = float(json.loads(search_file.read_text())["cost"]["sample_s"])
-        source = str(search_file)
+    if search is not None:
+        search_s = float(search["cost"]["sample_s"])
+        source = search_source
     else:
         lams = {lam_name(v) for v in ev.baseline_lams().values()}
         search_s = sum(r.get("time_s", 0.0) for k, r in ev.rows.items() if k[0] == REALIGNED and k[1] in lams)
@@ -185,9 +186,10 @@ def run(args: argparse.Namespace) -> int:
     log_command(out, args)
     record = validate(ev, not args.no_lora_scale, args.n_boot, args.alpha)
     search_file = Path(args.search) if args.search else out / "search.json"
-    record["compute"] = compute_ratio(record, ev, search_file)
-    if search_file.exists():
-        record["search_check"] = search_check(record, json.loads(search_file.read_text()))
+    search = json.loads(search_file.read_text()) if search_file.exists() else None
+    record["compute"] = compute_ratio(record, ev, search, str(search_file))
+    if search is not None:
+        record["search_check"] = search_check(record, search)
     record["wall_s"] = round(time.perf_counter() - start, 2)
     write_json(out / "validation.json", record)
     print(format_validation(record))

@@ -121,9 +121,8 @@ def test_validate_reports_gaps_verdicts_and_compute(tmp_path):
     # 2 lambdas x 12 prompts x 0.5 s of realigned sampling against 80 s of training
     assert compute["sweep_train_s"] == 80.0 and compute["search_sample_s"] == 12.0
     assert compute["ratio"] == pytest.approx(80 / 12)
-    search = tmp_path / "search.json"
-    search.write_text(json.dumps({"cost": {"sample_s": 4.0}}))
-    assert compute_ratio(record, ev, search)["ratio"] == 20.0
+    from_search = compute_ratio(record, ev, {"cost": {"sample_s": 4.0}}, str(tmp_path / "search.json"))
+    assert from_search["ratio"] == 20.0 and from_search["search_source"] == str(tmp_path / "search.json")
 
 
 def test_search_check_compares_the_nearest_baseline_with_the_best():

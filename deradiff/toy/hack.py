@@ -196,8 +196,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--leash values must be finite and >= 0 (0 = no leash), got {args.leash}")
     if args.steps < 1 or args.lr <= 0:
         raise UserError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     prompts = prompt_set(args.prompts)
     out = Path(args.out)
 

@@ -345,8 +345,6 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     fields = PrefsConfig.__dataclass_fields__
     cfg = PrefsConfig(**{k: getattr(args, k) for k in fields})
     cfg.validate()

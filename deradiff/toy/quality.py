@@ -121,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--images, --steps and --batch-size must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     root = resolve_asset_root(args.path)
     pipe = load_toy_pipeline(root)
     classifier = load_classifier(root)
