@@ -42,7 +42,7 @@ def _unet(width: int):
 def worker(approach: str, args) -> dict:
     import torch
 
-    from deradiff.losses import diffusion_dpo_loss, per_sample_mse
+    from deradiff.training.losses import diffusion_dpo_loss, per_sample_mse
     from deradiff.models import adapters_disabled, add_lora
 
     torch.set_num_threads(args.threads)

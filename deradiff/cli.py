@@ -14,11 +14,11 @@ from deradiff.errors import UserError
 
 # name -> (module, one-line help). Nested groups use a space: "toy pretrain".
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sample": ("deradiff.sample", "sample images from a (realigned) pipeline and write a grid + path KL"),
-    "evaluate": ("deradiff.evaluate", "sample a lambda grid x prompts x seeds (realigned, weight-scaled, retrained) and score it; resumable, shardable"),
-    "search": ("deradiff.search", "choose lambda from realigned samples only (budgeted or weighted objective, golden-section, bootstrap)"),
-    "validate": ("deradiff.validate", "realigned vs baselines retrained at beta0/lambda: per-metric gaps with intervals, compute saved"),
-    "report": ("deradiff.report", "report.md + CSV/JSON tables + plots (reward vs lambda, frontier, image grid) of an evaluation folder"),
+    "sample": ("deradiff.evaluation.sample", "sample images from a (realigned) pipeline and write a grid + path KL"),
+    "evaluate": ("deradiff.evaluation.evaluate", "sample a lambda grid x prompts x seeds (realigned, weight-scaled, retrained) and score it; resumable, shardable"),
+    "search": ("deradiff.evaluation.search", "choose lambda from realigned samples only (budgeted or weighted objective, golden-section, bootstrap)"),
+    "validate": ("deradiff.evaluation.validate", "realigned vs baselines retrained at beta0/lambda: per-metric gaps with intervals, compute saved"),
+    "report": ("deradiff.evaluation.report", "report.md + CSV/JSON tables + plots (reward vs lambda, frontier, image grid) of an evaluation folder"),
     "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions"),
     "toy pretrain": ("deradiff.toy.pretrain", "rebuild the shipped toy pipeline + classifier from scratch (deterministic)"),
     "toy sample-check": ("deradiff.toy.quality", "measure the toy quality bar (classifier color/shape accuracy) of a toy pipeline"),

@@ -121,14 +121,14 @@ def check_accelerate_config(path: str | None, nodes: int, procs_per_node: int) -
 
 def run_finished(recipe) -> bool:
     """True when the run directory holds the final LoRA and a summary at trainer.max_steps."""
-    from deradiff.trainer import is_finished
+    from deradiff.training.trainer import is_finished
 
     return is_finished(Path(recipe.trainer.output_dir), recipe.trainer.max_steps)
 
 
 def load_checked(recipe_path: str, overrides: list[str]):
     """Load, validate and preflight a recipe (the checks align.py makes before loading models)."""
-    from deradiff.recipe import load_recipe, preflight
+    from deradiff.training.recipe import load_recipe, preflight
 
     recipe = load_recipe(recipe_path, overrides)
     preflight(recipe)
@@ -137,7 +137,7 @@ def load_checked(recipe_path: str, overrides: list[str]):
 
 def sweep_points(recipe) -> list[tuple[int, float, object]]:
     """(array index, lambda, point recipe) for every sweep point; refuses foreign run directories."""
-    from deradiff.recipe import check_resume, sweep_recipes
+    from deradiff.training.recipe import check_resume, sweep_recipes
 
     if not recipe.sweep.lambdas:
         raise UserError("the recipe has no sweep (sweep.lambdas is empty): use `deradiff slurm submit align`, "
@@ -242,7 +242,7 @@ def submit_training(args: argparse.Namespace, kind: str) -> list[str]:
     world = args.nodes * procs
     batch = recipe.trainer.per_device_batch_size * world * recipe.trainer.gradient_accumulation
     if kind == "align":
-        from deradiff.recipe import check_resume
+        from deradiff.training.recipe import check_resume
 
         if recipe.sweep.lambdas:
             print("note: the recipe has a sweep; `align` trains it in one job, one point after another "
@@ -275,9 +275,11 @@ def _check_arguments(module: str, argv: list[str]) -> None:
     """Parse `deradiff <module>` arguments with that command's own parser (typos fail here)."""
     import importlib
 
+    from deradiff.cli import COMMANDS
+
     try:
-        mod = importlib.import_module(f"deradiff.{module}")
-    except ImportError:
+        mod = importlib.import_module(COMMANDS[module][0])
+    except (KeyError, ImportError):
         raise UserError(f"`deradiff {module}` is not available in this installation") from None
     parser = argparse.ArgumentParser(prog=f"deradiff {module}", exit_on_error=False)
     mod.add_arguments(parser)
@@ -368,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _finished_main(argv: list[str]) -> int:
     """`python -m deradiff.slurm finished <align.py arguments>`: 0 if that run/point is finished."""
-    from deradiff.recipe import load_recipe, sweep_recipes
+    from deradiff.training.recipe import load_recipe, sweep_recipes
 
     try:
         recipe = load_recipe(argv)

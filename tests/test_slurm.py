@@ -118,7 +118,7 @@ def test_deepspeed_config_checks(recording_sbatch, fake_data, capsys, monkeypatc
 
 
 def test_search_submission_is_shards_then_a_dependent_merge(recording_sbatch, tmp_path, capsys):
-    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    pytest.importorskip("deradiff.evaluation.evaluate", reason="`deradiff evaluate` is not in this installation")
     rc = _submit("search", "--shards", "3", "--out", str(tmp_path / "eval"), "--evaluate-args",
                  "--lora runs/x --prompts 'a red circle on a dark background' --lam 0 1", "--search-args", "--grid 0 1")
     out = capsys.readouterr()
@@ -132,7 +132,7 @@ def test_search_submission_is_shards_then_a_dependent_merge(recording_sbatch, tm
 
 @pytest.mark.parametrize("flag, value", [("--evaluate-args", "--lamb 0 1"), ("--search-args", "--refine many")])
 def test_search_bad_arguments_fail_before_sbatch(recording_sbatch, tmp_path, capsys, flag, value):
-    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    pytest.importorskip("deradiff.evaluation.evaluate", reason="`deradiff evaluate` is not in this installation")
     assert _submit("search", "--out", str(tmp_path / "eval"), flag, value) == 2
     assert "do not parse" in capsys.readouterr().err
     assert not recording_sbatch.exists()
@@ -150,7 +150,7 @@ def _finish(point_dir: Path, steps: int) -> None:
 
 
 def test_sweep_submits_only_unfinished_points(recording_sbatch, fake_data, tmp_path, capsys):
-    from deradiff.recipe import load_recipe, save_resolved, sweep_recipes
+    from deradiff.training.recipe import load_recipe, save_resolved, sweep_recipes
 
     argv = _sweep_argv(tmp_path, fake_data)
     points = sweep_recipes(load_recipe(argv[2], argv[3:]))
@@ -171,7 +171,7 @@ def test_sweep_submits_only_unfinished_points(recording_sbatch, fake_data, tmp_p
 
 
 def test_sweep_refuses_run_dir_of_a_different_recipe(recording_sbatch, fake_data, tmp_path, capsys):
-    from deradiff.recipe import load_recipe, save_resolved, sweep_recipes
+    from deradiff.training.recipe import load_recipe, save_resolved, sweep_recipes
 
     argv = _sweep_argv(tmp_path, fake_data)
     _, point = sweep_recipes(load_recipe(argv[2], argv[3:]))[2]
@@ -486,7 +486,7 @@ def test_search_merge_never_runs_after_a_failed_shard(cluster, tmp_path):
 def test_search_of_the_trained_lora_through_the_helper(cluster, jobs, toy_world):
     """`deradiff slurm submit search` on the LoRA the 2-node job trained: 2 evaluate shards, then
     merge + search + report, with the real commands."""
-    pytest.importorskip("deradiff.evaluate", reason="`deradiff evaluate` is not in this installation")
+    pytest.importorskip("deradiff.evaluation.evaluate", reason="`deradiff evaluate` is not in this installation")
     (state,) = _wait(jobs["ids"]["reference"], cluster, timeout=300)
     assert state["JobState"] == "COMPLETED", _logs(jobs["logs"], "align-reference*")
     out, logs = jobs["work"] / "eval", jobs["work"] / "search-logs"

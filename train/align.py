@@ -27,12 +27,12 @@ from deradiff.errors import UserError
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        from deradiff.recipe import recipe_keys
+        from deradiff.training.recipe import recipe_keys
 
-        print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/recipe.py for meanings):\n  "
+        print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/training/recipe.py for meanings):\n  "
               + "\n  ".join(recipe_keys()))
         return 0
-    from deradiff.recipe import check_resume, load_recipe, preflight, sweep_recipes
+    from deradiff.training.recipe import check_resume, load_recipe, preflight, sweep_recipes
 
     try:
         recipe = load_recipe(argv)  # validated: unknown keys, types, ranges, cross-field checks
@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
         runs = [r for _, r in sweep_recipes(recipe)] if recipe.sweep.lambdas else [recipe]
         for run in runs:
             check_resume(run, Path(run.trainer.output_dir))  # refuse a directory holding another recipe
-        from deradiff.methods import METHODS
-        from deradiff.trainer import fit, is_finished
+        from deradiff.training.methods import METHODS
+        from deradiff.training.trainer import fit, is_finished
 
         for run in runs:
             run_dir = Path(run.trainer.output_dir)

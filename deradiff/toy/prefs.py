@@ -31,7 +31,7 @@ Load with `datasets.load_dataset("parquet", data_files={"train": "OUT/train.parq
 Measured (`deradiff toy make-prefs --out /tmp/toyprefs`, shipped pipeline, defaults, one thread
 on a busy 2-core machine): 2016 train + 192 test pairs in 194 s; 5% ties; the median reward gap
 |r_0 - r_1| is 0.018, and labels agree with the reward order on 83% of decided pairs.
-`deradiff.data.filter_pairs` reads train.parquet whole, skips exactly the 3 broken pairs of
+`deradiff.training.data.filter_pairs` reads train.parquet whole, skips exactly the 3 broken pairs of
 corrupt.parquet, and refuses bad_labels.parquet.
 """
 

@@ -1,0 +1,286 @@
+"""`deradiff report`: one report.md with tables (markdown, CSV, JSON) and plots (PNG) of an evaluation folder.
+
+    deradiff report --eval runs/eval            # writes runs/eval/report/
+
+Reads what evaluate / search / validate left in the folder (results.jsonl, config.json,
+commands.txt, search.json, validation.json) and writes:
+  report.md                 what was run, the chosen lambda, the validation verdicts, the tables
+  summary.{csv,json}        per arm and lambda: every metric's mean over prompts with its interval
+  validation.{csv,json}     per baseline and metric: realigned, retrained, gap (if validated)
+  reward_vs_lambda.png      each reward against lambda: realigned (band = interval), weight
+                            scaling, retrained baselines as points, the chosen lambda
+  frontier.png              reward against a fidelity metric (or path KL): the trade-off curve
+  grid.png                  prompts x lambda, first seed, realigned
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from deradiff.errors import UserError
+from deradiff.evaluation.evaluate import CONFIG, LORA_SCALE, REALIGNED, load_judge, load_saved_config
+from deradiff.evaluation.results import (
+    LOWER_IS_BETTER,
+    RESULTS,
+    format_summary,
+    lam_value,
+    per_prompt_table,
+    read_rows,
+    summarize,
+    write_json,
+)
+from deradiff.evaluation.validate import format_search_check
+
+MAX_GRID_PROMPTS = 6
+
+
+def _fmt(value, lo=None, hi=None) -> str:
+    if value is None:
+        return "-"
+    if lo is None:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def _series(summary: Sequence[dict], arm: str, metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    pts = sorted((r["lam_value"], r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]) for r in summary
+                 if r["arm"] == arm and r["lam_value"] is not None and metric in r)
+    return tuple(map(list, zip(*pts, strict=True))) if pts else ([], [], [], [])  # type: ignore[return-value]
+
+
+def plot_reward_vs_lambda(summary: Sequence[dict], rewards: Sequence[str], path: Path, chosen: float | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(5 * len(rewards), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], rewards, strict=True):
+        lam, v, lo, hi = _series(summary, REALIGNED, metric)
+        ax.plot(lam, v, "o-", color="C0", label="realigned (output mixing)")
+        ax.fill_between(lam, lo, hi, color="C0", alpha=0.2)
+        lam, v, lo, hi = _series(summary, LORA_SCALE, metric)
+        if lam:
+            ax.plot(lam, v, "s--", color="C1", label="LoRA scale = lambda (weight space)")
+            ax.fill_between(lam, lo, hi, color="C1", alpha=0.12)
+        retrained = [r for r in summary if r["arm"].startswith("retrained:") and metric in r]
+        if retrained:
+            ax.errorbar([r["lam_value"] for r in retrained], [r[metric] for r in retrained],
+                        yerr=[[r[metric] - r[f"{metric}_lo"] for r in retrained],
+                              [r[f"{metric}_hi"] - r[metric] for r in retrained]],
+                        fmt="D", color="C3", capsize=4, label="retrained at beta0 / lambda")
+        if chosen is not None:
+            ax.axvline(chosen, color="k", ls=":", lw=1, label=f"search: lambda = {chosen:g}")
+        ax.set_xlabel("lambda  (beta = beta0 / lambda)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_frontier(summary: Sequence[dict], reward: str, x_metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    styles = {REALIGNED: ("o-", "C0", "realigned"), LORA_SCALE: ("s--", "C1", "LoRA scale = lambda")}
+    for arm, (fmt, color, label) in styles.items():
+        pts = sorted((r["lam_value"], r[x_metric], r[reward]) for r in summary
+                     if r["arm"] == arm and r["lam_value"] is not None and x_metric in r and reward in r)
+        if not pts:
+            continue
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], fmt, color=color, label=label)
+        if arm == REALIGNED:
+            for lam, x, y in pts:
+                ax.annotate(f"{lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    retrained = [r for r in summary if r["arm"].startswith("retrained:") and x_metric in r and reward in r]
+    for r in retrained:
+        ax.errorbar(r[x_metric], r[reward], xerr=[[r[x_metric] - r[f"{x_metric}_lo"]], [r[f"{x_metric}_hi"] - r[x_metric]]],
+                    yerr=[[r[reward] - r[f"{reward}_lo"]], [r[f"{reward}_hi"] - r[reward]]], fmt="D", color="C3", capsize=3)
+        ax.annotate(f"{r['lam_value']:g}", (r[x_metric], r[reward]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color="C3")
+    if retrained:
+        ax.plot([], [], "D", color="C3", label="retrained (label: lambda)")
+    ax.set_xlabel(x_metric + ("  (lower = closer to the prior)" if x_metric in LOWER_IS_BETTER else ""))
+    ax.set_ylabel(reward)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid(rows: Sequence[dict], eval_dir: Path, path: Path) -> Path | None:
+    """Prompts (up to MAX_GRID_PROMPTS) x realigned constant lambdas, first seed."""
+    from PIL import Image
+
+    from deradiff.grids import save_image_grid
+
+    mine = [r for r in rows if r["arm"] == REALIGNED and r["lam_value"] is not None]
+    if not mine:
+        return None
+    seed = min(r["seed"] for r in mine)
+    lams = sorted({r["lam"] for r in mine}, key=lam_value)
+    prompts = sorted({(r["prompt_id"], r["prompt"]) for r in mine})[:MAX_GRID_PROMPTS]
+    cells = {(r["prompt"], r["lam"]): r["image"] for r in mine if r["seed"] == seed}
+    blank = Image.new("RGB", (8, 8), "white")
+    grid = [[Image.open(eval_dir / cells[(p, lam)]) if (p, lam) in cells else blank for lam in lams] for _, p in prompts]
+    labels = [f"p{i} {p[:28]}" + ("..." if len(p) > 28 else "") for i, p in prompts]
+    return save_image_grid(grid, path, row_labels=labels, col_labels=[f"lam={lam}" for lam in lams])
+
+
+def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0.05, frontier_x: str | None = None) -> Path:
+    """Write every table, plot and report.md for an evaluation folder; returns report.md's path."""
+    rows = read_rows(eval_dir / RESULTS)
+    if not rows:
+        hint = " (shard results? run `deradiff evaluate --merge`)" if (eval_dir / "shards").exists() else ""
+        raise UserError(f"no results in {eval_dir / RESULTS}{hint}: run `deradiff evaluate --out {eval_dir}` first")
+    cfg = load_saved_config(eval_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = load_judge(cfg) if cfg is not None else None
+    summary = summarize(per_prompt_table(rows, eval_dir, judge), n_boot, alpha)
+    write_json(out / "summary.json", summary)
+    write_csv(out / "summary.csv", summary)
+    search = json.loads((eval_dir / "search.json").read_text()) if (eval_dir / "search.json").exists() else None
+    validation = json.loads((eval_dir / "validation.json").read_text()) if (eval_dir / "validation.json").exists() else None
+    metrics = sorted({k for r in summary for k in r if f"{k}_lo" in r})
+    rewards = [m for m in metrics if m.startswith("reward/")] or metrics[:1]
+    if frontier_x and frontier_x not in metrics:
+        raise UserError(f"--frontier-x {frontier_x!r} is not measured here; choose from {metrics}")
+    x_metric = frontier_x or next((m for m in ("fidelity/adherence", "fidelity/kid", "path_kl") if m in metrics), None)
+    chosen = search["chosen_lambda"] if search else None
+    plot_reward_vs_lambda(summary, rewards, out / "reward_vs_lambda.png", chosen)
+    if x_metric and rewards:
+        plot_frontier(summary, rewards[0], x_metric, out / "frontier.png")
+    grid = image_grid(rows, eval_dir, out / "grid.png")
+    md = _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, grid is not None)
+    if validation:
+        write_json(out / "validation.json", validation)
+        write_csv(out / "validation.csv", validation["comparisons"])
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text(md)
+    os.replace(tmp, path)
+    return path
+
+
+def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, has_grid) -> str:
+    rel = os.path.relpath(eval_dir, out)
+    parts = ["# DeRaDiff evaluation report", ""]
+    if cfg is not None:
+        parts += [f"Evaluation folder `{eval_dir}`: pipeline `{cfg.pipeline}`, aligned LoRA `{cfg.lora}`"
+                  + (f" (beta0 = {cfg.beta0:g})" if cfg.beta0 else "") + f", {len(cfg.prompts)} prompts x "
+                  f"{len(cfg.seeds)} seeds, rewards {', '.join(cfg.rewards)}, sampler "
+                  f"{cfg.scheduler or 'pipeline default'} (steps {cfg.steps or 'default'}, guidance "
+                  f"{cfg.guidance if cfg.guidance is not None else 'default'}, eta {cfg.eta:g}).", ""]
+    commands = eval_dir / "commands.txt"
+    if commands.exists():
+        parts += ["## Commands", "", "```", commands.read_text().strip(), "```", ""]
+    if search:
+        lo, hi = search["lambda_interval"]
+        beta = search.get("equivalent_beta")
+        cost = search["cost"]
+        parts += ["## Search", "", f"Objective: {search['objective']}.", "",
+                  f"Chosen lambda **{search['chosen_lambda']:g}** (bootstrap interval over prompts [{lo:g}, {hi:g}])"
+                  + (f", equivalent to training at beta = beta0 / lambda = **{beta:.4g}**" if beta else "") + ". "
+                  f"Cost: {cost['images']} images at {cost['lambdas']} lambdas, {cost['sample_s']:.1f} s of sampling.", ""]
+        cols = [m for m in search["evaluated"][0] if m not in ("lam", "objective")]
+        parts += [markdown_table(["lambda", "objective", *cols],
+                                 [[f"{p['lam']:g}", _fmt(p["objective"]), *[_fmt(p[c]) for c in cols]]
+                                  for p in search["evaluated"]]), ""]
+    if validation:
+        parts += ["## Validation against retrained baselines", "",
+                  "Gap = realigned - retrained, paired over prompts; intervals are bootstrap over prompts at level "
+                  f"{1 - validation['alpha']:.0%}. 'in CI': the realigned value lies in the retrained value's interval.", ""]
+        has_scale = any("lora_scale_gap" in c for c in validation["comparisons"])
+        head = ["lambda", "beta", "metric", "realigned", "retrained", "gap", "in CI"] + (
+            ["LoRA-scale gap", "mixing closer"] if has_scale else [])
+        body = []
+        for c in validation["comparisons"]:
+            line = [f"{c['lam']:g}", _fmt(c["beta"]), c["metric"], _fmt(*c["realigned"]), _fmt(*c["retrained"]),
+                    _fmt(*c["gap"]), "yes" if c["in_baseline_ci"] else "**no**"]
+            if has_scale:
+                line += [_fmt(*c["lora_scale_gap"]) if "lora_scale_gap" in c else "-",
+                         "yes" if c.get("mixing_closer") else "no"]
+            body.append(line)
+        parts += [markdown_table(head, body), ""]
+        parts += [markdown_table(["metric", "in CI", "gap CI contains 0", "mixing closer than weight scaling"],
+                                 [[m, f"{v['in_baseline_ci']}/{v['baselines']}", f"{v['gap_ci_has_zero']}/{v['baselines']}",
+                                   f"{v['mixing_closer']}/{v['baselines']}"] for m, v in validation["per_metric"].items()]), ""]
+        comp = validation.get("compute", {})
+        if comp.get("ratio"):
+            parts += [f"Compute: the sweep trained for {comp['sweep_train_s']:.1f} s; the search sampled for "
+                      f"{comp['search_sample_s']:.1f} s ({comp['search_source']}): **{comp['ratio']:.1f}x** less.", ""]
+        if validation.get("search_check"):
+            parts += [format_search_check(validation["search_check"]).replace("search: c", "Search check: c", 1) + ".", ""]
+        if comp.get("baselines_without_time"):
+            parts += [f"Baselines without a training time: {comp['baselines_without_time']}.", ""]
+    parts += ["## Metrics per arm and lambda", "",
+              "Mean over prompts (each prompt's mean over seeds) [bootstrap interval over prompts]. Arms: realigned "
+              "(output mixing), lora-scale (weight space), retrained:<run>.", ""]
+    parts += [markdown_table(["arm", "lambda", *metrics],
+                             [[r["arm"], r["lam"], *[_fmt(r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")) for m in metrics]]
+                              for r in summary]), ""]
+    parts += ["## Plots", "", "![reward vs lambda](reward_vs_lambda.png)", ""]
+    if x_metric:
+        parts += [f"![reward / {x_metric} frontier](frontier.png)", ""]
+    if has_grid:
+        parts += ["Realigned samples, prompts x lambda (first seed):", "", "![grid](grid.png)", ""]
+    parts += ["Tables: [summary.csv](summary.csv), [summary.json](summary.json)"
+              + (", [validation.csv](validation.csv), [validation.json](validation.json)" if validation else "")
+              + f". Images: `{rel}/images/`.", ""]
+    return "\n".join(parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="evaluation folder written by evaluate / search / validate")
+    p.add_argument("--out", default=None, help="report folder (default: EVAL/report)")
+    p.add_argument("--frontier-x", default=None, help="x metric of the frontier plot "
+                   "(default: fidelity/adherence, else fidelity/kid, else path_kl)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over prompts")
+    p.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha")
+
+
+def run(args: argparse.Namespace) -> int:
+    eval_dir = Path(args.eval)
+    if not (eval_dir / CONFIG).exists() and not (eval_dir / RESULTS).exists():
+        raise UserError(f"{eval_dir} is not an evaluation folder (no {CONFIG} / {RESULTS})")
+    out = Path(args.out) if args.out else eval_dir / "report"
+    path = build_report(eval_dir, out, args.n_boot, args.alpha, args.frontier_x)
+    print(format_summary(json.loads((out / "summary.json").read_text())))
+    print(f"report -> {path}")
+    return 0

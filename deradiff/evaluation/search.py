@@ -1,0 +1,277 @@
+"""`deradiff search`: choose lambda from realigned samples only (no retraining).
+
+    deradiff search --lora runs/toy-dpo --prompts toy:test --seeds 0 1 2 3 --out runs/eval \\
+        --grid 0 0.5 1 2 4 --maximize reward/toy --budget "fidelity/adherence>=0.8" --refine 4
+    deradiff search --out runs/eval --weights reward/toy=1 path_kl=-0.001
+
+Objectives (on each metric's mean over prompts and seeds):
+- constrained: maximize one metric subject to budgets "metric<=bound" / "metric>=bound"
+  (e.g. a path-KL budget, or a floor on a fidelity metric); infeasible lambdas score -inf.
+- weighted: maximize sum_m w_m * metric_m (negative weights for costs such as path_kl).
+The grid is sampled first (through `deradiff evaluate`'s code path, into the same folder, so
+everything is resumable and reused); then golden-section refinement spends `--refine` more
+lambdas inside the bracket around the best grid point. All lambdas share prompts and seeds
+(common random numbers), so the objective is smooth in lambda. Uncertainty: a bootstrap over
+prompts re-picks lambda on each replicate; the spread of those picks is the chosen lambda's
+interval. Writes OUT/search.json (chosen lambda, beta = beta0 / lambda, every evaluated
+lambda, cost in images and seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deradiff.errors import UserError
+from deradiff.evaluation.evaluate import (
+    REALIGNED,
+    Evaluator,
+    add_eval_arguments,
+    config_from_args,
+    expected_metrics,
+    log_command,
+    parse_grid,
+)
+from deradiff.evaluation.results import SET_METRICS, lam_name, per_prompt_table, write_json
+
+GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+_BUDGET = re.compile(r"^\s*([\w/.-]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass
+class Objective:
+    """What lambda should maximize. kind "constrained": `metric` subject to `budgets`;
+    kind "weighted": sum of weights[m] * m."""
+
+    kind: str
+    metric: str | None = None
+    budgets: list[tuple[str, str, float]] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> list[str]:
+        names = [self.metric] if self.metric else []
+        return sorted(set(names + [b[0] for b in self.budgets] + list(self.weights)))
+
+    def __call__(self, means: dict[str, float]) -> float:
+        """Objective of one lambda from its metric means; -inf when a budget is violated."""
+        if self.kind == "weighted":
+            return float(sum(w * means[m] for m, w in self.weights.items()))
+        for name, op, bound in self.budgets:
+            if not (means[name] <= bound if op == "<=" else means[name] >= bound):
+                return -math.inf
+        return float(means[self.metric])
+
+    def describe(self) -> str:
+        if self.kind == "weighted":
+            return "maximize " + " + ".join(f"{w:g}*{m}" for m, w in self.weights.items())
+        budget = " and ".join(f"{m} {op} {b:g}" for m, op, b in self.budgets)
+        return f"maximize {self.metric}" + (f" subject to {budget}" if budget else "")
+
+
+def parse_objective(maximize: str | None, budgets: Sequence[str], weights: Sequence[str]) -> Objective:
+    if weights and (maximize or budgets):
+        raise UserError("choose one objective: --weights (weighted) or --maximize/--budget (constrained)")
+    if weights:
+        parsed = {}
+        for item in weights:
+            name, eq, value = item.partition("=")
+            try:
+                parsed[name.strip()] = float(value)
+            except ValueError:
+                raise UserError(f"--weights wants METRIC=WEIGHT, got {item!r}") from None
+            if not eq:
+                raise UserError(f"--weights wants METRIC=WEIGHT, got {item!r}")
+        return Objective("weighted", weights=parsed)
+    if not maximize:
+        raise UserError("no objective: pass --maximize METRIC [--budget 'METRIC<=BOUND' ...] or --weights M=W ...")
+    parsed_budgets = []
+    for text in budgets:
+        match = _BUDGET.match(text)
+        if not match:
+            raise UserError(f"--budget wants METRIC<=BOUND or METRIC>=BOUND (e.g. 'path_kl<=50'), got {text!r}")
+        parsed_budgets.append((match[1], match[2], float(match[3])))
+    return Objective("constrained", metric=maximize, budgets=parsed_budgets)
+
+
+@dataclass
+class Evaluated:
+    """Per-prompt values of the objective's metrics at one lambda."""
+
+    lam: float
+    per_prompt: dict[str, dict[str, float]]  # metric -> prompt -> value
+
+    def means(self) -> dict[str, float]:
+        return {m: float(np.mean(list(v.values()))) for m, v in self.per_prompt.items()}
+
+
+def golden_section(f: Callable[[float], float], a: float, b: float, n_evals: int) -> list[float]:
+    """Spend n_evals evaluations of f looking for a maximum in [a, b]; returns the points tried.
+    Ties go to the lower half (smaller lambda: the more conservative choice)."""
+    tried: list[float] = []
+    if n_evals < 1 or b <= a:
+        return tried
+    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    fc = f(c)
+    tried.append(c)
+    if n_evals == 1:
+        return tried
+    fd = f(d)
+    tried.append(d)
+    for _ in range(n_evals - 2):
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - GOLDEN * (b - a)
+            fc = f(c)
+            tried.append(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + GOLDEN * (b - a)
+            fd = f(d)
+            tried.append(d)
+    return tried
+
+
+def bootstrap_choice(points: Sequence[Evaluated], objective: Objective, n_boot: int, alpha: float,
+                     seed: int = 0) -> dict:
+    """Re-pick lambda on bootstrap resamples of the prompts (the same resample for every lambda).
+
+    Returns the interval of the picked lambda, how often each lambda wins, and for the point
+    estimate's pick its objective interval and (constrained) how often its budgets hold."""
+    prompts = sorted(set.intersection(*(set(v) for p in points for v in p.per_prompt.values())))
+    if not prompts:
+        raise UserError("no prompt has values for every objective metric at every lambda")
+    lams = np.array([p.lam for p in points])
+    matrix = {m: np.array([[p.per_prompt[m][q] for q in prompts] for p in points]) for m in objective.metrics}
+    n = len(prompts)
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # (n_boot, n)
+    boot_means = {m: draws @ v.T / n for m, v in matrix.items()}  # (n_boot, L)
+    values = np.array([[objective({m: boot_means[m][b, i] for m in matrix}) for i in range(len(points))]
+                       for b in range(n_boot)])
+    point = np.array([objective({m: v[i].mean() for m, v in matrix.items()}) for i in range(len(points))])
+    if not np.isfinite(point).any():
+        raise UserError("no evaluated lambda meets the budget: loosen --budget or add smaller lambdas to --grid")
+    best = int(np.argmax(point))  # the first maximum: the smallest lambda among ties
+    feasible_rows = np.isfinite(values).any(axis=1)
+    picks = lams[np.argmax(values[feasible_rows], axis=1)] if feasible_rows.any() else np.array([lams[best]])
+    lo, hi = np.quantile(picks, [alpha / 2, 1 - alpha / 2])
+    at_best = values[:, best]
+    finite = at_best[np.isfinite(at_best)]
+    return {
+        "best_index": best,
+        "lambda_interval": [float(lo), float(hi)],
+        "win_rate": {f"{lam:g}": float(np.mean(picks == lam)) for lam in lams},
+        "objective_value": float(point[best]),
+        "objective_interval": [float(v) for v in np.quantile(finite, [alpha / 2, 1 - alpha / 2])] if finite.size else None,
+        "budget_met_rate": float(np.isfinite(at_best).mean()),
+        "n_prompts": n,
+        "objectives": [float(v) for v in point],
+    }
+
+
+def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: int, n_boot: int = 1000,
+           alpha: float = 0.05, digits: int = 4) -> dict:
+    """Sample the grid, refine by golden section, bootstrap the choice; returns the search record."""
+    judge = ev.judge() if any(m in SET_METRICS for m in objective.metrics) else None  # KID needs images
+    points: dict[str, Evaluated] = {}
+    rows_used: dict[tuple, dict] = {}
+
+    def evaluate(lam: float) -> Evaluated:
+        name = lam_name(float(f"{lam:.{digits}g}"))
+        if name not in points:
+            rows = ev.ensure(REALIGNED, [name])
+            rows_used.update({(r["lam"], r["prompt"], r["seed"]): r for r in rows})
+            table = per_prompt_table(rows, ev.out, judge)[(REALIGNED, name)]
+            missing = [m for m in objective.metrics if m not in table]
+            if missing:
+                raise UserError(f"objective metrics {missing} are not measured; available: {sorted(table)} "
+                                "(rewards come from --reward; fidelity/* need toy prompts; path_kl needs a "
+                                "stochastic sampler, e.g. --scheduler ddpm or --eta 1)")
+            points[name] = Evaluated(float(name), {m: table[m] for m in objective.metrics})
+        return points[name]
+
+    def f(lam: float) -> float:
+        return objective(evaluate(lam).means())
+
+    for lam in grid:
+        evaluate(lam)
+    ordered = sorted(points.values(), key=lambda p: p.lam)
+    scores = [objective(p.means()) for p in ordered]
+    if not any(math.isfinite(s) for s in scores):
+        raise UserError("no grid lambda meets the budget: loosen --budget or add smaller lambdas to --grid")
+    i = int(np.argmax(scores))
+    lo, hi = ordered[max(i - 1, 0)].lam, ordered[min(i + 1, len(ordered) - 1)].lam
+    golden_section(f, lo, hi, refine)
+    ordered = sorted(points.values(), key=lambda p: p.lam)
+    choice = bootstrap_choice(ordered, objective, n_boot, alpha)
+    chosen = ordered[choice.pop("best_index")].lam
+    objectives = choice.pop("objectives")
+    beta0 = ev.beta0
+    return {
+        "objective": objective.describe(),
+        "maximize": objective.metric if objective.kind == "constrained" else None,
+        "chosen_lambda": chosen,
+        "lambda_interval": choice.pop("lambda_interval"),
+        "beta0": beta0,
+        "equivalent_beta": None if beta0 is None or chosen == 0 else beta0 / chosen,
+        **choice,
+        "evaluated": [{"lam": p.lam, "objective": obj, **p.means()} for p, obj in zip(ordered, objectives, strict=True)],
+        "bracket": [lo, hi],
+        "at_grid_edge": chosen in (min(grid), max(grid)) and chosen != 0,
+        "cost": {"images": len(rows_used), "lambdas": len(ordered),
+                 "sample_s": round(sum(r.get("time_s", 0.0) for r in rows_used.values()), 2)},
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_eval_arguments(p)
+    p.add_argument("--grid", nargs="+", default=["0", "0.5", "1", "2", "4"],
+                   help="constant lambdas sampled first (the refinement searches around the best one)")
+    p.add_argument("--maximize", default=None, metavar="METRIC",
+                   help="constrained objective: metric to maximize, e.g. reward/toy or reward/pickscore")
+    p.add_argument("--budget", nargs="*", default=[], metavar="METRIC<=B",
+                   help="constraints, e.g. 'path_kl<=50' or 'fidelity/adherence>=0.8' (metric means over prompts)")
+    p.add_argument("--weights", nargs="*", default=[], metavar="METRIC=W",
+                   help="weighted objective instead: maximize sum W*METRIC, e.g. reward/toy=1 path_kl=-0.001")
+    p.add_argument("--refine", type=int, default=4, help="extra lambdas for golden-section refinement (0 = grid only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = parse_grid(args.grid)
+    if any(s.kind != "constant" for s in grid):
+        raise UserError("--grid takes constant lambdas only (the search is over a number)")
+    if args.refine < 0:
+        raise UserError(f"--refine must be >= 0, got {args.refine}")
+    objective = parse_objective(args.maximize, args.budget, args.weights)
+    cfg = config_from_args(args)
+    unknown = [m for m in objective.metrics if m not in expected_metrics(cfg)]
+    if unknown:
+        raise UserError(f"objective metrics {unknown} are not measured by this evaluation; available: "
+                        f"{expected_metrics(cfg)} (rewards come from --reward)")
+    out = Path(args.out)
+    start = time.perf_counter()
+    ev = Evaluator(cfg, out)
+    log_command(out, args)
+    record = search(ev, [s.start for s in grid], objective, args.refine, args.n_boot, args.alpha)
+    record["cost"].update(sampled_now=ev.sampled, resampled=ev.resampled, wall_s=round(time.perf_counter() - start, 2))
+    write_json(out / "search.json", record)
+    lam, (lo, hi) = record["chosen_lambda"], record["lambda_interval"]
+    beta = record["equivalent_beta"]
+    print(f"{record['objective']}: chosen lambda {lam:g} (bootstrap interval [{lo:g}, {hi:g}], "
+          f"{record['n_prompts']} prompts)" + (f" -> beta = beta0 / lambda = {beta:.4g}" if beta else ""))
+    if record["at_grid_edge"]:
+        print(f"note: lambda {lam:g} is at the edge of the grid; the optimum may lie beyond it: extend --grid")
+    for p in record["evaluated"]:
+        print("  lam {:>8g}  objective {:>10.4g}  ".format(p["lam"], p["objective"])
+              + "  ".join(f"{m}={p[m]:.4g}" for m in objective.metrics))
+    cost = record["cost"]
+    print(f"cost: {cost['images']} images over {cost['lambdas']} lambdas, {cost['sample_s']:.1f}s of sampling "
+          f"({cost['sampled_now']} sampled now, {cost['wall_s']:.1f}s wall) -> {out / 'search.json'}")
+    return 0

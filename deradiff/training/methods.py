@@ -1,0 +1,94 @@
+"""Training methods by name: each factory turns (recipe, pipeline, accelerator) into a Method.
+
+    METHODS["dpo"](recipe, pipe, accelerator) -> Method
+Factories import their modules lazily, so choosing a method imports only what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from deradiff.training.trainer import Method
+
+
+def make_dpo(recipe, pipe, accelerator) -> Method:
+    """Diffusion-DPO on Pick-a-Pic-format preference pairs; reference = LoRA disabled."""
+    from deradiff.training.conditioning import encode_prompts
+    from deradiff.training.data import collate_pairs, load_preference_dataset
+    from deradiff.training.dpo import dpo_errors
+    from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
+
+    dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed, rank=accelerator.process_index,
+                                             world_size=accelerator.num_processes)
+    accelerator.print(f"preference pairs: {'streamed, counted as they arrive' if recipe.data.streaming else stats}")
+    m = recipe.method
+    device = accelerator.device
+
+    def collate(rows: list[dict], ids: list[int]) -> dict:
+        return {**collate_pairs(rows), "ids": ids}
+
+    def errors(unet, batch: dict, epoch: int):
+        reference = accelerator.unwrap_model(unet)
+        cond = encode_prompts(pipe, batch["captions"], device, recipe.data.resolution,
+                              batch.get("original_sizes"), batch.get("crops_top_left"))
+        with accelerator.autocast():
+            return dpo_errors(unet, reference, pipe.vae, pipe.scheduler, batch["pixel_values_w"].to(device),
+                              batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
+                              seed=recipe.trainer.seed, epoch=epoch)
+
+    def step(unet, batch: dict, step_index: int, epoch: int):
+        return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
+
+    eval_set = None
+    if recipe.data.eval_path or recipe.data.eval_split:
+        eval_set, eval_stats = load_preference_dataset(recipe.data, which="eval", seed=recipe.trainer.seed)
+        if not hasattr(eval_set, "__len__"):
+            eval_set = list(eval_set)  # held-out pairs are few (data.max_eval_samples): read them once
+        accelerator.print(f"held-out pairs: {eval_stats}")
+
+    @torch.no_grad()
+    def evaluate(unet) -> dict[str, float]:
+        """Held-out DPO metrics, this rank's share, averaged over ranks: each pair at
+        method.eval_draws fixed (timestep, noise) draws (epoch keys -1, -2, ...); eval/dpo/* are
+        means over pairs and draws, eval/dpo/ranking_acc the implicit accuracy of the
+        draw-averaged margin (the model's implicit reward, E_t,noise, estimated per pair)."""
+        rows = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
+        size = recipe.trainer.per_device_batch_size
+        sums: dict[str, float] = {"dpo/ranking_acc": 0.0}
+        for start in range(0, len(rows), size):
+            ids = rows[start:start + size]
+            batch = collate([eval_set[i] for i in ids], ids)
+            margin = torch.zeros(len(ids), dtype=torch.float64, device=device)
+            for draw in range(m.eval_draws):
+                errs = errors(unet, batch, -1 - draw)
+                margin += dpo_logits(*errs).double()
+                _, metrics = diffusion_dpo_loss(*errs, beta=m.beta, convention=m.beta_convention)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(ids) / m.eval_draws
+            sums["dpo/ranking_acc"] += float(implicit_accuracy(margin).sum())
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys] + [len(rows)], dtype=torch.float64, device=device)
+        totals = accelerator.reduce(totals, reduction="sum")
+        return {f"eval/{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1].tolist(), strict=True)}
+
+    describe = (f"beta={m.beta:g} ({m.beta_convention} convention: loss = -log sigmoid(-"
+                f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference))")
+    return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None)
+
+
+def _lazy(module: str, name: str) -> Callable:
+    def factory(recipe, pipe, accelerator) -> Method:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(recipe, pipe, accelerator)
+
+    return factory
+
+
+METHODS: dict[str, Callable] = {
+    "dpo": make_dpo,
+    "kl_grad": _lazy("deradiff.training.kl", "make_kl_grad"),
+    "kl_pg": _lazy("deradiff.training.kl", "make_kl_pg"),
+}

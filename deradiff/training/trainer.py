@@ -1,0 +1,342 @@
+"""The training loop shared by every method: setup -> fit -> (train_step, log, checkpoint) -> save.
+
+A method (Diffusion-DPO, KL reward gradient, KL policy gradient) supplies a dataset of rows and
+a step function `step(unet, batch, step, epoch) -> (loss, metrics)`; everything else (accelerate and
+DeepSpeed, mixed precision, accumulation, clipping, logging, sample grids, atomic checkpoints,
+exact resume) lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deradiff.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from deradiff.training.data_order import DataOrder, StreamOrder
+from deradiff.errors import UserError
+from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
+
+# Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
+# "try again"; slurm/*.sbatch requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@dataclass
+class Method:
+    """What a training method contributes to the shared loop."""
+
+    name: str
+    dataset: torch.utils.data.Dataset  # rows; a row's position in the dataset is its id
+    collate: Callable[[list[dict], list[int]], dict]  # (rows, ids) -> batch
+    # step(unet, batch, step, epoch) -> (loss, metrics). `unet` is the trainable model as
+    # accelerate prepared it (DDP/DeepSpeed-wrapped); accelerator.unwrap_model(unet) is the
+    # plain module, which with adapters_disabled() is the reference.
+    step: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
+    describe: str = ""  # one line for the start-of-run log (e.g. the beta convention)
+    # evaluate(unet) -> metrics on held-out data (no gradients), at trainer.eval_every and the end
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+
+
+def is_finished(run_dir: Path, max_steps: int) -> bool:
+    """A run is finished when its final LoRA and summary exist (both written at the very end) and
+    it reached `max_steps` (raising trainer.max_steps continues a finished run)."""
+    summary = run_dir / "summary.json"
+    if not ((run_dir / "lora" / LORA_WEIGHT_NAME).exists() and summary.exists()):
+        return False
+    try:
+        return int(json.loads(summary.read_text()).get("step", -1)) >= max_steps
+    except (ValueError, OSError):  # a summary being written or damaged: not finished
+        return False
+
+
+def make_accelerator(recipe, run_dir: Path):
+    """accelerate.Accelerator for this recipe: mixed precision, accumulation, trackers, gloo on CPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without this, accelerate on CPU believes num_processes=1 on every rank.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        mixed_precision=recipe.model.mixed_precision,
+        gradient_accumulation_steps=recipe.trainer.gradient_accumulation,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = recipe.trainer.per_device_batch_size
+        ds["gradient_accumulation_steps"] = recipe.trainer.gradient_accumulation
+        ds["gradient_clipping"] = recipe.trainer.max_grad_norm
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_pipeline(recipe, accelerator):
+    """Load the pipeline, freeze it in the compute dtype, add the LoRA with fp32 parameters."""
+    from deradiff.models import load_pipeline
+
+    m = recipe.model
+    pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
+    dtype = weight_dtype(accelerator)
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(accelerator.device)
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
+    add_lora(pipe.unet, rank=recipe.lora.rank, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+             target_modules=list(recipe.lora.target_modules))
+    for p in pipe.unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA weights train in fp32 under fp16/bf16 autocast
+    if recipe.model.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_optimizer(recipe, params):
+    t = recipe.trainer
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("trainer.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _register_lora_only_checkpointing(accelerator, unet) -> None:
+    """Checkpoint only the LoRA weights (safetensors), not the frozen base UNet."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(accelerator.unwrap_model(unet)).items()},
+                      os.path.join(output_dir, "lora.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(os.path.join(input_dir, "lora.safetensors")))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
+    """Train one LoRA as the recipe says; resume from the run's latest checkpoint if there is one."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from deradiff.training.recipe import save_resolved
+
+    accelerator = make_accelerator(recipe, run_dir)
+    t = recipe.trainer
+    set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
+    pipe = prepare_pipeline(recipe, accelerator)
+    method: Method = method_factory(recipe, pipe, accelerator)
+    if hasattr(method.dataset, "__len__"):
+        order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
+                          t.gradient_accumulation, t.seed)
+        if order.steps_per_epoch < 1:
+            raise UserError(
+                f"the dataset has {len(method.dataset)} rows, fewer than one global batch of {order.global_batch} "
+                f"(per_device_batch_size x processes x gradient_accumulation): lower the batch or add data"
+            )
+    else:  # streamed: each rank reads its own shard
+        order = StreamOrder(t.per_device_batch_size, accelerator.num_processes, t.gradient_accumulation)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, params)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * accelerator.num_processes,
+                                 num_training_steps=t.max_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    _register_lora_only_checkpointing(accelerator, unet)
+    state = TrainState()
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and t.resume == "never":
+        raise UserError(f"{run_dir} already has checkpoints ({checkpoint.name}) and trainer.resume=never: "
+                        "choose another trainer.output_dir or set trainer.resume=auto")
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        if accelerator.is_main_process:
+            _truncate_jsonl(run_dir / "metrics.jsonl", state.step)  # drop steps logged after it
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:
+        save_resolved(recipe, run_dir)
+        accelerator.init_trackers("deradiff")
+    n_trainable = sum(p.numel() for p in params)
+    accelerator.print(
+        f"{method.name}: {method.describe} | {n_trainable / 1e6:.2f}M trainable LoRA params | global batch "
+        f"{order.global_batch} = {t.per_device_batch_size} per device x {accelerator.num_processes} processes x "
+        f"{t.gradient_accumulation} accumulation | {order.describe()} | {t.max_steps} steps"
+    )
+    log_path = run_dir / "metrics.jsonl"
+    preempted = _install_preemption_handlers()
+    bar = tqdm(total=t.max_steps, initial=state.step, desc=method.name, disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    last: dict[str, float] = {}
+    while state.step < t.max_steps:
+        step_metrics: list[dict] = []
+        unet.train()
+        for micro in range(t.gradient_accumulation):
+            rows, ids, epoch = order.rows(method.dataset, state.step, micro, accelerator.process_index)
+            batch = method.collate(rows, ids)
+            with accelerator.accumulate(unet):
+                loss, metrics = method.step(unet, batch, state.step, epoch)
+                _check_finite(loss, state, batch, run_dir)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    if norm is not None:  # DeepSpeed clips inside its engine and returns None
+                        metrics["train/grad_norm"] = float(norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_metrics.append(metrics)
+        state.step += 1
+        state.epoch = epoch
+        state.samples_seen += order.global_batch
+        last = _reduce_metrics(accelerator, step_metrics)
+        last["train/lr"] = lr_scheduler.get_last_lr()[0]
+        last["train/epoch"] = epoch
+        if method.evaluate is not None and ((t.eval_every and state.step % t.eval_every == 0)
+                                            or state.step == t.max_steps):
+            unet.eval()
+            last.update(method.evaluate(unet))
+        if accelerator.is_main_process and (state.step % t.log_every == 0 or state.step == t.max_steps):
+            accelerator.log(last, step=state.step)
+            _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
+        bar.set_postfix({short: f"{last[k]:.4g}" for k, short in _BAR_KEYS.items() if k in last})
+        bar.update()
+        if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
+            save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
+        stop = _any_rank(accelerator, preempted["flag"])
+        if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
+            save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
+        if stop:
+            bar.close()
+            accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
+                              f"re-run the same command to resume")
+            accelerator.end_training()
+            sys.exit(PREEMPTED_EXIT_CODE)
+    bar.close()
+    accelerator.wait_for_everyone()
+    save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
+    if accelerator.is_main_process:
+        pipe.unet = accelerator.unwrap_model(unet)
+        save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
+                                                     "base": recipe.model.name_or_path, "step": state.step})
+        summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in summary.items()) + f" | LoRA: {run_dir / 'lora' / LORA_WEIGHT_NAME}")
+    accelerator.end_training()
+    return last
+
+
+# metric -> its short name in the progress bar
+_BAR_KEYS = {"dpo/loss": "loss", "dpo/implicit_acc": "acc", "eval/dpo/implicit_acc": "eval_acc",
+             "kl/loss": "loss", "kl/reward": "reward", "kl/path_kl": "kl", "eval/kl/reward": "eval_reward"}
+
+
+@torch.no_grad()
+def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
+    """Main process: recipe.sample prompts (rows) x images, from the base (first column) and the
+    current LoRA model (the rest), same seeds, written atomically as a PNG."""
+    from deradiff.grids import save_image_grid
+    from deradiff.models import adapters_disabled, set_scheduler
+
+    s = recipe.sample
+    zero3 = accelerator.state.deepspeed_plugin is not None and \
+        accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not s.prompts or not accelerator.is_main_process or zero3:  # ZeRO-3 shards weights over ranks
+        return
+    training_scheduler = pipe.scheduler
+    set_scheduler(pipe, s.scheduler)
+    rows = []
+    for i, prompt in enumerate(s.prompts):
+        kwargs = dict(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, output_type="np")
+        gen = torch.Generator().manual_seed(s.seed + i)
+        with adapters_disabled(pipe.unet):
+            base = pipe(prompt, generator=gen, **kwargs).images[0]
+        gen = torch.Generator().manual_seed(s.seed + i)
+        tuned = pipe(prompt, num_images_per_prompt=s.images_per_prompt, generator=gen, **kwargs).images
+        rows.append([(img * 255).round().astype("uint8") for img in (base, *tuned)])
+    pipe.scheduler = training_scheduler
+    save_image_grid(rows, path, row_labels=[p[:28] for p in s.prompts],
+                    col_labels=["base"] + [f"lora #{j}" for j in range(s.images_per_prompt)])
+
+
+def _install_preemption_handlers() -> dict:
+    """SIGUSR1/SIGTERM (SLURM's warning signal, preemption) ask for a checkpoint and exit after
+    the current step instead of dying mid-step."""
+    state = {"flag": False, "name": ""}
+
+    def handler(signum, _frame):
+        state["flag"], state["name"] = True, signal.Signals(signum).name
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, handler)
+    return state
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if the flag is set on any (all ranks must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _check_finite(loss: torch.Tensor, state: TrainState, batch: dict, run_dir: Path) -> None:
+    if not torch.isfinite(loss).all():
+        captions = batch.get("captions", batch.get("prompts", []))[:4]
+        last = latest_checkpoint(run_dir)
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {state.step + 1} (captions {captions}); "
+            f"last good checkpoint: {last or 'none'} (left intact). Lower trainer.lr or check the data."
+        )
+
+
+def _reduce_metrics(accelerator, per_micro: list[dict]) -> dict[str, float]:
+    """Mean over accumulation micro-batches and processes."""
+    keys = sorted(per_micro[0])
+    local = torch.tensor([[m[k] for k in keys] for m in per_micro], dtype=torch.float64).mean(0)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="mean")
+    return {k: float(v) for k, v in zip(keys, total.tolist(), strict=True) if math.isfinite(v)}
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= max_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
