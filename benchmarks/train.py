@@ -42,8 +42,8 @@ def _unet(width: int):
 def worker(approach: str, args) -> dict:
     import torch
 
-    from deradiff.training.losses import diffusion_dpo_loss, per_sample_mse
     from deradiff.models import adapters_disabled, add_lora
+    from deradiff.training.losses import diffusion_dpo_loss, per_sample_mse
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

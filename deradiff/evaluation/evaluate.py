@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deradiff.evaluation.baselines import LoraRun, baseline_lambda, check_baselines, lora_run, resolve_lora
 from deradiff.errors import UserError
-from deradiff.realign import MODES, LambdaSchedule, denoiser_attribute, parse_lambda, path_kl, realigned
+from deradiff.evaluation.baselines import LoraRun, baseline_lambda, check_baselines, lora_run, resolve_lora
 from deradiff.evaluation.results import (
     RESULTS,
     SET_METRICS,
@@ -60,6 +59,7 @@ from deradiff.evaluation.results import (
     summarize,
     write_json,
 )
+from deradiff.realign import MODES, LambdaSchedule, denoiser_attribute, parse_lambda, path_kl, realigned
 
 CONFIG = "config.json"
 REALIGNED, LORA_SCALE, RETRAINED = "realigned", "lora-scale", "retrained"
@@ -304,9 +304,9 @@ class Evaluator:
     def _load(self) -> None:
         if self._pipe is not None:
             return
+        from deradiff.evaluation.sample import pipeline_call_kwargs
         from deradiff.models import load_lora, load_pipeline, set_scheduler
         from deradiff.rewards import get_reward
-        from deradiff.evaluation.sample import pipeline_call_kwargs
 
         cfg = self.cfg
         self._rewards = {}
@@ -425,8 +425,8 @@ def _save_png(image, path: Path) -> None:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by evaluate, search and validate (what to sample and how)."""
-    from deradiff.models import SCHEDULERS
     from deradiff.evaluation.prompts import describe_sets
+    from deradiff.models import SCHEDULERS
 
     p.add_argument("--out", required=True, help="evaluation folder (results.jsonl, images/, config.json); "
                    "re-running into it resumes, and options not given are read from its config.json")

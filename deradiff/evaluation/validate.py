@@ -25,8 +25,8 @@ import math
 import time
 from pathlib import Path
 
-from deradiff.evaluation.baselines import lora_run
 from deradiff.errors import UserError
+from deradiff.evaluation.baselines import lora_run
 from deradiff.evaluation.evaluate import (
     LORA_SCALE,
     REALIGNED,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from deradiff.training.conditioning import Conditioning
-from deradiff.training.losses import per_sample_mse
 from deradiff.models import adapters_disabled
 from deradiff.seeding import keyed_randint, keyed_randn
+from deradiff.training.conditioning import Conditioning
+from deradiff.training.losses import per_sample_mse
 
 
 @torch.no_grad()

@@ -57,11 +57,11 @@ from pathlib import Path
 
 import torch
 
-from deradiff.training.conditioning import Conditioning, encode_prompts
 from deradiff.errors import UserError
+from deradiff.seeding import keyed_randn
+from deradiff.training.conditioning import Conditioning, encode_prompts
 from deradiff.training.losses import kl_regularized_reward_loss, normalize_advantages_per_prompt, ppo_loss
 from deradiff.training.rollout import Trajectory, decode, sample_trajectory, step_log_prob_and_kl
-from deradiff.seeding import keyed_randn
 
 # Salts of the keyed random choices here; far from the rollout's (10, 11 + i) and DPO's (1-4).
 _SALT_KL_STEPS = 1 << 30

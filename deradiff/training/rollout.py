@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from deradiff.training.conditioning import Conditioning
-from deradiff.training.losses import gaussian_kl, gaussian_log_prob
 from deradiff.models import adapters_disabled
 from deradiff.seeding import keyed_randn
+from deradiff.training.conditioning import Conditioning
+from deradiff.training.losses import gaussian_kl, gaussian_log_prob
 
 
 @dataclass

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deradiff.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from deradiff.training.data_order import DataOrder, StreamOrder
 from deradiff.errors import UserError
 from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
+from deradiff.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from deradiff.training.data_order import DataOrder, StreamOrder
 
 # Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
 # "try again"; slurm/*.sbatch requeues the job on it.

@@ -9,7 +9,14 @@ import pytest
 
 from deradiff.errors import UserError
 from deradiff.evaluation.results import lam_name
-from deradiff.evaluation.search import Evaluated, Objective, bootstrap_choice, golden_section, parse_objective, search
+from deradiff.evaluation.search import (
+    Evaluated,
+    Objective,
+    bootstrap_choice,
+    golden_section,
+    parse_objective,
+    search,
+)
 
 PROMPTS = [f"prompt {i}" for i in range(8)]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deradiff.evaluation.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.errors import UserError
+from deradiff.evaluation.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.evaluation.evaluate import LORA_SCALE, REALIGNED, RETRAINED
 from deradiff.evaluation.results import lam_name
 from deradiff.evaluation.validate import compute_ratio, format_search_check, paired, search_check, validate

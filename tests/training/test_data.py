@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deradiff.errors import UserError
 from deradiff.training.data import (
     PreferencePairs,
     collate_pairs,
@@ -22,7 +23,6 @@ from deradiff.training.data import (
     resolve_parquet_files,
     transform_pair,
 )
-from deradiff.errors import UserError
 from deradiff.training.recipe import DataSection
 
 R = 16  # training resolution in these tests

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deradiff.training.data_order import DataOrder, StreamOrder
 from deradiff.errors import UserError
+from deradiff.training.data_order import DataOrder, StreamOrder
 
 
 class FakeStream:

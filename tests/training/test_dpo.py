@@ -7,10 +7,10 @@ import math
 import torch
 from conftest import build_tiny_sd15
 
+from deradiff.models import add_lora
 from deradiff.training.conditioning import encode_prompts
 from deradiff.training.dpo import dpo_errors
 from deradiff.training.losses import diffusion_dpo_loss
-from deradiff.models import add_lora
 
 
 def _pairs(n, seed=0):

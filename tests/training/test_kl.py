@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import add_random_lora, build_tiny_sd15
 
+from deradiff.errors import UserError
+from deradiff.rewards import REWARDS, Reward, RewardEntry
 from deradiff.training import kl
 from deradiff.training.conditioning import encode_prompts
-from deradiff.errors import UserError
 from deradiff.training.recipe import Recipe
-from deradiff.rewards import REWARDS, Reward, RewardEntry
 from deradiff.training.rollout import sample_trajectory, step_log_prob_and_kl
 
 PROMPTS = ["a red circle", "a blue square", "a green cross"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from deradiff.training.conditioning import encode_prompts
 from deradiff.models import set_scheduler
+from deradiff.training.conditioning import encode_prompts
 from deradiff.training.rollout import sample_trajectory, step_log_prob_and_kl
 
 PROMPTS = ["a red circle", "a blue square", "a green cross"]
