@@ -213,15 +213,16 @@ def set_lora_scale(denoiser: nn.Module, scale: float) -> None:
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                   revision: str | None = None, variant: str | None = None, vae: str | None = None):
-    """A diffusers pipeline from "toy", a local folder, or a hub id (safetensors only).
+    """A diffusers pipeline from a registered model name (deradiff.plugins, e.g. "toy"), a local
+    folder, or a hub id (safetensors only).
 
     `vae` replaces the pipeline's VAE (e.g. "madebyollin/sdxl-vae-fp16-fix" for SDXL in fp16).
     """
-    if name_or_path == "toy":
-        from deradiff.toy.pipeline import load_toy_pipeline
+    from deradiff.plugins import model_entry
 
-        pipe = load_toy_pipeline().to(device)
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    entry = model_entry(name_or_path)
+    if entry is not None:
+        return entry.load(dtype=dtype, device=device)
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     try:

@@ -491,7 +491,6 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def _check_config(cfg: EvalConfig) -> None:
-    from deradiff.rewards import REWARDS
 
     resolve_lora(cfg.lora)
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -500,7 +499,7 @@ def _check_config(cfg: EvalConfig) -> None:
         raise UserError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     for spec in cfg.rewards:
         name, _ = parse_reward_spec(spec)
-        if name not in REWARDS:
+        if name not in available_rewards():
             from deradiff.rewards import get_reward
 
             get_reward(name)  # raises the registry's listing

@@ -12,7 +12,8 @@ validating a recipe imports nothing heavy; whether a reward is differentiable is
 entry alone (`is_differentiable(name)`), before any model is built.
 
 To add a reward: write deradiff/rewards/<name>.py with a `Reward` subclass and add one
-`RewardEntry` line to `REWARDS`.
+`RewardEntry` line to `REWARDS`; a plug-in calls `register_reward(name, RewardEntry(...))` from
+its register() (see deradiff.plugins).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from deradiff.errors import UserError
+from deradiff.plugins import load_plugins
 
 
 class Reward(torch.nn.Module):
@@ -63,8 +65,6 @@ class RewardEntry:
 
 
 REWARDS: dict[str, RewardEntry] = {
-    "toy": RewardEntry("deradiff.toy.reward", "ToyReward", True,
-                       "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"),
     "clipscore": RewardEntry("deradiff.rewards.clipscore", "CLIPScore", True,
                              "prompt-image CLIP similarity 100*cos (openai/clip-vit-large-patch14)"),
     "pickscore": RewardEntry("deradiff.rewards.pickscore", "PickScore", True,
@@ -76,11 +76,18 @@ REWARDS: dict[str, RewardEntry] = {
 }
 
 
+def register_reward(name: str, entry: RewardEntry) -> None:
+    """Add a reward (plug-ins call this from their register())."""
+    REWARDS[name] = entry
+
+
 def available_rewards() -> list[str]:
+    load_plugins()
     return sorted(REWARDS)
 
 
 def _entry(name: str) -> RewardEntry:
+    load_plugins()
     if name not in REWARDS:
         listing = ", ".join(f"{k} ({'differentiable' if v.differentiable else 'not differentiable'})"
                             for k, v in sorted(REWARDS.items()))

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from deradiff.errors import UserError
+from deradiff.plugins import load_plugins
 from deradiff.rewards import REWARDS, Reward, available_rewards, get_reward, is_differentiable
+
+load_plugins()  # plug-ins (the toy world) register their rewards
 
 
 def test_toy_reward_by_name_scores_a_batch():

@@ -1,0 +1,104 @@
+"""The toy world as a plug-in: registers its pipeline ("toy"), its prompt sets ("toy:train",
+"toy:test", "toy:all"), its fidelity judge ("toy": classifier adherence, KID, diversity) and its
+reward ("toy") through the same registries a real model family, prompt set or reward uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from deradiff.plugins import (
+    JudgeEntry,
+    ModelEntry,
+    PromptSetEntry,
+    register_judge,
+    register_model,
+    register_prompt_set,
+)
+
+PREFS_HINT = "make the toy preference pairs with `deradiff toy make-prefs`"
+
+
+def _load_pipeline(dtype=None, device: str = "cpu"):
+    import torch
+
+    from deradiff.toy.pipeline import load_toy_pipeline
+
+    pipe = load_toy_pipeline().to(device)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def _pipeline_identity() -> dict:
+    """The shipped weights' manifest hash: re-pretrained toy weights make other samples."""
+    from deradiff.io import sha256_file
+    from deradiff.toy.store import ASSET_DIR, MANIFEST_NAME
+
+    manifest = ASSET_DIR / MANIFEST_NAME
+    return {"toy_manifest_sha256": sha256_file(manifest) if manifest.exists() else None}
+
+
+def _check_prompt(prompt: str) -> None:
+    from deradiff.toy.pipeline import check_prompt
+
+    check_prompt(prompt)
+
+
+def _read_prompts(split: str) -> list[str]:
+    from deradiff.toy.prompts import prompt_set
+
+    return prompt_set(split)
+
+
+def _accepts(prompts: Sequence[str]) -> bool:
+    from deradiff.toy.domain import parse_caption
+
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_judge(weights: str | None = None, device: str = "cpu"):
+    from deradiff.toy.classifier import load_classifier
+    from deradiff.toy.metrics import FidelityJudge
+
+    return FidelityJudge(load_classifier(weights).to(device))
+
+
+def _judge_identity(weights: str | None) -> dict:
+    from pathlib import Path
+
+    from deradiff.errors import UserError
+    from deradiff.io import sha256_file
+    from deradiff.toy.classifier import WEIGHTS_NAME
+    from deradiff.toy.store import ASSET_DIR
+
+    root = Path(weights) if weights else ASSET_DIR
+    candidates = [root / WEIGHTS_NAME, root / "classifier" / WEIGHTS_NAME]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise UserError(f"no toy classifier at {root} (looked for {[str(p) for p in candidates]}): pass "
+                        "--classifier DIR, rebuild the toy assets with `deradiff toy pretrain`, or --fidelity none")
+    return {"classifier_sha256": sha256_file(found)}
+
+
+def register() -> None:
+    from deradiff.rewards import RewardEntry, register_reward
+    from deradiff.toy.pipeline import toy_sampling_kwargs
+
+    register_model("toy", ModelEntry(
+        load=_load_pipeline, help="the embedded toy world (tiny StableDiffusionPipeline, shipped weights)",
+        family="sd15", sampling_defaults=toy_sampling_kwargs(), check_prompt=_check_prompt,
+        identity=_pipeline_identity, default_prompts="toy:train", prefs_hint=PREFS_HINT,
+    ))
+    register_prompt_set("toy", PromptSetEntry(
+        read=_read_prompts, splits=("train", "test", "all"), default_split="train",
+        help="the toy world's captions (held-out test split, training split, all)",
+    ))
+    register_judge("toy", JudgeEntry(
+        accepts=_accepts, load=_load_judge, identity=_judge_identity,
+        help="toy classifier: color/shape/background adherence per image; KID and diversity per prompt",
+    ))
+    register_reward("toy", RewardEntry("deradiff.toy.reward", "ToyReward", True,
+                                       "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"))
