@@ -491,6 +491,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def _check_config(cfg: EvalConfig) -> None:
+    from deradiff.rewards import available_rewards
+
 
     resolve_lora(cfg.lora)
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
