@@ -425,8 +425,8 @@ def _save_png(image, path: Path) -> None:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by evaluate, search and validate (what to sample and how)."""
-    from deradiff.evaluation.prompts import describe_sets
     from deradiff.models import SCHEDULERS
+    from deradiff.prompts import describe_sets
 
     p.add_argument("--out", required=True, help="evaluation folder (results.jsonl, images/, config.json); "
                    "re-running into it resumes, and options not given are read from its config.json")
@@ -471,7 +471,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """An EvalConfig from the command line, falling back to OUT/config.json for unset options
     (so `deradiff search --out DIR` reuses the evaluation's settings) and then to defaults."""
-    from deradiff.evaluation.prompts import load_prompt_set
+    from deradiff.prompts import load_prompts
 
     saved = load_saved_config(Path(args.out))
     base = asdict(saved) if saved is not None else {}
@@ -481,7 +481,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if hasattr(args, "reward"):
         given["rewards"] = list(args.reward)
     if hasattr(args, "prompts") or saved is None:
-        given["prompts"] = load_prompt_set(getattr(args, "prompts", "toy:test"), getattr(args, "max_prompts", None))
+        given["prompts"] = load_prompts(getattr(args, "prompts", "toy:test"), getattr(args, "max_prompts", None))
     merged = {**base, **given, "device": args.device, "batch_size": args.batch_size}
     if not merged.get("lora"):
         raise UserError("which LoRA? pass --lora (a training run folder, LoRA folder or .safetensors file)")

@@ -348,13 +348,13 @@ def _repeat_each(cond: Conditioning, n: int) -> Conditioning:
 
 
 def training_prompts(recipe) -> list[str]:
-    """The prompts of data.prompts (deradiff.training.data.load_prompts); with data.prompts unset or
+    """The prompts of data.prompts (deradiff.prompts.load_prompts); with data.prompts unset or
     "toy" on the toy model, the toy training split."""
     spec = recipe.data.prompts
     if spec is None and recipe.model.name_or_path != "toy":
         raise UserError(f"method {recipe.method.name} samples from prompts: set data.prompts "
                         "(a text file, 'toy:train' or 'hf:<dataset id>')")
-    from deradiff.training.data import load_prompts
+    from deradiff.prompts import load_prompts
 
     return load_prompts(spec or "toy:train")  # load_prompts reads "toy" as the toy training split
 
@@ -397,7 +397,7 @@ def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig,
     without eval prompts."""
     if not recipe.data.eval_prompts:
         return None
-    from deradiff.training.data import load_prompts
+    from deradiff.prompts import load_prompts
 
     prompts = load_prompts(recipe.data.eval_prompts)
     per = EVAL_IMAGES_PER_PROMPT

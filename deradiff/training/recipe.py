@@ -110,7 +110,7 @@ class DataSection:
         max_train_samples: use only this many pairs (first of a seeded shuffle); null = all.
         verify_images: decode every image once before training, so that corrupt rows are
             dropped and counted up front; false = detect them lazily while training.
-        prompts: prompts for kl_grad / kl_pg (see deradiff.training.data.load_prompts): a text file (one
+        prompts: prompts for kl_grad / kl_pg (see deradiff.prompts.load_prompts): a text file (one
             per line, # comments), "toy:train" (or "toy") / "toy:test" / "toy:all" (the toy captions), or
             "hf:<dataset id>[:<split>]" (its `caption` column).
         eval_prompts: held-out prompts for evaluation and sample grids, same forms; null = none.

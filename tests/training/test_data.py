@@ -19,7 +19,6 @@ from deradiff.training.data import (
     decode_image,
     filter_pairs,
     load_preference_dataset,
-    load_prompts,
     resolve_parquet_files,
     transform_pair,
 )
@@ -235,21 +234,3 @@ def test_resolve_parquet_files(tmp_path):
     assert resolve_parquet_files(str(tmp_path / "*.parquet")) == expected
     with pytest.raises(UserError, match="no parquet file"):
         resolve_parquet_files(str(tmp_path / "none-*.parquet"))
-
-
-def test_load_prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("# a comment\n a red circle \n\nsecond prompt # not a comment\na red circle\n   \n# last\n")
-    assert load_prompts(str(path)) == ["a red circle", "second prompt # not a comment"]
-    assert load_prompts(str(path), max_prompts=1) == ["a red circle"]
-    test = load_prompts("toy:test")
-    train = load_prompts("toy:train")
-    assert len(test) == 12 and not set(test) & set(train)
-    assert load_prompts("toy") == train
-    with pytest.raises(UserError, match="not found"):
-        load_prompts(str(tmp_path / "missing.txt"))
-    (tmp_path / "empty.txt").write_text("# only comments\n\n")
-    with pytest.raises(UserError, match="no prompts"):
-        load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(UserError, match="unknown toy prompt set"):
-        load_prompts("toy:val")
