@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install demo test lint bench system-test-deps
+.PHONY: install demo test lint bench bench-gpu system-test-deps
 
 $(PY):
 	bash scripts/install.sh
@@ -29,3 +29,7 @@ lint: $(PY)
 
 bench: $(PY)
 	$(PY) benchmarks/realign.py
+
+# On a GPU machine: full-size SD1.5/SDXL/SD3.5-medium shapes, random weights, one JSON (a few minutes).
+bench-gpu: $(PY)
+	$(PY) benchmarks/gpu.py --out benchmarks/results/gpu.json

@@ -1,0 +1,38 @@
+"""The GPU benchmark's CPU-sized variant: the same code at tiny shapes, so the script a GPU
+session runs once is known to work, and its built-in correctness check (LoRA-toggle and
+two-model realignment give the same samples) holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_tiny_runs_and_agrees(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu", "--dtype", "fp32",
+         "--repeats", "1", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    sampling = [r for r in result["rows"] if r["bench"] == "sampling"]
+    assert {(r["family"], r["approach"], r["batch"]) for r in sampling} == {
+        (f, a, b) for f in ("sd15", "sdxl", "sd3")
+        for a in ("aligned_only", "two_forward", "mixed_batch", "two_models") for b in (1, 4)}
+    for r in sampling:  # same lambda and noise: LoRA toggle == a second full model with the LoRA merged
+        assert r["two_forward_vs_two_models_max_abs"] <= 1e-4 * max(1.0, r["final_latent_max_abs"]), r
+        assert r["sec_per_step"] > 0 and r["peak_gib"] is None  # memory is measured on CUDA only
+    dpo = [r for r in result["rows"] if r["bench"] == "dpo_step"]
+    assert {(r["gradient_checkpointing"], r["cached"]) for r in dpo} == {(a, b) for a in (False, True) for b in (False, True)}
+    assert all(0 < r["loss"] < 10 for r in dpo)
+    assert result["summary"]["sd15/b1/two_models/time_vs_two_models"] == 1.0
