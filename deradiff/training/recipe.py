@@ -598,14 +598,20 @@ def validation_errors(recipe: Recipe) -> list[str]:
                  "(dpo, official convention: 2000 for SD1.5, 5000 for SDXL; diffusers convention: half that)")
     else:
         need(finite(me.beta) and me.beta > 0, f"method.beta must be a finite number > 0, got {me.beta}")
-    if me.name in ("kl_grad", "kl_pg"):
+    # Sampling steps and guidance scales are checked whatever the method: a value that no
+    # sampler accepts is a typo even where this method does not read it.
+    need(me.num_steps >= 1, f"method.num_steps (sampling steps) must be >= 1, got {me.num_steps}")
+    sampling = me.name in ("kl_grad", "kl_pg")
+    low = 1 if sampling else 0  # the rollouts mix uncond + g x (cond - uncond): g < 1 is not guidance
+    need(finite(me.guidance_scale) and me.guidance_scale >= low,
+         f"method.guidance_scale must be a number >= {low}" + (" (1 = no guidance)" if sampling else "")
+         + f", got {me.guidance_scale}")
+    if sampling:
         need(bool(me.reward.strip()), "method.reward is empty: name a reward from the registry, e.g. toy")
-        need(me.num_steps >= 1, f"method.num_steps must be >= 1, got {me.num_steps}")
         need(finite(me.eta) and 0 < me.eta <= 1,
              f"method.eta must be in (0, 1], got {me.eta}: the per-step KL needs a stochastic sampler (1.0 = DDPM)")
-        need(finite(me.guidance_scale) and me.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance), got {me.guidance_scale}")
     need(me.eval_draws >= 1, f"method.eval_draws must be >= 1, got {me.eval_draws}")
-    if me.name == "kl_grad":
+    if me.name == "kl_grad" and me.num_steps >= 1:
         need(1 <= me.truncation_steps <= me.num_steps,
              f"method.truncation_steps must be in [1, method.num_steps={me.num_steps}], got {me.truncation_steps}")
     if me.name == "kl_pg":
@@ -632,7 +638,7 @@ def validation_errors(recipe: Recipe) -> list[str]:
 
     need(s.images_per_prompt >= 1, f"sample.images_per_prompt must be >= 1, got {s.images_per_prompt}")
     need(s.num_inference_steps >= 1, f"sample.num_inference_steps must be >= 1, got {s.num_inference_steps}")
-    need(finite(s.guidance_scale) and s.guidance_scale >= 0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
+    need(finite(s.guidance_scale) and s.guidance_scale >= 0, f"sample.guidance_scale must be a number >= 0, got {s.guidance_scale}")
 
     lams = recipe.sweep.lambdas
     need(all(finite(x) and x > 0 for x in lams), f"sweep.lambdas must all be > 0, got {lams}")

@@ -220,6 +220,23 @@ def test_out_of_range_and_cross_field_checks():
     assert problems("method.eta=0", "method.truncation_steps=99") == []
 
 
+@pytest.mark.parametrize("method", ["dpo", "kl_grad", "kl_pg"])
+@pytest.mark.parametrize("override, match", [
+    ("method.num_steps=0", "method.num_steps (sampling steps) must be >= 1, got 0"),
+    ("method.num_steps=-3", "method.num_steps (sampling steps) must be >= 1, got -3"),
+    ("method.guidance_scale=-2", "method.guidance_scale must be a number >= "),
+    ("sample.num_inference_steps=0", "sample.num_inference_steps must be >= 1, got 0"),
+    ("sample.guidance_scale=-1", "sample.guidance_scale must be a number >= 0, got -1.0"),
+    ("sample.guidance_scale=.nan", "sample.guidance_scale must be a number >= 0"),
+])
+def test_sampling_steps_and_guidance_are_refused_for_every_method(method, override, match):
+    """Every recipe number of sampling steps or guidance scale is checked, whatever the method."""
+    base = ["method.beta=1", f"method.name={method}", "data.prompts=toy:train"]
+    with pytest.raises(UserError) as err:
+        load_recipe(None, [*base, override])
+    assert match in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
