@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -215,8 +214,8 @@ def sampling_rows(args, device, dtype) -> list[dict]:
                     model = RealignedDenoiser(merged, lam=args.lam, reference=reference, record=False)
                 else:
                     model = RealignedDenoiser(aligned, lam=args.lam, mode=approach, record=False)
-                seconds, final = timed(lambda m=model, c=cond, b=batch: denoise(m, family, b, args.steps, device, dtype, c),
-                                       args.repeats, device)
+                seconds, final = timed(lambda m=model, f=family, c=cond, b=batch:
+                                       denoise(m, f, b, args.steps, device, dtype, c), args.repeats, device)
                 finals[approach] = final.float().cpu()
                 rows.append({"bench": "sampling", "family": family, "approach": approach, "batch": batch,
                              "params_m": n_params / 1e6, "sec_per_step": seconds / args.steps,
@@ -236,65 +235,68 @@ def sampling_rows(args, device, dtype) -> list[dict]:
 
 
 def dpo_rows(args, device, dtype) -> list[dict]:
+    rows = []
+    for checkpointing in (False, True):
+        for cached in (True, False):
+            _reset_peak(device)
+            step = make_dpo_step(args, device, dtype, checkpointing, cached)
+            seconds, loss = timed(step, args.repeats, device)
+            rows.append({"bench": "dpo_step", "family": "sd15", "gradient_checkpointing": checkpointing,
+                         "cached": cached, "pairs": args.dpo_pairs, "sec_per_step": seconds,
+                         "peak_gib": _peak_gib(device), "loss": float(loss)})
+            print(_fmt(rows[-1]), flush=True)
+            del step
+    return rows
+
+
+def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool):
+    """A closure running one Diffusion-DPO LoRA step on the SD1.5-shaped UNet (fp32 weights,
+    autocast in `dtype`); uncached steps VAE-encode 512 px images and CLIP-encode captions."""
     from torch.nn import functional as F
 
     from deradiff.models import adapters_disabled
     from deradiff.training.losses import diffusion_dpo_loss, per_sample_mse
 
-    rows = []
-    for checkpointing in (False, True):
-        for cached in (True, False):
-            _reset_peak(device)
-            unet = build("sd15", args.tiny, device, dtype=torch.float32, lora_rank=8)
-            unet.train()
-            if checkpointing:
-                unet.enable_gradient_checkpointing()
-            params = [p for n, p in unet.named_parameters() if "lora_" in n]
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=1e-5)
-            pairs, side = args.dpo_pairs, unet.config.sample_size
-            vae = text = None
-            if not cached:
-                vae, text = _encoders(args.tiny, device)
-            g = torch.Generator().manual_seed(3)
-            pixels = torch.rand(2 * pairs, 3, side * 8, side * 8, generator=g).to(device) * 2 - 1
-            latents0 = torch.randn(2 * pairs, 4, side, side, generator=g).to(device)
-            emb0 = torch.randn(2 * pairs, 77, unet.config.cross_attention_dim, generator=g).to(device)
-            ids = torch.randint(0, 1000, (2 * pairs, 77), generator=g).to(device)
-            sched = scheduler_for("sd15")
+    unet = build("sd15", args.tiny, device, dtype=torch.float32, lora_rank=8).train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    pairs, side = args.dpo_pairs, unet.config.sample_size
+    vae, text = (None, None) if cached else _encoders(args.tiny, device)
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.rand(2 * pairs, 3, side * 8, side * 8, generator=g).to(device) * 2 - 1
+    latents0 = torch.randn(2 * pairs, 4, side, side, generator=g).to(device)
+    emb0 = torch.randn(2 * pairs, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    ids = torch.randint(0, 1000, (2 * pairs, 77), generator=g).to(device)
+    sched = scheduler_for("sd15")
+    autocast = dict(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
-            def step():
-                autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype,
-                                          enabled=dtype != torch.float32)
-                with autocast:
-                    if cached:
-                        latents, emb = latents0, emb0
-                    else:
-                        with torch.no_grad():
-                            latents = vae.encode(pixels).latent_dist.sample() * 0.18215
-                            emb = text(ids % text.config.vocab_size)[0]
-                            emb = F.pad(emb, (0, unet.config.cross_attention_dim - emb.shape[-1]))
-                    noise = torch.randn_like(latents)
-                    t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
-                    noisy = sched.add_noise(latents, noise, t)
-                    pred = unet(noisy, t, emb).sample
-                    with torch.no_grad(), adapters_disabled(unet):
-                        ref = unet(noisy, t, emb).sample
-                    m, r = per_sample_mse(pred.float(), noise.float()), per_sample_mse(ref.float(), noise.float())
-                    loss, _ = diffusion_dpo_loss(m[:pairs], m[pairs:], r[:pairs], r[pairs:], beta=2000)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach()
+    def step():
+        with torch.autocast(**autocast):
+            if cached:
+                latents, emb = latents0, emb0
+            else:
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+                    emb = text(ids % text.config.vocab_size)[0]
+                    emb = F.pad(emb, (0, unet.config.cross_attention_dim - emb.shape[-1]))
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
+            noisy = sched.add_noise(latents, noise, t)
+            pred = unet(noisy, t, emb).sample
+            with torch.no_grad(), adapters_disabled(unet):
+                ref = unet(noisy, t, emb).sample
+            m, r = per_sample_mse(pred.float(), noise.float()), per_sample_mse(ref.float(), noise.float())
+            loss, _ = diffusion_dpo_loss(m[:pairs], m[pairs:], r[:pairs], r[pairs:], beta=2000)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-            seconds, loss = timed(step, args.repeats, device)
-            rows.append({"bench": "dpo_step", "family": "sd15", "gradient_checkpointing": checkpointing,
-                         "cached": cached, "pairs": pairs, "sec_per_step": seconds, "peak_gib": _peak_gib(device),
-                         "loss": float(loss)})
-            print(_fmt(rows[-1]), flush=True)
-            del unet, opt, vae, text
-    return rows
+    return step
 
 
 def _encoders(tiny: bool, device):
