@@ -216,6 +216,9 @@ def _check_common(args: argparse.Namespace) -> None:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0 or (args.processes_per_node is not None and args.processes_per_node < 1):
         raise UserError("--gpus-per-node must be >= 0 and --processes-per-node >= 1")
+    for flag, value in (("--global-batch", args.global_batch), ("--max-parallel", args.max_parallel)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}: give a positive number or leave the flag out")
     limit = time_limit_seconds(args.time)
     if args.signal_seconds >= limit:
         raise UserError(f"--signal-seconds {args.signal_seconds} is not below the time limit ({limit} s): the "

@@ -434,9 +434,42 @@ def resolve_recipe_path(path: str | os.PathLike) -> Path:
     raise UserError(f"recipe file {str(path)!r} {what}; shipped recipes ({RECIPES_DIR}): {names}")
 
 
+def _duplicate_key(path: Path) -> str | None:
+    """A message naming the first key that a mapping of the YAML file repeats, with both lines;
+    None when there is none (or the file does not parse: the loader reports that)."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+
+    def walk(node, prefix: str) -> str | None:
+        if isinstance(node, yaml.SequenceNode):
+            return next((m for child in node.value if (m := walk(child, prefix))), None)
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            line = key.start_mark.line + 1
+            if name in first_line:
+                return (f"recipe {path} line {line}: duplicate key {prefix + name!r} (first at line "
+                        f"{first_line[name]}): keep one, merging the two into it")
+            first_line[name] = line
+            if (found := walk(value, f"{prefix}{name}.")) is not None:
+                return found
+        return None
+
+    return walk(root, "")
+
+
 def _read_yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
+    duplicate = _duplicate_key(path)
+    if duplicate is not None:
+        raise UserError(duplicate)
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as err:  # yaml.YAMLError and omegaconf's own grammar errors

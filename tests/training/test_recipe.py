@@ -268,6 +268,20 @@ def test_missing_or_unreadable_recipe_files(tmp_path):
         load_recipe(None, ["recipe=x.yaml"])
 
 
+@pytest.mark.parametrize("text, line, first, key", [
+    ("method:\n  beta: 1\n  name: dpo\ntrainer:\n  lr: 1.0e-4\nmethod:\n  beta: 3\n", 6, 1, "method"),
+    ("method:\n  beta: 1\n  name: dpo\n  beta: 3\n", 4, 2, "method.beta"),
+    ("sample:\n  prompts: [a]\n  seed: 1\n\n  seed: 2\n", 5, 3, "sample.seed"),
+])
+def test_a_duplicated_key_is_reported_with_its_line(tmp_path, text, line, first, key):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert f"line {line}: duplicate key {key!r} (first at line {first})" in message, message
+    assert "\n" not in message
+
+
 # -- resume and preflight -----------------------------------------------------------------------
 
 
