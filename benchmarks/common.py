@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from argparse import Namespace
-from pathlib import Path
+
+from deradiff.io import write_text_atomic
 
 
 def run_workers(script: str, approaches: list[str], args: Namespace) -> dict[str, dict]:
@@ -24,9 +24,5 @@ def run_workers(script: str, approaches: list[str], args: Namespace) -> dict[str
 
 def write_results(path: str, args: Namespace, results: dict, summary: dict) -> None:
     """{"config", "results", "summary"} as JSON at `path`, written atomically."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "worker"},
-                               "results": results, "summary": summary}, indent=2))
-    os.replace(tmp, out)
+    write_text_atomic(path, json.dumps({"config": {k: v for k, v in vars(args).items() if k != "worker"},
+                                        "results": results, "summary": summary}, indent=2))

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from deradiff.io import atomic_write
+
 
 def save_image_grid(
     images: list[list[np.ndarray | Image.Image]],
@@ -19,7 +21,7 @@ def save_image_grid(
     """Save a rows x cols grid of images (uint8 HxWx3 arrays or PIL images) with labels.
 
     Small images are upscaled with nearest neighbour to `cell` pixels so 32x32 toys stay crisp.
-    Written to a temporary file and renamed.
+    Written whole or not at all (deradiff.io.atomic_write).
     """
     rows, cols = len(images), max(len(r) for r in images)
     left = 8 + 6 * max((len(s) for s in row_labels or []), default=0) if row_labels else 0
@@ -34,9 +36,6 @@ def save_image_grid(
             draw.text((4, top + r * (cell + 2) + cell // 2 - 5), row_labels[r], fill="black")
     for c, label in enumerate(col_labels or []):
         draw.text((left + c * (cell + 2) + 4, 2), label, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path, "wb") as f:
+        canvas.save(f, format="PNG")
+    return Path(path)

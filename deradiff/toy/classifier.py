@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_write, write_text_atomic
 from deradiff.toy.domain import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, ShapesDataset
 
 HEADS = {"shape": len(SHAPES), "color": len(COLOR_NAMES), "background": len(BACKGROUND_NAMES)}
@@ -130,17 +130,13 @@ def evaluate_classifier(model: ShapeClassifier, n: int = 1024, seed: int = 12345
 
 def save_classifier(model: ShapeClassifier, directory: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors into `directory` (each file atomically)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False)
-    tmp.close()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp.name)
-    os.replace(tmp.name, directory / WEIGHTS_NAME)
-    tmp_cfg = directory / (CONFIG_NAME + ".tmp")
-    tmp_cfg.write_text(json.dumps(asdict(model.config), indent=2))
-    os.replace(tmp_cfg, directory / CONFIG_NAME)
+    with atomic_write(directory / WEIGHTS_NAME, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    # no trailing newline, as shipped: config.json is hashed into the asset manifest
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(model.config), indent=2))
     return directory
 
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from deradiff.errors import UserError
 from deradiff.grids import save_image_grid
+from deradiff.io import atomic_write, write_text_atomic
 from deradiff.stats import bootstrap_ci
 
 DEFAULT_LEASHES = (30.0, 10.0, 4.0, 2.0, 1.5, 1.0, 0.5, 0.0)
@@ -170,19 +171,17 @@ def plot_tradeoff(records: list[dict], path: str | os.PathLike, title: str) -> P
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    # keys in insertion order (not write_json_atomic's sorted order): config, then records
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

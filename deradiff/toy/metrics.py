@@ -204,7 +204,3 @@ def fidelity_metrics(
     judge yourself to reuse its cached reference features across calls."""
     return FidelityJudge(classifier, n_reference).metrics(images, prompts, n_boot, alpha, seed)
 
-
-def format_metrics(metrics: dict[str, Estimate]) -> str:
-    """One line per metric: name, value and interval."""
-    return "\n".join(f"{name:28s} {est}" for name, est in metrics.items())

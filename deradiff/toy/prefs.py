@@ -51,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_write, write_text_atomic
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "reward_0", "reward_1", "seed_0", "seed_1")
 # Deliberately broken rows for testing loaders, by file: undecodable images (a loader should
@@ -216,11 +217,9 @@ def write_parquet(columns: dict[str, list], path: Path) -> Path:
     import pyarrow.parquet as pq
 
     table = pa.table({k: columns[k] for k in COLUMNS}, schema=schema())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path, "wb") as f:
+        pq.write_table(table, f)
+    return Path(path)
 
 
 def corrupt_rows(columns: dict[str, list], n_corrupt: int, kinds: tuple[str, ...],
@@ -339,9 +338,8 @@ def load_prefs(directory: str | os.PathLike, splits: tuple[str, ...] = ("train",
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    # keys in insertion order (not write_json_atomic's sorted order), as meta.json always had
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_dir, write_text_atomic
 from deradiff.toy.domain import ShapesDataset, all_captions
 
 
@@ -259,18 +258,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool) -> dict:
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command": "deradiff toy pretrain",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp / PIPELINE_SUBDIR, safe_serialization=True)
         save_classifier(classifier, tmp / "classifier")
-        (tmp / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+        # unsorted keys, as shipped: quality.json is hashed into the manifest
+        write_text_atomic(tmp / "quality.json", json.dumps(results, indent=2) + "\n")
         write_manifest(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

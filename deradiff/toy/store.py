@@ -7,24 +7,16 @@ Layout of an asset root (the package's `assets/` folder, or `deradiff toy pretra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from deradiff.errors import UserError
+from deradiff.io import sha256_file, write_json_atomic
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 MANIFEST_NAME = "manifest.json"
 REBUILD_HINT = "rebuild them with `deradiff toy pretrain` (about 30 min on 2 CPU cores)"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(root: Path) -> list[Path]:
@@ -37,11 +29,8 @@ def _files(root: Path) -> list[Path]:
 def write_manifest(root: str | os.PathLike) -> Path:
     """Hash every file under `root` into `root/manifest.json` (written atomically)."""
     root = Path(root)
-    manifest = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST_NAME)
-    return root / MANIFEST_NAME
+    manifest = {p.relative_to(root).as_posix(): sha256_file(p) for p in _files(root)}
+    return write_json_atomic(root / MANIFEST_NAME, manifest)
 
 
 def verify_manifest(root: str | os.PathLike) -> dict[str, str]:
@@ -53,7 +42,7 @@ def verify_manifest(root: str | os.PathLike) -> dict[str, str]:
         raise UserError(f"toy weights missing: no {MANIFEST_NAME} in {root}; {REBUILD_HINT}")
     manifest = json.loads(manifest_path.read_text())
     missing = [name for name in manifest if not (root / name).is_file()]
-    corrupt = [name for name in manifest if name not in missing and sha256(root / name) != manifest[name]]
+    corrupt = [name for name in manifest if name not in missing and sha256_file(root / name) != manifest[name]]
     if missing or corrupt:
         problems = [f"missing {missing}"] * bool(missing) + [f"checksum mismatch {corrupt}"] * bool(corrupt)
         raise UserError(f"toy weights in {root} are damaged ({'; '.join(problems)}); {REBUILD_HINT}")

@@ -46,6 +46,22 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(model.features(x), loaded.features(x))
 
 
+def test_saved_bytes_are_those_the_shipped_manifest_hashes(tmp_path):
+    # The asset manifest hashes these files, so the atomic write must not change a byte:
+    # safetensors' own save_file, and config.json without a trailing newline.
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = clf.ShapeClassifier(clf.ClassifierConfig())
+    clf.save_classifier(model, tmp_path / "c")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "ref.safetensors")
+    assert (tmp_path / "c" / clf.WEIGHTS_NAME).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert (tmp_path / "c" / clf.CONFIG_NAME).read_text() == json.dumps(asdict(model.config), indent=2)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([clf.WEIGHTS_NAME, clf.CONFIG_NAME])
+
 def test_training_is_deterministic_and_learns():
     a = clf.train_classifier(steps=30, batch_size=32, progress=False)
     b = clf.train_classifier(steps=30, batch_size=32, progress=False)
