@@ -46,12 +46,33 @@ def test_array_spec(indices, limit, spec):
     assert slurm.array_spec(indices, limit) == spec
 
 
+def _pairs_parquet(path: Path) -> None:
+    """A one-row parquet with the Pick-a-Pic columns (preflight reads only the schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["a red circle"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}), path)
+
+
 @pytest.fixture
 def fake_data(tmp_path):
-    """Files the toy recipes' preflight accepts (it checks that the parquet files exist)."""
+    """Files the toy recipes' preflight accepts (parquet files with the Pick-a-Pic columns)."""
     for name in ("train.parquet", "test.parquet"):
-        (tmp_path / name).write_bytes(b"")
+        _pairs_parquet(tmp_path / name)
     return [f"data.path={tmp_path / 'train.parquet'}", f"data.eval_path={tmp_path / 'test.parquet'}"]
+
+
+def test_a_csv_as_data_path_fails_the_dry_run(recording_sbatch, fake_data, tmp_path, capsys):
+    """The same pre-flight as train/align.py: a CSV would otherwise queue for hours, then fail."""
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("caption,jpg_0,jpg_1,label_0\na red circle,x,y,1\n")
+    rc = _submit("align", "--dry-run", "--recipe", str(ROOT / "recipes/toy-dpo.yaml"), *fake_data,
+                 f"data.path={csv}", f"trainer.output_dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"data.path file {str(csv)!r} is not a parquet file" in err
+    assert "Traceback" not in err and "sbatch" not in err
+    assert not recording_sbatch.exists()
 
 
 @pytest.fixture

@@ -161,6 +161,18 @@ def test_bad_recipe_fails_before_loading_anything(toy_world, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_csv_as_data_path_fails_before_loading_anything(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("caption,jpg_0,jpg_1,label_0\na red circle,x,y,1\n")
+    args = ["recipe=recipes/toy-dpo.yaml", "data.source=parquet", f"data.path={csv}", "data.eval_path=null",
+            f"trainer.output_dir={tmp_path / 'x'}"]
+    proc = _run(args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"data.path file {str(csv)!r} is not a parquet file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["ddp", "zero2"])
 def test_two_processes_match_one_process(reference_run, toy_world, tmp_path, launcher):

@@ -146,13 +146,38 @@ def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 # -- loading rows -------------------------------------------------------------------------------
 
 
-def resolve_parquet_files(path: str, hint: str = "") -> list[str]:
-    """A parquet file, a folder of *.parquet, or a glob -> sorted file list; UserError if none."""
+def parquet_files(path: str) -> list[str]:
+    """A parquet file, a folder of *.parquet, or a glob -> the sorted files it names (maybe none)."""
     p = Path(path)
-    files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else sorted(glob.glob(path))
+    return sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else sorted(glob.glob(path))
+
+
+def resolve_parquet_files(path: str, hint: str = "") -> list[str]:
+    """`parquet_files(path)`, or UserError (ending with `hint`) when it names none."""
+    files = parquet_files(path)
     if not files:
         raise UserError(f"no parquet file matches {path!r}{hint}")
     return files
+
+
+def parquet_schema_problem(files: Sequence[str], key: str) -> str | None:
+    """The first file that does not open as parquet (a CSV, say) or lacks a Pick-a-Pic column,
+    as a message naming `key` and the file; None when all are usable. Reads only the footers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            columns = pq.read_schema(file).names
+        except (pa.ArrowException, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return (f"{key} file {file!r} is not a parquet file ({reason}): preference pairs must be parquet "
+                    f"with columns {', '.join(REQUIRED_COLUMNS)} (convert it, e.g. pandas.read_csv(...).to_parquet(...))")
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            return (f"{key} file {file!r} lacks the Pick-a-Pic column(s) {', '.join(missing)} (has: "
+                    f"{', '.join(columns)}); preference pairs need {', '.join(REQUIRED_COLUMNS)}")
+    return None
 
 
 def check_columns(columns: Sequence[str], where: str) -> None:
@@ -202,6 +227,9 @@ def _open_rows(data: DataSection, which: Literal["train", "eval"]):
         raise UserError("no held-out pairs configured: set data.eval_path to a parquet file")
     hint = " (make the toy set with `deradiff toy make-prefs`)" if data.source == "toy" else ""
     files = resolve_parquet_files(path, hint)
+    problem = parquet_schema_problem(files, "data.path" if which == "train" else "data.eval_path")
+    if problem is not None:
+        raise UserError(problem)
     ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=data.streaming,
                                cache_dir=data.cache_dir)
     return ds, f"parquet {path!r}"

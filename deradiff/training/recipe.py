@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import glob
 import importlib.util
 import math
 import os
@@ -708,15 +707,8 @@ def preflight(recipe: Recipe) -> None:
     """
     from deradiff.models import SCHEDULERS
 
-    e: list[str] = []
+    e: list[str] = _pair_file_problems(recipe)
     d = recipe.data
-    needs_pairs = recipe.method.name == "dpo"
-    if needs_pairs and d.source in ("toy", "parquet") and not _parquet_files(d.path):
-        hint = " (make it with `deradiff toy make-prefs`)" if d.source == "toy" else ""
-        e.append(f"data.path {d.path!r} matches no parquet file{hint}")
-    if needs_pairs and d.eval_path and d.source in ("toy", "parquet") and not _parquet_files(d.eval_path):
-        hint = " (make it with `deradiff toy make-prefs`)" if d.source == "toy" else ""
-        e.append(f"data.eval_path {d.eval_path!r} matches no parquet file{hint}; or set data.eval_path=null")
     for key in ("prompts", "eval_prompts"):
         spec = getattr(d, key)
         if spec and spec != "toy" and not spec.startswith(("toy:", "hf:")) and not Path(spec).is_file():
@@ -742,11 +734,33 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(_format_errors(e))
 
 
-def _parquet_files(path: str) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        return sorted(str(f) for f in p.glob("*.parquet"))
-    return sorted(glob.glob(path))
+def _pair_file_problems(recipe: Recipe) -> list[str]:
+    """dpo on local parquet: data.path and data.eval_path name parquet files with the Pick-a-Pic
+    columns (a CSV or a missing file fails here, not after hours in a queue)."""
+    d = recipe.data
+    if recipe.method.name != "dpo" or d.source == "hub":
+        return []
+    from deradiff.training.data import parquet_files, parquet_schema_problem
+
+    hint = _prefs_hint(recipe)
+    problems = []
+    for key, path, fix in (("data.path", d.path, ""), ("data.eval_path", d.eval_path, "; or set data.eval_path=null")):
+        if not path:
+            continue
+        files = parquet_files(path)
+        problem = parquet_schema_problem(files, key) if files else \
+            f"{key} {path!r} matches no parquet file{f' ({hint})' if hint else ''}{fix}"
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _prefs_hint(recipe: Recipe) -> str:
+    """How to make preference pairs for the recipe's model, if a plug-in registered one."""
+    from deradiff.plugins import model_entry
+
+    entry = model_entry(recipe.model.name_or_path)
+    return (entry.prefs_hint or "") if entry is not None else ""
 
 
 # -- saving, comparing, sweeping ----------------------------------------------------------------

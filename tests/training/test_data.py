@@ -213,6 +213,16 @@ def test_bad_labels_missing_columns_and_empty_sets(tmp_path, prefs):
         load_preference_dataset(replace(prefs, source="toy", path=str(tmp_path / "missing.parquet")))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_csv_is_refused_with_one_line_naming_the_file(tmp_path, prefs, streaming):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("caption,jpg_0,jpg_1,label_0\na,x,y,1\n")
+    with pytest.raises(UserError) as err:
+        load_preference_dataset(replace(prefs, path=str(csv), streaming=streaming))
+    assert f"data.path file {str(csv)!r} is not a parquet file" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_filter_pairs_accepts_datasets_image_columns(tmp_path):
     import datasets
 

@@ -304,14 +304,47 @@ def test_diff_and_resume_refuse_a_different_recipe(tmp_path):
     assert len(check_resume(forced, run)) == 2
 
 
+def _pairs_parquet(path: Path, columns=("caption", "jpg_0", "jpg_1", "label_0", "label_1")) -> Path:
+    """A one-row parquet file with these columns (preflight reads only the schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = {"caption": "a red circle", "jpg_0": b"x", "jpg_1": b"y", "label_0": 1.0, "label_1": 0.0}
+    pq.write_table(pa.table({c: [values.get(c, "v")] for c in columns}), path)
+    return path
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.eval_path"])
+def test_preflight_refuses_a_csv_or_a_parquet_without_the_pair_columns(tmp_path, key):
+    good = _pairs_parquet(tmp_path / "good.parquet")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("caption,jpg_0,jpg_1,label_0\na red circle,x,y,1\n")
+    paths = {"data.path": str(good), "data.eval_path": str(good)}
+    base = ["data.source=parquet", *(f"{k}={v}" for k, v in paths.items() if k != key)]
+    with pytest.raises(UserError) as err:
+        preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", [*base, f"{key}={csv}"]))
+    message = str(err.value)
+    assert f"{key} file {str(csv)!r} is not a parquet file" in message and "\n" not in message
+    assert "magic bytes" in message.lower() or "parquet" in message
+    no_labels = _pairs_parquet(tmp_path / "no-labels.parquet", columns=("caption", "jpg_0", "jpg_1"))
+    with pytest.raises(UserError, match=rf"{key} file .*no-labels.parquet' lacks the Pick-a-Pic column\(s\) label_0"):
+        preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", [*base, f"{key}={no_labels}"]))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _pairs_parquet(folder / "a.parquet")
+    (folder / "b.parquet").write_text("caption,jpg_0\n")  # a CSV under a parquet name, inside a folder
+    with pytest.raises(UserError, match=r"b.parquet' is not a parquet file"):
+        preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", [*base, f"{key}={folder}"]))
+
+
 def test_preflight_names_missing_files_and_unknown_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(RECIPES_DIR / "toy-dpo.yaml")
-    with pytest.raises(UserError, match=r"data.path 'runs/toy-prefs/train.parquet' matches no parquet file \(make it with `deradiff toy make-prefs`\)"):
+    with pytest.raises(UserError, match=r"data.path 'runs/toy-prefs/train.parquet' matches no parquet file \(make the toy preference pairs with `deradiff toy make-prefs`\)"):
         preflight(recipe)
     (tmp_path / "runs" / "toy-prefs").mkdir(parents=True)
     for name in ("train", "test"):
-        (tmp_path / "runs" / "toy-prefs" / f"{name}.parquet").write_bytes(b"")
+        _pairs_parquet(tmp_path / "runs" / "toy-prefs" / f"{name}.parquet")
     preflight(recipe)
     with pytest.raises(UserError, match="sample.scheduler 'dddim'"):
         preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", ["sample.scheduler=dddim"]))
