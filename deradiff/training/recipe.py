@@ -22,6 +22,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import tempfile
 import types
 from collections.abc import Iterable, Sequence
@@ -701,12 +702,16 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
 def preflight(recipe: Recipe) -> None:
     """Checks of the machine and the files a recipe names (cheap; run before loading models).
 
-    Raises UserError for: missing data/prompt files (with the command that makes the toy
-    ones), an unknown reward or sampler name, a non-differentiable reward for kl_grad,
-    adamw8bit without bitsandbytes, fp16 without a CUDA device.
+    Prints `recipe_warnings` to stderr (on the first process only), then raises UserError for:
+    missing or non-parquet data files, files lacking the Pick-a-Pic columns, missing prompt
+    files, an unknown reward or sampler name, a non-differentiable reward for kl_grad, adamw8bit
+    without bitsandbytes, fp16 without a CUDA device.
     """
     from deradiff.models import SCHEDULERS
 
+    if int(os.environ.get("RANK", "0")) == 0:  # launched processes share one terminal
+        for warning in recipe_warnings(recipe):
+            print(f"warning: {warning}", file=sys.stderr)
     e: list[str] = _pair_file_problems(recipe)
     d = recipe.data
     for key in ("prompts", "eval_prompts"):

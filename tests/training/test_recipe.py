@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -335,6 +336,23 @@ def test_preflight_refuses_a_csv_or_a_parquet_without_the_pair_columns(tmp_path,
     (folder / "b.parquet").write_text("caption,jpg_0\n")  # a CSV under a parquet name, inside a folder
     with pytest.raises(UserError, match=r"b.parquet' is not a parquet file"):
         preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", [*base, f"{key}={folder}"]))
+
+
+def test_preflight_prints_the_recipe_warnings(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    recipe = load_recipe(RECIPES_DIR / "sdxl-dpo-pickapic.yaml", ["model.vae_name_or_path=null",
+                                                                   "model.mixed_precision=fp16"])
+    with contextlib.suppress(UserError):  # fp16 without CUDA fails; the warning is printed first
+        preflight(recipe)
+    err = capsys.readouterr().err
+    assert "warning: SDXL in fp16 with its own VAE can overflow to NaN" in err
+    assert "model.vae_name_or_path=madebyollin/sdxl-vae-fp16-fix" in err
+    preflight(load_recipe(RECIPES_DIR / "sdxl-dpo-pickapic.yaml"))  # shipped: the fp16-safe VAE, bf16
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # the other launched processes stay quiet
+    with contextlib.suppress(UserError):
+        preflight(recipe)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_preflight_names_missing_files_and_unknown_names(tmp_path, monkeypatch):
