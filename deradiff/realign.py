@@ -9,8 +9,8 @@ and the aligned model (LoRA enabled) on the same inputs and returns
 in the wrapped model's own output type. Every common parameterization (epsilon, v, x0,
 flow velocity) makes the step mean affine in the output with a map shared by both branches, so
 this is the normalized geometric mixture of the two Gaussian steps: the model that training at
-KL strength beta / lam would have given (method.md section 2). No pipeline code is copied; any
-scheduler that consumes the model output linearly works unchanged.
+KL strength beta / lam would have given (docs/method.md, the realignment section). No pipeline
+code is copied; any scheduler that consumes the model output linearly works unchanged.
 
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(lora_dir)
@@ -22,6 +22,7 @@ scheduler that consumes the model output linearly works unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +42,18 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 class LambdaSchedule:
     """lam as a function of the diffusion timestep t in [0, num_train_timesteps].
 
+    What lambda means: lam >= 0 multiplies the KL strength the model was trained against; the
+    realigned model emulates training at beta = beta0 / lam (see emulated_beta): lam = 0 is the
+    reference, lam = 1 the aligned model, lam > 1 extrapolates towards a weaker KL. The library
+    accepts lam < 0 (the anti-aligned direction, for research); the CLI commands refuse it.
+
+    Time axis: t is the timestep the pipeline hands the denoiser, on the scheduler's training
+    axis [0, num_train_timesteps] (num_train_timesteps = pipe.scheduler.config.num_train_timesteps,
+    read by `realigned`). Discrete schedulers (DDPM, DDIM, Euler, ...) pass t in that range;
+    flow-matching schedulers (FlowMatchEulerDiscreteScheduler, as SD3 uses it) pass
+    t = sigma * num_train_timesteps, so u below is 1 - sigma. Pipelines that divide t by 1000
+    before calling their transformer (FLUX, Chroma, QwenImage) are not on this axis.
+
     Progress u = 1 - t / num_train_timesteps runs from 0 (pure noise) to 1 (clean image).
     - constant: lam = start
     - linear:   lam = start + (end - start) * u
@@ -57,6 +70,8 @@ class LambdaSchedule:
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
             raise UserError(f"unknown lambda schedule {self.kind!r}; choose from {list(SCHEDULE_KINDS)}")
+        if self.kind == "constant" and not math.isfinite(self.start):
+            raise UserError(f"lambda must be a finite number, got {self.start}")
         for name in ("start", "end", "switch_t"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"lambda schedule {name} must be a finite number, got {getattr(self, name)}")
@@ -79,7 +94,11 @@ class LambdaSchedule:
 
 
 def parse_lambda(spec: float | str | LambdaSchedule) -> LambdaSchedule:
-    """A float, a string ("0.5", "linear:0,2", "cosine:0,2", "step:1,2@500") or a schedule."""
+    """A float, a string ("0.5", "linear:0,2", "cosine:0,2", "step:1,2@500") or a schedule.
+
+    Any finite value is accepted, negative ones included (anti-aligned, for research); callers
+    that need a KL strength use emulated_beta, which refuses lam <= 0. See LambdaSchedule.
+    """
     if isinstance(spec, LambdaSchedule):
         return spec
     if isinstance(spec, (int, float)):
@@ -100,6 +119,23 @@ def parse_lambda(spec: float | str | LambdaSchedule) -> LambdaSchedule:
             f"cannot read lambda {text!r}: write a number (2.0) or KIND:START,END with KIND in "
             f"{list(SCHEDULE_KINDS[1:])}, e.g. linear:0,2 or step:1,2@500"
         ) from None
+
+
+def emulated_beta(beta0: float, lam: float) -> float:
+    """The KL strength the realigned model emulates: beta0 / lam (beta0: the training beta).
+
+    Raises UserError for lam <= 0 (no KL strength: lam = 0 is the reference itself, lam < 0 the
+    anti-aligned direction) and for a non-finite lam or a beta0 that is not a positive number.
+    """
+    if not (math.isfinite(beta0) and beta0 > 0):
+        raise UserError(f"beta0 must be a positive finite number, got {beta0}")
+    if not math.isfinite(lam):
+        raise UserError(f"lambda must be a finite number, got {lam}")
+    if lam <= 0:
+        raise UserError(
+            f"lambda <= 0 has no KL strength (got {lam:g}): emulated beta = beta0 / lambda needs lambda > 0"
+        )
+    return beta0 / lam
 
 
 @dataclass
@@ -130,8 +166,13 @@ class RealignedDenoiser(nn.Module):
         reference: a second full model (two-model mode); None means the aligned model with its
             adapters disabled (LoRA mode: one set of base weights in memory).
         mode: "two_forward" (two calls) or "mixed_batch" (one call on the doubled batch with the
-            adapter active on the second half only; LoRA mode only).
+            adapter active on the second half only; LoRA mode with exactly one active adapter,
+            because peft routes one adapter name per batch row).
         record: keep a StepRecord per call for path_kl().
+        num_train_timesteps: length of the scheduler's training axis, which schedules over t are
+            read on (see LambdaSchedule). `realigned(pipe, ...)` passes
+            pipe.scheduler.config.num_train_timesteps. None: the denoiser config's value when it
+            declares one (analytic denoisers do; diffusers UNets do not), else 1000.
     Unknown attributes (config, dtype, device, add_embedding, ...) are read from `aligned`.
     """
 
@@ -142,6 +183,7 @@ class RealignedDenoiser(nn.Module):
         reference: nn.Module | None = None,
         mode: Mode = "two_forward",
         record: bool = True,
+        num_train_timesteps: int | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -159,7 +201,10 @@ class RealignedDenoiser(nn.Module):
         self.mode = mode
         self.record = record
         self.records: list[StepRecord] = []
+        self.num_train_timesteps = _resolve_num_train_timesteps(num_train_timesteps, aligned)
         self._layers = tuner_layers(aligned) if reference is None else []
+        if mode == "mixed_batch":
+            _single_active_adapter(self._layers)  # refuse several adapters now, before any work
 
     # -- attribute proxy: pipelines read config, dtype, device, add_embedding, ... -------------
     def __getattr__(self, name: str) -> Any:
@@ -177,8 +222,8 @@ class RealignedDenoiser(nn.Module):
         return self.aligned.device
 
     def lam_at(self, timestep: float) -> float:
-        num_train = getattr(self.aligned.config, "num_train_timesteps", None) or 1000
-        return self.schedule(timestep, num_train)
+        """lam at a timestep on the training axis [0, num_train_timesteps]."""
+        return self.schedule(timestep, self.num_train_timesteps)
 
     def reset_records(self) -> None:
         self.records = []
@@ -213,7 +258,8 @@ class RealignedDenoiser(nn.Module):
         n = batch.size
         args = _double_batch(batch.args, n)
         kwargs = _double_batch(batch.kwargs, n)
-        adapter = lora_adapter_names(self.aligned)[0]
+        # Checked per call too: adapters can be switched on `aligned` after construction.
+        adapter = _single_active_adapter(self._layers)
         names = ["__base__"] * n + [adapter] * n
         with _adapter_names_for_rows(self._layers, names):
             out = self.aligned(*args, **kwargs)
@@ -221,17 +267,45 @@ class RealignedDenoiser(nn.Module):
         return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
 
 
+def _resolve_num_train_timesteps(value: int | None, aligned: nn.Module) -> int:
+    if value is None:
+        value = getattr(getattr(aligned, "config", None), "num_train_timesteps", None) or 1000
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise UserError(f"num_train_timesteps must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _single_active_adapter(layers: list[nn.Module]) -> str:
+    """The one active adapter of these peft layers; UserError when several are active."""
+    names: list[str] = []
+    for layer in layers:
+        names += [n for n in layer.active_adapters if n not in names]
+    if len(names) > 1:
+        raise UserError(
+            f"mode='mixed_batch' applies one adapter per batch row but {len(names)} adapters are active "
+            f"({', '.join(names)}): use mode='two_forward', or fuse them (pipe.fuse_lora) or activate one "
+            "(pipe.set_adapters)"
+        )
+    return names[0]
+
+
 @contextmanager
 def realigned(pipe, lam: float | str | LambdaSchedule = 1.0, reference: nn.Module | None = None,
-              mode: Mode = "two_forward", record: bool = True):
+              mode: Mode = "two_forward", record: bool = True, num_train_timesteps: int | None = None):
     """Install a RealignedDenoiser as the pipeline's unet/transformer for the `with` block.
 
     Restores the original module afterwards, so `pipe.set_adapters`, `pipe.save_pretrained` and
     friends keep working outside the block. Yields the denoiser (for its `records`).
+    num_train_timesteps (the time axis of lambda schedules) defaults to the pipeline scheduler's
+    config.num_train_timesteps.
     """
     attr = denoiser_attribute(pipe)
     original = getattr(pipe, attr)
-    denoiser = RealignedDenoiser(original, lam=lam, reference=reference, mode=mode, record=record)
+    if num_train_timesteps is None:
+        scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
+        num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", None)
+    denoiser = RealignedDenoiser(original, lam=lam, reference=reference, mode=mode, record=record,
+                                 num_train_timesteps=num_train_timesteps)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config.
     object.__setattr__(pipe, attr, denoiser)
     try:

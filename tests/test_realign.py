@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import add_random_lora, build_tiny_sd15
 
 from deradiff.errors import UserError
-from deradiff.models import set_lora_scale, set_scheduler
+from deradiff.models import add_lora, set_lora_scale, set_scheduler
 from deradiff.realign import (
     LambdaSchedule,
     RealignedDenoiser,
+    emulated_beta,
     parse_lambda,
     path_kl,
     realigned,
@@ -237,3 +239,133 @@ def test_bad_inputs_are_clear_errors(tiny_sd15):
             pass
     assert LambdaSchedule("constant", 2.0, 2.0)(123) == 2.0
     assert math.isfinite(parse_lambda("1e3")(0))
+
+
+# -- several active adapters -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_adapter_unet(tmp_path_factory):
+    """A tiny SD1.5 UNet with two random LoRA adapters, "default" and "second", both active."""
+    unet = build_tiny_sd15(tmp_path_factory.mktemp("two_adapters")).unet
+    add_random_lora(unet, seed=1)
+    add_lora(unet, rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+             adapter_name="second")
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B.second" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    unet.set_adapters(["default", "second"])
+    return unet
+
+
+def _unet_inputs(batch=2):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 4, 16, 16, generator=gen), torch.randn(batch, 16, 32, generator=gen)
+
+
+def test_two_forward_uses_every_active_adapter(two_adapter_unet):
+    unet = two_adapter_unet
+    x, ehs = _unet_inputs()
+    both = unet(x, 400, encoder_hidden_states=ehs).sample
+    unet.set_adapters(["default"])
+    try:
+        first_only = unet(x, 400, encoder_hidden_states=ehs).sample
+    finally:
+        unet.set_adapters(["default", "second"])
+    assert (both - first_only).abs().max() > 1e-3, "second adapter too weak for the test to mean anything"
+    got = RealignedDenoiser(unet, lam=1.0, mode="two_forward")(x, 400, encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(got, both, rtol=0, atol=0)
+
+
+def test_mixed_batch_refuses_several_active_adapters(two_adapter_unet):
+    """peft routes one adapter name per batch row, so "both adapters on these rows" cannot be said:
+    mixed_batch must refuse instead of silently using the first adapter only."""
+    x, ehs = _unet_inputs()
+    with pytest.raises(UserError, match=r"default, second.*two_forward") as info:
+        RealignedDenoiser(two_adapter_unet, lam=1.0, mode="mixed_batch")(x, 400, encoder_hidden_states=ehs)
+    assert "\n" not in str(info.value)
+
+
+def test_mixed_batch_with_one_of_two_adapters_active_uses_it(two_adapter_unet):
+    unet = two_adapter_unet
+    x, ehs = _unet_inputs()
+    unet.set_adapters(["second"])
+    try:
+        expected = unet(x, 400, encoder_hidden_states=ehs).sample
+        got = RealignedDenoiser(unet, lam=1.0, mode="mixed_batch")(x, 400, encoder_hidden_states=ehs).sample
+    finally:
+        unet.set_adapters(["default", "second"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# -- the time axis of lambda schedules ---------------------------------------------------------
+
+
+def _pipe_with(pipe, scheduler):
+    """The same modules with another scheduler (the session fixture stays untouched)."""
+    return type(pipe)(**{**pipe.components, "scheduler": scheduler})
+
+
+def test_schedule_reads_num_train_timesteps_from_the_pipeline_scheduler(tiny_sd15):
+    from diffusers import DDIMScheduler
+
+    adapted, _ = tiny_sd15
+    sched = DDIMScheduler(num_train_timesteps=500, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = _pipe_with(adapted, sched)
+    with realigned(pipe, lam="linear:0,2") as denoiser:
+        _run(pipe, steps=5)
+    assert denoiser.num_train_timesteps == 500
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    assert [r.timestep for r in denoiser.records] == timesteps and max(timesteps) > 250
+    for rec in denoiser.records:
+        assert rec.lam == pytest.approx(2.0 * (1 - rec.timestep / 500))
+    # An explicit value wins; without one (and no scheduler) the axis is 1000 steps.
+    assert RealignedDenoiser(adapted.unet, lam="linear:0,2", num_train_timesteps=250).lam_at(125) == 1.0
+    assert RealignedDenoiser(adapted.unet, lam="linear:0,2").lam_at(500) == 1.0
+    with pytest.raises(UserError, match="num_train_timesteps"):
+        RealignedDenoiser(adapted.unet, num_train_timesteps=0)
+
+
+def test_flow_matching_timesteps_map_to_progress_one_minus_sigma(tiny_sd15):
+    """FlowMatchEulerDiscreteScheduler hands the denoiser t = sigma * num_train_timesteps: the
+    schedule's progress must be u = 1 - sigma, whatever num_train_timesteps and shift are."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    adapted, _ = tiny_sd15
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500, shift=3.0)
+    sched.set_timesteps(5)
+    pipe = _pipe_with(adapted, sched)
+    x, ehs = _unet_inputs(batch=1)
+    with realigned(pipe, lam="linear:0,2") as denoiser:
+        for t in sched.timesteps:
+            pipe.unet(x, t, encoder_hidden_states=ehs)
+    got = [r.lam for r in denoiser.records]
+    expected = [2.0 * (1.0 - float(s)) for s in sched.sigmas[:-1]]
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+# -- lambda policy -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "nan", float("inf")])
+def test_non_finite_constant_lambda_says_lambda_not_schedule_start(bad):
+    with pytest.raises(UserError, match=r"^lambda must be a finite number, got (nan|inf)$"):
+        parse_lambda(bad)
+    with pytest.raises(UserError, match="lambda schedule start must be a finite number"):
+        parse_lambda("linear:nan,1")
+
+
+def test_emulated_beta_is_beta0_over_lambda_and_refuses_nonpositive_lambda():
+    assert emulated_beta(0.1, 2.0) == pytest.approx(0.05)
+    assert emulated_beta(0.1, 0.5) == pytest.approx(0.2)
+    for lam in (0.0, -1.0):
+        with pytest.raises(UserError, match="lambda <= 0 has no KL strength"):
+            emulated_beta(0.1, lam)
+    for lam in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match="lambda"):
+            emulated_beta(0.1, lam)
+    with pytest.raises(UserError, match="beta0"):
+        emulated_beta(0.0, 1.0)
