@@ -21,6 +21,12 @@ from pathlib import Path
 from deradiff.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _disk_full_error(path: Path, err: OSError) -> UserError:
     return UserError(f"no space left on the disk holding {path.parent}: free space there or write elsewhere "
                      f"(nothing was replaced; {err.strerror})")
@@ -33,6 +39,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would (shared clusters)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -56,6 +63,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir() would
     try:
         yield tmp
         if path.exists():
