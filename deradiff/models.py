@@ -1,14 +1,14 @@
 """Load pipelines and schedulers by name; add, save, load and toggle LoRA adapters.
 
-LoRA files are diffusers-format safetensors (`pytorch_lora_weights.safetensors`), so that
-`pipe.load_lora_weights(dir)` of stock diffusers reads what we write and vice versa.
+LoRA files are diffusers-format safetensors (`pytorch_lora_weights.safetensors`) carrying the
+adapter's peft config (rank, alpha, targets) in their header, so that `pipe.load_lora_weights(dir)`
+of stock diffusers rebuilds what we trained, at its scale alpha / rank, and vice versa.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_dir, write_json_atomic
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -99,39 +100,73 @@ def add_lora(
     return denoiser
 
 
-def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in peft key format (no `unet.` prefix)."""
+def lora_state_dict(denoiser: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft key format (no `unet.` prefix, no adapter name)."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(denoiser)
+    return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
 
 
-def save_lora(pipe, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write the denoiser's LoRA as `out_dir/pytorch_lora_weights.safetensors` (diffusers format).
+def denoiser_name(pipe) -> str:
+    """The pipeline attribute holding the denoiser: "unet" (SD1.x/2.x/XL) or "transformer" (SD3, Flux)."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise UserError(f"{type(pipe).__name__} has neither a unet nor a transformer to carry a LoRA")
 
-    Written into a temporary sibling folder and renamed, so a crash never leaves half a file.
+
+def lora_adapter_config(denoiser: nn.Module, adapter_name: str = "default") -> dict:
+    """The adapter's peft LoraConfig as a JSON-ready dict (r, lora_alpha, target_modules,
+    rank_pattern, alpha_pattern, use_rslora, ...): what diffusers needs to rebuild the same layers
+    at the same scale alpha / r. Without it a loader assumes alpha = r."""
+    configs = getattr(denoiser, "peft_config", {})
+    if adapter_name not in configs:
+        raise UserError(f"the {type(denoiser).__name__} has no LoRA adapter {adapter_name!r} "
+                        f"(adapters: {sorted(configs)}); add one with add_lora or load_lora first")
+    config = configs[adapter_name].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def _save_kwargs(pipe_cls, name: str, layers: dict, config: dict) -> dict:
+    """Keyword arguments of `pipe_cls.save_lora_weights` for denoiser `name` (unet/transformer),
+    the adapter config included (diffusers >= 0.35 stores it in the file's header)."""
+    import inspect
+
+    kwargs = {f"{name}_lora_layers": layers}
+    meta_kw = f"{name}_lora_adapter_metadata"
+    if meta_kw in inspect.signature(pipe_cls.save_lora_weights).parameters:
+        kwargs[meta_kw] = config
+    elif (config["lora_alpha"] != config["r"] or config["rank_pattern"] or config["alpha_pattern"]
+          or config["use_rslora"]):  # a scale alpha / r other than 1 somewhere: loaders would assume 1
+        import diffusers
+
+        raise UserError(f"diffusers {diffusers.__version__} cannot store this LoRA's alpha "
+                        f"({config['lora_alpha']}, rank {config['r']}) in its file, so it would reload at the "
+                        f"wrong scale: pip install -U 'diffusers>=0.35'")
+    return kwargs
+
+
+def save_lora(pipe, out_dir: str | os.PathLike, metadata: dict | None = None,
+              adapter_name: str = "default") -> Path:
+    """Write the denoiser's LoRA as `out_dir/pytorch_lora_weights.safetensors` (diffusers format),
+    with its peft config (rank, alpha, targets) in the safetensors header, where both
+    `load_lora` and stock `pipe.load_lora_weights` read it. `metadata` (run facts: beta, base,
+    method) goes to `out_dir/lora_info.json`. The folder is replaced whole or not at all.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        type(pipe).save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(pipe.unet), safe_serialization=True
-        )
+    name = denoiser_name(pipe)
+    denoiser = getattr(pipe, name)
+    kwargs = _save_kwargs(type(pipe), name, lora_state_dict(denoiser, adapter_name),
+                          lora_adapter_config(denoiser, adapter_name))
+    with atomic_dir(out_dir) as tmp:
+        type(pipe).save_lora_weights(tmp, safe_serialization=True, **kwargs)
         if metadata:
-            import json
-
-            (tmp / "lora_info.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / LORA_WEIGHT_NAME
+            write_json_atomic(tmp / "lora_info.json", metadata)
+    return Path(out_dir) / LORA_WEIGHT_NAME
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:
-    """The safetensors file of a LoRA given as a file or a diffusers-format directory."""
+    """The safetensors file of a LoRA given as a file or a diffusers-format directory; its header
+    is read, so a truncated or foreign file is refused here, before any model is loaded."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
@@ -142,64 +177,154 @@ def resolve_lora_file(path: str | os.PathLike) -> Path:
                 f"save_lora / pipe.save_lora_weights(..., safe_serialization=True)"
             )
         preferred = path / LORA_WEIGHT_NAME
-        return preferred if preferred.exists() else candidates[0]
-    if not path.exists():
+        path = preferred if preferred.exists() else candidates[0]
+    elif not path.exists():
         raise UserError(f"LoRA path {path} does not exist")
-    if path.suffix != ".safetensors":
+    elif path.suffix != ".safetensors":
         raise UserError(
             f"LoRA {path} is not a .safetensors file; pickled checkpoints (.bin/.pt/.ckpt) are "
             "refused because loading them can run code. Convert it with safetensors.torch.save_file"
         )
+    _check_safetensors_header(path)
     return path
 
 
-def check_lora_matches(denoiser: nn.Module, lora_file: Path) -> None:
-    """Raise UserError if peft-format LoRA keys name modules or shapes absent from `denoiser`."""
+def _check_safetensors_header(path: Path) -> None:
+    """Raise UserError unless `path` is a complete safetensors file (safetensors checks that the
+    header parses and that its tensors cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        size = path.stat().st_size
+        raise UserError(f"LoRA file {path} ({size} bytes) is truncated or not a safetensors file "
+                        f"({str(err).splitlines()[0]}): copy or download it again") from None
+
+
+def _lora_file_contents(lora_file: Path) -> tuple[dict[str, dict[str, list[int]]], dict]:
+    """Shapes of the peft-format LoRA tensors of the denoiser, by module name (prefix `unet.` /
+    `transformer.` removed): {module: {"lora_A": shape, "lora_B": shape, "lora_B.bias": shape}},
+    and the adapter config stored in the header (keys without the prefix; {} when absent).
+
+    Text-encoder tensors and non-peft formats (kohya, old diffusers) are left to diffusers' converters.
+    """
+    import json
+
     from safetensors import safe_open
 
-    modules = dict(denoiser.named_modules())
-    missing, mismatched, cross_dims = [], [], set()
+    prefixes = ("unet.", "transformer.")
+    shapes: dict[str, dict[str, list[int]]] = {}
     with safe_open(str(lora_file), framework="pt") as f:
+        try:
+            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+        except json.JSONDecodeError as err:
+            raise UserError(f"LoRA file {lora_file} has a damaged lora_adapter_metadata header ({err}): "
+                            "save it again") from None
         for key in f.keys():
-            if ".lora_A." not in key:
-                continue  # lora_B mirrors lora_A; non-peft formats are left to diffusers' converters
-            module_name = key.split(".lora_A.")[0]
-            for prefix in ("unet.", "transformer."):
-                module_name = module_name.removeprefix(prefix)
-            shape = f.get_slice(key).get_shape()
-            if module_name.endswith("attn2.to_k"):
-                cross_dims.add(shape[-1])
-            module = modules.get(module_name)
-            if module is None:
-                missing.append(module_name)
+            match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)", key)
+            if match is None or key.startswith("text_encoder"):
                 continue
-            base = getattr(module, "base_layer", module)
-            expected = getattr(base, "in_features", getattr(base, "in_channels", None))
-            if expected is not None and shape[1] != expected:
-                mismatched.append(f"{module_name} (LoRA in={shape[1]}, model in={expected})")
+            module_name = match.group(1)
+            for prefix in prefixes:
+                module_name = module_name.removeprefix(prefix)
+            shapes.setdefault(module_name, {})[match.group(2).removesuffix(".weight")] = f.get_slice(key).get_shape()
+    config = {}
+    for key, value in header.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                config[key.removeprefix(prefix)] = value
+    return shapes, config
+
+
+def _header_rank(config: dict, module_name: str) -> int | None:
+    """The rank the header's config gives `module_name` (rank_pattern as peft matches it), or None."""
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return int(rank)
+    return None if config.get("r") is None else int(config["r"])
+
+
+def _module_mismatches(name: str, shapes: dict[str, list[int]], layer: nn.Module, rank: int | None) -> list[str]:
+    """How one module's LoRA tensors disagree with its layer (Linear or Conv): in/out sizes,
+    A/B ranks, kernel, and the rank the header declares. Empty when they fit."""
+    if "lora_A" not in shapes or "lora_B" not in shapes:
+        return [f"{name} (has {'lora_A' if 'lora_A' in shapes else 'lora_B'} only)"]
+    a, b = shapes["lora_A"], shapes["lora_B"]
+    weight = getattr(layer, "weight", None)
+    n_in = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+    n_out = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+    if n_in is None or n_out is None or weight is None:
+        return []  # a layer kind this check does not know: diffusers decides
+    if len(a) != weight.ndim or len(b) != weight.ndim:  # e.g. a linear LoRA for a conv layer
+        return [f"{name} (LoRA tensors {len(a)}-D, model weight {weight.ndim}-D)"]
+    problems = []
+    if a[1] != n_in:
+        problems.append(f"{name} (LoRA in={a[1]}, model in={n_in})")
+    if b[0] != n_out or shapes.get("lora_B.bias", [n_out])[0] != n_out:
+        problems.append(f"{name} (LoRA out={b[0]}, model out={n_out})")
+    if a[0] != b[1] * getattr(layer, "groups", 1):
+        problems.append(f"{name} (lora_A rank {a[0]} != lora_B rank {b[1]})")
+    elif rank is not None and a[0] != rank:
+        problems.append(f"{name} (tensors have rank {a[0]}, the file's header says {rank})")
+    kernel = getattr(layer, "kernel_size", None)
+    if kernel is not None and tuple(a[2:]) != tuple(kernel):
+        problems.append(f"{name} (LoRA kernel {tuple(a[2:])}, model kernel {tuple(kernel)})")
+    return problems
+
+
+def _cross_attention_hint(shapes: dict, modules: dict[str, nn.Module]) -> str:
+    """"; it seems to be for ..." when the LoRA's cross-attention width (attn2.to_k inputs)
+    differs from the model's; "" otherwise."""
+    lora_dims = {s["lora_A"][1] for n, s in shapes.items() if n.endswith("attn2.to_k") and "lora_A" in s}
+    model_dims = {getattr(getattr(m, "base_layer", m), "in_features", None)
+                  for n, m in modules.items() if n.endswith("attn2.to_k")} - {None}
+    if not lora_dims or lora_dims <= model_dims:
+        return ""
+    dim = sorted(lora_dims - model_dims)[0]
+    base = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(dim, "an unknown base")
+    mine = ", ".join(map(str, sorted(model_dims))) or "none"
+    return f"; it seems to be for a base with cross_attention_dim={dim} ({base}), this model's is {mine}"
+
+
+def check_lora_matches(denoiser: nn.Module, lora_file: Path) -> None:
+    """Raise a one-line UserError if a peft-format LoRA tensor names a module absent from
+    `denoiser` or does not fit its layer (in/out sizes, A/B ranks, kernel, header rank)."""
+    _check_safetensors_header(lora_file)
+    shapes, config = _lora_file_contents(lora_file)
+    modules = dict(denoiser.named_modules())
+    missing, mismatched = [], []
+    for name, module_shapes in shapes.items():
+        module = modules.get(name)
+        if module is None:
+            missing.append(name)
+            continue
+        layer = getattr(module, "base_layer", module)
+        mismatched += _module_mismatches(name, module_shapes, layer, _header_rank(config, name))
     if missing or mismatched:
-        hint = ""
-        if cross_dims:
-            dim = sorted(cross_dims)[0]
-            base = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(dim, "an unknown base")
-            hint = f"; it seems to be for a base with cross_attention_dim={dim} ({base})"
         detail = (missing[:3] and f"{len(missing)} modules not in the model, e.g. {missing[:3]}") or ""
         if mismatched:
             detail += f"{'; ' if detail else ''}{len(mismatched)} shape mismatches, e.g. {mismatched[:2]}"
+        hint = _cross_attention_hint(shapes, modules)
         raise UserError(f"LoRA {lora_file} does not fit this {type(denoiser).__name__}: {detail}{hint}")
 
 
 def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Check and load a diffusers-format LoRA into the pipeline's denoiser (safetensors only)."""
+    """Check and load a diffusers-format LoRA into the pipeline's denoiser (safetensors only).
+
+    diffusers rebuilds the adapter from the config in the file's header (rank, alpha, targets),
+    so a LoRA saved by save_lora reloads at its trained scale alpha / r.
+    """
     lora_file = resolve_lora_file(path)
-    check_lora_matches(pipe.unet if hasattr(pipe, "unet") else pipe.transformer, lora_file)
+    check_lora_matches(getattr(pipe, denoiser_name(pipe)), lora_file)
     pipe.load_lora_weights(
         str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name, use_safetensors=True
     )
 
 
 def set_lora_scale(denoiser: nn.Module, scale: float) -> None:
-    """Weight-space baseline: scale every LoRA delta by `scale` (NOT realignment; see method.md)."""
+    """Weight-space baseline: scale every LoRA delta by `scale` (NOT realignment; see docs/method.md)."""
     from peft.tuners.lora import LoraLayer
 
     for module in denoiser.modules():
@@ -248,6 +373,5 @@ def set_scheduler(pipe, name: str, **overrides) -> None:
     cls = getattr(diffusers, SCHEDULERS[name])
     config = dict(pipe.scheduler.config)
     if name in ("ddim", "ddpm"):
-        config.setdefault("clip_sample", False)
         config["clip_sample"] = overrides.pop("clip_sample", False)
     pipe.scheduler = cls.from_config({**config, **overrides})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -21,13 +23,20 @@ from deradiff.models import (
 )
 
 
+@pytest.fixture
+def sd15(tiny_sd15):
+    """This test's own copy of (pipe_with_lora, pipe_base): tests here change schedulers, and the
+    session-wide fixture must look the same to every test whatever the order."""
+    return copy.deepcopy(tiny_sd15)
+
+
 def _images(pipe):
     gen = torch.Generator().manual_seed(0)
     return pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np", generator=gen).images
 
 
-def test_adapters_disabled_gives_the_base_exactly_and_restores(tiny_sd15):
-    adapted, base = tiny_sd15
+def test_adapters_disabled_gives_the_base_exactly_and_restores(sd15):
+    adapted, base = sd15
     set_scheduler(adapted, "ddim")
     set_scheduler(base, "ddim")
     with adapters_disabled(adapted.unet):
@@ -37,12 +46,12 @@ def test_adapters_disabled_gives_the_base_exactly_and_restores(tiny_sd15):
     assert lora_adapter_names(base.unet) == []
 
 
-def test_save_lora_round_trips_through_stock_load_lora_weights(tiny_sd15, tmp_path):
-    adapted, _ = tiny_sd15
+def test_save_lora_round_trips_through_stock_load_lora_weights(sd15, tmp_path):
+    adapted, _ = sd15
     set_scheduler(adapted, "ddim")
     path = save_lora(adapted, tmp_path / "lora", metadata={"beta": 1.0})
     assert path.name == "pytorch_lora_weights.safetensors" and path.exists()
-    assert not list(tmp_path.glob(".lora.*")), "temporary folder left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"], "temporary folder left behind"
     fresh = build_tiny_sd15(tmp_path)
     set_scheduler(fresh, "ddim")
     fresh.load_lora_weights(str(tmp_path / "lora"))  # stock diffusers reads our file
@@ -53,15 +62,15 @@ def test_save_lora_round_trips_through_stock_load_lora_weights(tiny_sd15, tmp_pa
     np.testing.assert_allclose(_images(other), _images(adapted), atol=1e-6)
 
 
-def test_lora_for_another_base_is_refused_with_a_hint(tiny_sd15, tmp_path):
-    adapted, _ = tiny_sd15
+def test_lora_for_another_base_is_refused_with_a_hint(sd15, tmp_path):
+    adapted, _ = sd15
     bad = {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(4, 2048),
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.zeros(16, 4),
         "unet.mid_block.nonexistent.lora_A.weight": torch.zeros(4, 8),
     }
     save_file(bad, tmp_path / "x.safetensors")
-    with pytest.raises(UserError, match=r"cross_attention_dim=2048 \(SDXL\)") as err:
+    with pytest.raises(UserError, match=r"cross_attention_dim=2048 \(SDXL\), this model.s is 32$") as err:
         check_lora_matches(adapted.unet, tmp_path / "x.safetensors")
     assert "mid_block.nonexistent" in str(err.value) and "shape mismatch" in str(err.value)
 
@@ -77,16 +86,96 @@ def test_pickled_or_missing_lora_is_refused(tmp_path):
         resolve_lora_file(tmp_path / "d")
 
 
-def test_unknown_scheduler_lists_the_valid_ones(tiny_sd15):
+def test_unknown_scheduler_lists_the_valid_ones(sd15):
     with pytest.raises(UserError, match="ddim"):
-        set_scheduler(tiny_sd15[0], "fancy")
+        set_scheduler(sd15[0], "fancy")
 
 
-def test_set_scheduler_turns_off_x0_clipping(tiny_sd15):
-    set_scheduler(tiny_sd15[0], "ddpm")
-    assert tiny_sd15[0].scheduler.config.clip_sample is False
+def test_set_scheduler_turns_off_x0_clipping(sd15):
+    set_scheduler(sd15[0], "ddpm")
+    assert sd15[0].scheduler.config.clip_sample is False
 
 
 def test_missing_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cannot load pipeline"):
         load_pipeline(str(tmp_path / "nothing-here"))
+
+
+# -- damaged or mismatched LoRA files: one-line UserErrors, before anything is loaded ---------------
+
+ATTN2_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 32 -> 16
+PROJ_IN = "down_blocks.0.attentions.0.proj_in"  # Conv2d 16 -> 16, 1x1
+
+
+def _saved_lora(adapted, tmp_path) -> dict[str, torch.Tensor]:
+    """The adapted model's LoRA as save_lora writes it (keys prefixed `unet.`)."""
+    from safetensors.torch import load_file
+
+    return load_file(save_lora(adapted, tmp_path / "good"))
+
+
+def _refusal(pipe, tensors: dict, tmp_path, metadata: dict | None = None) -> str:
+    """load_lora's one-line UserError for a file holding `tensors`; the model is left untouched."""
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    with pytest.raises(UserError) as err:
+        load_lora(pipe, tmp_path / "bad.safetensors")
+    assert lora_adapter_names(pipe.unet) == []
+    message = str(err.value)
+    assert "\n" not in message and "bad.safetensors" in message
+    return message
+
+
+@pytest.mark.parametrize("cut", ["half", "5 bytes"])
+def test_truncated_lora_file_is_a_clear_error(sd15, tmp_path, cut):
+    good = save_lora(sd15[0], tmp_path / "good")
+    data = good.read_bytes()
+    (tmp_path / "cut").mkdir()
+    bad = tmp_path / "cut" / "pytorch_lora_weights.safetensors"
+    bad.write_bytes(data[: len(data) // 2] if cut == "half" else data[:5])
+    for given in (bad, bad.parent):  # the file, or its folder
+        with pytest.raises(UserError, match=r"pytorch_lora_weights.safetensors .*truncated or not a safetensors file"):
+            resolve_lora_file(given)
+    with pytest.raises(UserError, match="truncated"):
+        load_lora(sd15[1], bad.parent)
+
+
+def test_lora_b_with_the_wrong_output_size_is_refused(sd15, tmp_path):
+    tensors = _saved_lora(sd15[0], tmp_path)
+    tensors[f"unet.{ATTN2_K}.lora_B.weight"] = torch.zeros(24, 4)
+    message = _refusal(sd15[1], tensors, tmp_path)
+    assert f"1 shape mismatches, e.g. ['{ATTN2_K} (LoRA out=24, model out=16)']" in message
+    assert "cross_attention_dim" not in message  # the LoRA's cross-attention width is this model's
+
+
+def test_lora_a_and_b_ranks_that_disagree_are_refused(sd15, tmp_path):
+    tensors = _saved_lora(sd15[0], tmp_path)
+    tensors[f"unet.{ATTN2_K}.lora_B.weight"] = torch.zeros(16, 3)
+    message = _refusal(sd15[1], tensors, tmp_path)
+    assert f"{ATTN2_K} (lora_A rank 4 != lora_B rank 3)" in message
+
+
+def test_conv_lora_with_another_kernel_or_linear_shape_is_refused(sd15, tmp_path):
+    tensors = _saved_lora(sd15[0], tmp_path)
+    tensors[f"unet.{PROJ_IN}.lora_A.weight"] = torch.zeros(4, 16, 3, 3)
+    assert f"{PROJ_IN} (LoRA kernel (3, 3), model kernel (1, 1))" in _refusal(sd15[1], tensors, tmp_path)
+    tensors[f"unet.{PROJ_IN}.lora_A.weight"] = torch.zeros(4, 16)  # a LoRA for a linear proj_in (SD2/SDXL)
+    tensors[f"unet.{PROJ_IN}.lora_B.weight"] = torch.zeros(16, 4)
+    assert f"{PROJ_IN} (LoRA tensors 2-D, model weight 4-D)" in _refusal(sd15[1], tensors, tmp_path)
+
+
+def test_header_rank_that_disagrees_with_the_tensors_is_refused(sd15, tmp_path):
+    import json
+
+    tensors = _saved_lora(sd15[0], tmp_path)
+    header = {"unet.r": 8, "unet.lora_alpha": 8, "unet.target_modules": ["to_k"]}
+    message = _refusal(sd15[1], tensors, tmp_path, {"format": "pt", "lora_adapter_metadata": json.dumps(header)})
+    assert "(tensors have rank 4, the file's header says 8)" in message
+
+
+def test_missing_module_gives_no_cross_attention_hint_when_the_width_matches(sd15, tmp_path):
+    tensors = _saved_lora(sd15[0], tmp_path)
+    tensors["unet.mid_block.nonexistent.lora_A.weight"] = torch.zeros(4, 8)
+    tensors["unet.mid_block.nonexistent.lora_B.weight"] = torch.zeros(8, 4)
+    message = _refusal(sd15[1], tensors, tmp_path)
+    assert "1 modules not in the model, e.g. ['mid_block.nonexistent']" in message
+    assert "cross_attention_dim" not in message and "unknown base" not in message
