@@ -134,6 +134,41 @@ def test_streamed_data_trains_past_an_epoch_and_resumes_identically(toy_world, t
     assert sorted(_losses(tmp_path / "whole")) == [7, 14]
 
 
+def _with_corrupt_rows(src: Path, dst: Path, rows: tuple[int, ...]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(src).to_pydict()
+    for i in rows:
+        table["jpg_0"][i] = b"\x89PNG\r\n\x1a\n not an image"
+    pq.write_table(pa.table(table), dst)
+    return dst
+
+
+def test_corrupt_images_are_counted_in_log_metrics_and_summary_streamed_or_not(toy_world, tmp_path):
+    # 48 pairs: 4 ties, 3 corrupt (rows 0, 10, 20, none a tie) -> 41 usable; 12 steps x 4 pairs
+    # read the whole stream once.
+    data = _with_corrupt_rows(toy_world / "prefs" / "train.parquet", tmp_path / "corrupt.parquet", (0, 10, 20))
+    for streaming, steps in (("true", 12), ("false", 2)):
+        out = tmp_path / f"streaming-{streaming}"
+        proc = _run(_args(toy_world, out, **{"data.path": data, "data.streaming": streaming, "data.eval_path": "null",
+                                             "trainer.max_steps": steps, "trainer.checkpoint_every": 100,
+                                             "sample.prompts": "[]"}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        counts = [r["data/corrupt"] for r in rows]
+        assert counts == sorted(counts), "counts only grow"
+        assert summary["data/corrupt"] == rows[-1]["data/corrupt"] == 3, (streaming, summary)
+        assert summary["data/ties"] == 4
+        assert "data/corrupt=3" in proc.stdout + proc.stderr
+        if streaming == "true":
+            assert (proc.stdout + proc.stderr).count("skipping streamed row") >= 3
+            assert summary["data/pairs_read"] >= 48 and summary["data/kept"] >= 41
+        else:
+            assert summary["data/pairs_read"] == 48 and summary["data/kept"] == 41
+
+
 def test_a_different_recipe_in_the_same_run_dir_is_refused(reference_run, toy_world):
     out, _ = reference_run
     proc = _run(_args(toy_world, out, **{"method.beta": 500}))

@@ -46,7 +46,8 @@ VALID_LABELS = (0.0, 0.5, 1.0)
 @dataclass
 class PreferenceStats:
     """What loading did to the rows. `corrupt` counts pairs with an undecodable image, found
-    up front (verify_images) or while iterating (then it grows during training)."""
+    up front (verify_images) or while iterating (then it grows during training). For a streamed
+    set every count grows as the first pass over the stream reads rows."""
 
     rows: int = 0  # rows read (after max samples)
     ties: int = 0  # label_0 == 0.5, dropped
@@ -60,6 +61,12 @@ class PreferenceStats:
     def summary(self) -> str:
         return (f"{self.rows} pairs read: {self.ties} ties dropped, {self.flipped} flipped (preferred image "
                 f"second), {self.corrupt} with a corrupt image skipped, {self.kept} kept")
+
+    def as_metrics(self) -> dict[str, float]:
+        """The counts as namespaced metrics (metrics.jsonl, TensorBoard, summary.json)."""
+        return {"data/pairs_read": float(self.rows), "data/ties": float(self.ties),
+                "data/flipped": float(self.flipped), "data/corrupt": float(self.corrupt),
+                "data/kept": float(self.kept)}
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -309,6 +316,18 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.epoch = 0
         self.stats = stats if stats is not None else PreferenceStats(rows=len(rows), kept=len(rows))
         self._bad: set[int] = set()
+        self._corrupt_up_front = self.stats.corrupt
+
+    @property
+    def bad_rows(self) -> set[int]:
+        """Rows found undecodable while iterating (on this process), beyond those dropped up front."""
+        return set(self._bad)
+
+    def metrics(self, bad_rows: set[int] | None = None) -> dict[str, float]:
+        """`stats.as_metrics()`, counting as corrupt those dropped up front plus `bad_rows` (the
+        union over processes of `bad_rows`; default: this process's)."""
+        found = self._bad if bad_rows is None else bad_rows
+        return {**self.stats.as_metrics(), "data/corrupt": float(self._corrupt_up_front + len(found))}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -368,25 +387,32 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
             self.stream.set_epoch(epoch)  # reseeds a shuffled stream's buffer
 
     def raw_pairs(self) -> Iterator[tuple[str, PILImage.Image, PILImage.Image]]:
-        """(caption, preferred, rejected) for each usable row, updating `stats`."""
+        """(caption, preferred, rejected) for each usable row. The first pass (epoch 0) counts
+        its rows in `stats` and logs each corrupt one; later passes re-read the same rows and
+        leave `stats` alone, so the counts describe the data, as for an indexed set."""
+        first_pass = self.epoch == 0
+        stats = self.stats if first_pass else PreferenceStats()
         stream = self.stream.take(self.max_samples) if self.max_samples is not None else self.stream
         for row in stream:
-            self.stats.rows += 1
+            stats.rows += 1
             problem = _label_problem(row.get("label_0"), row.get("label_1"))
             if problem is not None:
-                raise UserError(f"{self.where}: invalid labels in streamed row {self.stats.rows - 1}: {problem}")
+                raise UserError(f"{self.where}: invalid labels in streamed row {stats.rows - 1}: {problem}")
             if float(row["label_0"]) == 0.5:
-                self.stats.ties += 1
+                stats.ties += 1
                 continue
             try:
                 first, second = decode_image(row["jpg_0"]), decode_image(row["jpg_1"])
-            except ValueError:
-                self.stats.corrupt += 1
+            except ValueError as err:
+                stats.corrupt += 1
+                if first_pass:
+                    logger.warning("skipping streamed row %d: %s (%d corrupt so far)", stats.rows - 1, err,
+                                   stats.corrupt)
                 continue
             if float(row["label_0"]) == 0.0:
                 first, second = second, first
-                self.stats.flipped += 1
-            self.stats.kept += 1
+                stats.flipped += 1
+            stats.kept += 1
             yield row["caption"], first, second
 
     def __iter__(self) -> Iterator[dict]:

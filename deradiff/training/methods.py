@@ -75,7 +75,31 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
 
     describe = (f"beta={m.beta:g} ({m.beta_convention} convention: loss = -log sigmoid(-"
                 f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference))")
-    return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None)
+    return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None,
+                  data_stats=_pair_counts(dataset, accelerator))
+
+
+def _pair_counts(dataset, accelerator) -> Callable[[], dict[str, float]]:
+    """data_stats() -> data/* counts of the training pairs over all processes: a streamed set's
+    counts summed over the ranks' shards; an indexed set's filtering counts (the same on every
+    rank) with the corrupt rows found while training united over ranks."""
+
+    def data_stats() -> dict[str, float]:
+        if hasattr(dataset, "metrics"):  # indexed: every rank holds the whole filtered set
+            bad = dataset.bad_rows
+            if accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                bad = set(gather_object(sorted(bad)))
+            return dataset.metrics(bad)
+        counts = dataset.stats.as_metrics()
+        if accelerator.num_processes == 1:
+            return counts
+        values = torch.tensor(list(counts.values()), dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(values, reduction="sum").tolist()
+        return dict(zip(counts, total, strict=True))
+
+    return data_stats
 
 
 def _lazy(module: str, name: str) -> Callable:

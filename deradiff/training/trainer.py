@@ -46,6 +46,9 @@ class Method:
     describe: str = ""  # one line for the start-of-run log (e.g. the beta convention)
     # evaluate(unet) -> metrics on held-out data (no gradients), at trainer.eval_every and the end
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    # data_stats() -> counts of the training data so far (data/*: rows read, dropped, corrupt),
+    # totals over processes; a collective, called by every rank at each logged step
+    data_stats: Callable[[], dict[str, float]] | None = None
 
 
 def is_finished(run_dir: Path, max_steps: int) -> bool:
@@ -225,7 +228,10 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
                                             or state.step == t.max_steps):
             unet.eval()
             last.update(method.evaluate(unet))
-        if accelerator.is_main_process and (state.step % t.log_every == 0 or state.step == t.max_steps):
+        log_now = state.step % t.log_every == 0 or state.step == t.max_steps
+        if log_now and method.data_stats is not None:
+            last.update(method.data_stats())
+        if accelerator.is_main_process and log_now:
             accelerator.log(last, step=state.step)
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
         bar.set_postfix({short: f"{last[k]:.4g}" for k, short in _BAR_KEYS.items() if k in last})

@@ -165,6 +165,24 @@ def test_lazy_corrupt_rows_are_skipped_and_counted(prefs):
     assert stats.corrupt == 1, "a known-bad row is counted once"
 
 
+def test_corrupt_counts_as_metrics_indexed_and_streamed(prefs, caplog):
+    pairs, _ = load_preference_dataset(replace(prefs, verify_images=False))
+    pairs[2]  # the corrupt row, found while iterating
+    assert pairs.metrics()["data/corrupt"] == 1 and pairs.bad_rows == {2}
+    assert pairs.metrics(bad_rows={2, 3})["data/corrupt"] == 2  # united over ranks by the trainer
+    verified, _ = load_preference_dataset(prefs)
+    assert verified.metrics() == {"data/pairs_read": 6.0, "data/ties": 1.0, "data/flipped": 2.0,
+                                  "data/corrupt": 1.0, "data/kept": 4.0}
+    stream, stats = load_preference_dataset(replace(prefs, streaming=True))
+    with caplog.at_level("WARNING", logger="deradiff.training.data"):
+        list(stream)
+    assert stats.as_metrics() == verified.metrics(), "the first pass counts the data as the indexed path does"
+    assert "skipping streamed row" in caplog.text
+    stream.set_epoch(1)
+    list(stream)  # a second pass re-reads the same rows: not counted again
+    assert stats.as_metrics() == verified.metrics()
+
+
 def test_max_samples_and_held_out_pairs(prefs):
     pairs, stats = load_preference_dataset(replace(prefs, max_train_samples=3, verify_images=False))
     assert stats.rows == 3 and len(pairs) + stats.ties == 3
