@@ -18,6 +18,8 @@ from pathlib import Path
 
 from deradiff.errors import UserError
 
+RECIPE = "recipe.yaml"  # a training run's resolved recipe (plain YAML)
+
 
 def resolve_lora(path: str | os.PathLike) -> Path:
     """The safetensors file of a LoRA given as a training run folder (holding lora/), a LoRA
@@ -51,18 +53,33 @@ def lora_run(path: str | os.PathLike) -> LoraRun:
     """Read a LoRA's rank (from its weights), beta and base model (lora_info.json, else the run's
     recipe.yaml) and training wall time (summary.json, else the last time_s of metrics.jsonl)."""
     file = resolve_lora(path)
-    run_dir = next((d for d in (file.parent, file.parent.parent) if (d / "recipe.yaml").exists()
+    run_dir = next((d for d in (file.parent, file.parent.parent) if (d / RECIPE).exists()
                     or (d / "summary.json").exists()), None)
     info = json.loads((file.parent / "lora_info.json").read_text()) if (file.parent / "lora_info.json").exists() else {}
     beta, base = info.get("beta"), info.get("base")
-    if run_dir is not None and (beta is None or base is None) and (run_dir / "recipe.yaml").exists():
-        from deradiff.training.recipe import load_resolved
-
-        recipe = load_resolved(run_dir)
-        beta = beta if beta is not None else recipe.method.beta
-        base = base if base is not None else recipe.model.name_or_path
+    if run_dir is not None and (beta is None or base is None) and (run_dir / RECIPE).exists():
+        recipe = _recipe_fields(run_dir / RECIPE)
+        beta = beta if beta is not None else recipe["beta"]
+        base = base if base is not None else recipe["base"]
     return LoraRun(str(path), file, _lora_rank(file), None if beta is None else float(beta), base, run_dir,
                    _training_seconds(run_dir))
+
+
+def _recipe_fields(path: Path) -> dict:
+    """method.beta and model.name_or_path of a run's resolved recipe, read as plain YAML data
+    (the evaluation reads a training run's files, never the training code)."""
+    from omegaconf import OmegaConf
+
+    try:
+        recipe = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # a YAML syntax error of any kind: the file is unreadable
+        raise UserError(f"{path} is not readable YAML: {str(err).splitlines()[0]}") from None
+    recipe = recipe if isinstance(recipe, dict) else {}
+
+    def section(name: str) -> dict:
+        return recipe.get(name) if isinstance(recipe.get(name), dict) else {}
+
+    return {"beta": section("method").get("beta"), "base": section("model").get("name_or_path")}
 
 
 def _lora_rank(file: Path) -> int:
@@ -102,6 +119,8 @@ def check_baselines(aligned: LoraRun, baselines: Sequence[LoraRun]) -> None:
             problems.append(f"{b.path}: base model {b.base!r} != aligned base {aligned.base!r}")
         if b.beta is None:
             problems.append(f"{b.path}: unknown beta (no lora_info.json or recipe.yaml beside it)")
+        elif not b.beta > 0:
+            problems.append(f"{b.path}: beta {b.beta:g} is not > 0 (its lambda = beta0 / beta must be >= 0)")
     betas = [b.beta for b in baselines if b.beta is not None]
     if len(set(betas)) != len(betas):
         problems.append(f"two baselines share a beta: {betas}")
@@ -111,5 +130,8 @@ def check_baselines(aligned: LoraRun, baselines: Sequence[LoraRun]) -> None:
 
 
 def baseline_lambda(beta0: float, beta: float) -> float:
-    """lam = beta0 / beta, rounded to 6 significant digits (its name in the results table)."""
+    """lam = beta0 / beta, rounded to 6 significant digits (its name in the results table);
+    UserError unless both betas are > 0 (lambda >= 0 by policy)."""
+    if not (beta0 > 0 and beta > 0):
+        raise UserError(f"beta0 = {beta0:g} and baseline beta = {beta:g}: both must be > 0 (lambda = beta0 / beta)")
     return float(f"{beta0 / beta:.6g}")

@@ -23,9 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deradiff.errors import UserError
-from deradiff.evaluation.evaluate import CONFIG, LORA_SCALE, REALIGNED, load_judge, load_saved_config
+from deradiff.evaluation.config import CONFIG, load_saved_config
 from deradiff.evaluation.results import (
+    LORA_SCALE,
     LOWER_IS_BETTER,
+    REALIGNED,
     RESULTS,
     format_summary,
     lam_value,
@@ -35,6 +37,7 @@ from deradiff.evaluation.results import (
     write_json,
 )
 from deradiff.evaluation.validate import format_search_check
+from deradiff.io import atomic_write, write_text_atomic
 
 MAX_GRID_PROMPTS = 6
 
@@ -55,13 +58,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    os.replace(tmp, path)
 
 
 def _series(summary: Sequence[dict], arm: str, metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -171,7 +172,7 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
         raise UserError(f"no results in {eval_dir / RESULTS}{hint}: run `deradiff evaluate --out {eval_dir}` first")
     cfg = load_saved_config(eval_dir)
     out.mkdir(parents=True, exist_ok=True)
-    judge = load_judge(cfg) if cfg is not None else None
+    judge = cfg.load_judge() if cfg is not None else None
     summary = summarize(per_prompt_table(rows, eval_dir, judge), n_boot, alpha)
     write_json(out / "summary.json", summary)
     write_csv(out / "summary.csv", summary)
@@ -191,11 +192,7 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
     if validation:
         write_json(out / "validation.json", validation)
         write_csv(out / "validation.csv", validation["comparisons"])
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "report.md", md)
 
 
 def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, has_grid) -> str:

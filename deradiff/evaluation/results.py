@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,18 +17,19 @@ import numpy as np
 import torch
 
 from deradiff.errors import UserError
+from deradiff.io import write_text_atomic
 from deradiff.realign import LambdaSchedule, parse_lambda
 
 RESULTS = "results.jsonl"
+# the arms of the table: output mixing, the LoRA scaled in weight space, retrained:<run label>
+REALIGNED, LORA_SCALE, RETRAINED = "realigned", "lora-scale", "retrained"
 SET_METRICS = ("fidelity/kid", "fidelity/diversity_rel")  # per prompt, from all its seeds' images
 LOWER_IS_BETTER = ("path_kl", "fidelity/kid")
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON, whole or not at all (keys in their order; unknown types as str)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def lam_name(lam: float | str | LambdaSchedule) -> str:
@@ -68,11 +68,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Write a JSONL table atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    """Write a JSONL table, whole or not at all."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def drop_torn_tail(path: Path) -> None:

@@ -30,16 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from deradiff.errors import UserError
-from deradiff.evaluation.evaluate import (
-    REALIGNED,
-    Evaluator,
-    add_eval_arguments,
-    config_from_args,
-    expected_metrics,
-    log_command,
-    parse_grid,
-)
-from deradiff.evaluation.results import SET_METRICS, lam_name, per_prompt_table, write_json
+from deradiff.evaluation.config import config_from_args, expected_metrics
+from deradiff.evaluation.evaluate import Evaluator
+from deradiff.evaluation.lams import LAM_POLICY, constant, equivalent_beta, lambda_arg, parse_grid
+from deradiff.evaluation.options import add_eval_arguments, log_command
+from deradiff.evaluation.results import REALIGNED, SET_METRICS, per_prompt_table, write_json
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 _BUDGET = re.compile(r"^\s*([\w/.-]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -183,10 +178,11 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
     points: dict[str, Evaluated] = {}
     rows_used: dict[tuple, dict] = {}
 
-    def evaluate(lam: float) -> Evaluated:
-        name = lam_name(float(f"{lam:.{digits}g}"))
+    def evaluate(value: float) -> Evaluated:
+        lam = constant(float(f"{value:.{digits}g}"))
+        name = lam.name
         if name not in points:
-            rows = ev.ensure(REALIGNED, [name])
+            rows = ev.ensure(REALIGNED, [lam])
             rows_used.update({(r["lam"], r["prompt"], r["seed"]): r for r in rows})
             table = per_prompt_table(rows, ev.out, judge)[(REALIGNED, name)]
             missing = [m for m in objective.metrics if m not in table]
@@ -194,7 +190,7 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
                 raise UserError(f"objective metrics {missing} are not measured; available: {sorted(table)} "
                                 "(rewards come from --reward; fidelity/* need toy prompts; path_kl needs a "
                                 "stochastic sampler, e.g. --scheduler ddpm or --eta 1)")
-            points[name] = Evaluated(float(name), {m: table[m] for m in objective.metrics})
+            points[name] = Evaluated(lam.value, {m: table[m] for m in objective.metrics})
         return points[name]
 
     def f(lam: float) -> float:
@@ -220,7 +216,7 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
         "chosen_lambda": chosen,
         "lambda_interval": choice.pop("lambda_interval"),
         "beta0": beta0,
-        "equivalent_beta": None if beta0 is None or chosen == 0 else beta0 / chosen,
+        "equivalent_beta": equivalent_beta(beta0, chosen),
         **choice,
         "evaluated": [{"lam": p.lam, "objective": obj, **p.means()} for p, obj in zip(ordered, objectives, strict=True)],
         "bracket": [lo, hi],
@@ -232,8 +228,9 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
-    p.add_argument("--grid", nargs="+", default=["0", "0.5", "1", "2", "4"],
-                   help="constant lambdas sampled first (the refinement searches around the best one)")
+    p.add_argument("--grid", nargs="+", type=lambda_arg, default=[lambda_arg(v) for v in ("0", "0.5", "1", "2", "4")],
+                   help="constant lambdas sampled first (the refinement searches around the best one); "
+                   f"{LAM_POLICY}")
     p.add_argument("--maximize", default=None, metavar="METRIC",
                    help="constrained objective: metric to maximize, e.g. reward/toy or reward/pickscore")
     p.add_argument("--budget", nargs="*", default=[], metavar="METRIC<=B",
@@ -244,8 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    grid = parse_grid(args.grid)
-    if any(s.kind != "constant" for s in grid):
+    grid = parse_grid(args.grid, "--grid")
+    if any(lam.value is None for lam in grid):
         raise UserError("--grid takes constant lambdas only (the search is over a number)")
     if args.refine < 0:
         raise UserError(f"--refine must be >= 0, got {args.refine}")
@@ -259,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ev = Evaluator(cfg, out)
     log_command(out, args)
-    record = search(ev, [s.start for s in grid], objective, args.refine, args.n_boot, args.alpha)
+    record = search(ev, [lam.value for lam in grid], objective, args.refine, args.n_boot, args.alpha)
     record["cost"].update(sampled_now=ev.sampled, resampled=ev.resampled, wall_s=round(time.perf_counter() - start, 2))
     write_json(out / "search.json", record)
     lam, (lo, hi) = record["chosen_lambda"], record["lambda_interval"]

@@ -5,7 +5,7 @@
         --prompts toy:test --seeds 0 1 2 3 --out runs/eval
 
 The aligned LoRA was trained at beta0, each baseline at beta_k; realigning at
-lambda_k = beta0 / beta_k emulates baseline k (method.md section 5). On the same prompts and
+lambda_k = beta0 / beta_k emulates baseline k (docs/method.md section 5). On the same prompts and
 seeds (sampled through `deradiff evaluate`'s code path, into the same folder) this reports, per
 lambda_k and metric: the realigned value, the retrained value, their gap (realigned - retrained,
 paired per prompt) with a bootstrap interval over prompts, whether the realigned value lies in
@@ -27,15 +27,11 @@ from pathlib import Path
 
 from deradiff.errors import UserError
 from deradiff.evaluation.baselines import lora_run
-from deradiff.evaluation.evaluate import (
-    LORA_SCALE,
-    REALIGNED,
-    Evaluator,
-    add_eval_arguments,
-    config_from_args,
-    log_command,
-)
-from deradiff.evaluation.results import Table, lam_name, per_prompt_table, write_json
+from deradiff.evaluation.config import config_from_args
+from deradiff.evaluation.evaluate import Evaluator
+from deradiff.evaluation.lams import LAM_POLICY
+from deradiff.evaluation.options import add_eval_arguments, log_command
+from deradiff.evaluation.results import LORA_SCALE, REALIGNED, Table, per_prompt_table, write_json
 from deradiff.stats import bootstrap_ci
 
 
@@ -58,15 +54,16 @@ def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: 
     if not ev.baselines:
         raise UserError("validate needs --baselines (LoRAs trained at beta0 / lambda_k)")
     lams = ev.baseline_lams()
-    rows = ev.ensure(REALIGNED, sorted(set(lams.values())))
+    grid = sorted(set(lams.values()), key=lambda lam: lam.value)
+    rows = ev.ensure(REALIGNED, grid)
     if lora_scale:
-        rows += ev.ensure(LORA_SCALE, sorted(set(lams.values())))
+        rows += ev.ensure(LORA_SCALE, grid)
     for arm, lam in lams.items():
         rows += ev.ensure(arm, [lam])
     table = per_prompt_table(rows, ev.out, ev.judge())
     comparisons = []
-    for arm, lam in sorted(lams.items(), key=lambda kv: kv[1]):
-        name = lam_name(lam)
+    for arm, lam_ in sorted(lams.items(), key=lambda kv: kv[1].value):
+        name, lam = lam_.name, lam_.value
         retrained = (arm, name)
         for metric in sorted(table[retrained]):
             real = paired(table, (REALIGNED, name), retrained, metric, n_boot, alpha)
@@ -82,7 +79,7 @@ def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: 
                            mixing_closer=abs(real["gap"][0]) < abs(scaled["gap"][0]))
             comparisons.append(row)
     return {"beta0": ev.beta0, "alpha": alpha,
-            "baselines": [{"label": b.label, "lam": lams[arm], "beta": b.beta, "path": b.path, "wall_s": b.wall_s}
+            "baselines": [{"label": b.label, "lam": lams[arm].value, "beta": b.beta, "path": b.path, "wall_s": b.wall_s}
                           for arm, b in ev.baselines.items()],
             "comparisons": comparisons, "per_metric": _per_metric(comparisons)}
 
@@ -110,7 +107,7 @@ def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_sourc
         search_s = float(search["cost"]["sample_s"])
         source = search_source
     else:
-        lams = {lam_name(v) for v in ev.baseline_lams().values()}
+        lams = {lam.name for lam in ev.baseline_lams().values()}
         search_s = sum(r.get("time_s", 0.0) for k, r in ev.rows.items() if k[0] == REALIGNED and k[1] in lams)
         source = "realigned samples at the baselines' lambdas (no search.json)"
     return {"sweep_train_s": sweep_s, "baselines_without_time": unknown, "search_sample_s": round(search_s, 2),
@@ -171,8 +168,8 @@ def format_validation(record: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
     p.add_argument("--baselines", nargs="+", required=True, metavar="RUN",
-                   help="baseline LoRAs trained at beta0 / lambda_k: run folders (lora/, lora_info.json or "
-                   "recipe.yaml, summary.json), LoRA folders or files")
+                   help="baseline LoRAs trained at beta_k = beta0 / lambda_k (beta_k > 0): run folders (lora/, "
+                   f"lora_info.json or recipe.yaml, summary.json), LoRA folders or files; {LAM_POLICY}")
     p.add_argument("--no-lora-scale", action="store_true", help="skip the weight-space baseline (LoRA scale = lambda)")
     p.add_argument("--search", default=None, help="search.json whose cost enters the compute ratio (default: OUT/search.json)")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deradiff.cli import main
 from deradiff.errors import UserError
-from deradiff.evaluation.evaluate import EvalConfig
+from deradiff.evaluation.config import EvalConfig
 from deradiff.evaluation.report import build_report, markdown_table
 from deradiff.evaluation.results import RESULTS, write_json
 

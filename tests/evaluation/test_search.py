@@ -8,7 +8,6 @@ import math
 import pytest
 
 from deradiff.errors import UserError
-from deradiff.evaluation.results import lam_name
 from deradiff.evaluation.search import (
     Evaluated,
     Objective,
@@ -34,7 +33,7 @@ class StubEvaluator:
     def ensure(self, arm, lams, prompt_ids=None):
         rows = []
         for lam in lams:
-            name, value = lam_name(lam), float(lam)
+            name, value = lam.name, lam.value
             self.sampled_lams.append(name)
             rows += [{"arm": arm, "lam": name, "prompt_id": i, "prompt": p, "seed": s, "image": "x.png",
                       "reward/x": self.reward_fn(value, i), "path_kl": 10 * value**2, "time_s": 0.25}
