@@ -129,6 +129,8 @@ def check_resume_config(out: Path, cfg: EvalConfig, identity: dict | None = None
         return
     now = identity if identity is not None else cfg.identity()
     before = saved["identity"]
+    if isinstance(before.get("fidelity"), bool):  # folders from before judges had names: True was the only judge
+        before = {**before, "fidelity": now.get("fidelity") if before["fidelity"] else None}
     diff = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if diff:

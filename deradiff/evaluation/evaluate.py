@@ -13,15 +13,17 @@ Every image goes through `realigned(...)` so its emulated path KL to the referen
 
 The output folder (`--out`) is self-describing and resumable:
   config.json      what must not change between runs into this folder (pipeline, LoRA hash,
-                   sampler, prompts, seeds, rewards); a different one is refused with the diff
+                   sampler, prompts, seeds, rewards, judge); written with the first samples, and
+                   once results exist a different configuration is refused with the diff
   results.jsonl    one row per image, appended as it is made: arm, lam, prompt_id, prompt,
-                   seed, image, path_kl, reward/<name>, fidelity/<name> (toy), time_s
+                   seed, image, path_kl, reward/<name>, fidelity/<name> (with a judge), time_s
   images/<arm>/lam=<lam>/p<prompt_id>_s<seed>.png
   shards/<i>-of-<n>.jsonl   rows of `--shard i/n` jobs (a contiguous prompt range each);
                    `--merge` folds them into results.jsonl
   commands.txt     every command run into the folder
 Re-running samples only what is missing; stored images that are missing or do not decode
-are sampled again and counted.
+are sampled again and counted. Modules: sampling.py (the sampling primitive), config.py (the
+folder's identity), options.py (shared options), lams.py (lambda values); this file is the loop.
 """
 
 from __future__ import annotations

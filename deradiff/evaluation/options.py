@@ -114,10 +114,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def log_command(out: Path, args: argparse.Namespace) -> None:
-    """Append the command, with every option it ran with, to out/commands.txt."""
+    """Append the command, with every option it ran with, to out/commands.txt (a line that runs
+    as written: options left empty, unset or off are left out)."""
     words = ["deradiff", *getattr(args, "_name", "?").split()]
     for key, value in vars(args).items():
-        if key.startswith("_") or key in ("command", "subcommand") or value is None or value is False:
+        if key.startswith("_") or key in ("command", "subcommand") or value is None or value is False or value == []:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:

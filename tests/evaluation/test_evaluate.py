@@ -199,6 +199,18 @@ def test_a_config_without_results_neither_binds_nor_informs(world, tmp_path, cap
     assert json.loads((out / CONFIG).read_text())["identity"]["steps"] == 2
 
 
+def test_folders_from_before_named_judges_still_resume(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", *common(world, out), "--lam", "0.5"]
+    assert main(argv) == 0
+    saved = json.loads((out / CONFIG).read_text())
+    assert saved["identity"]["fidelity"] == "toy"  # resolved from auto: the judge that accepts the prompts
+    saved["identity"]["fidelity"] = True  # how earlier versions stored it
+    (out / CONFIG).write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(argv) == 0 and "(0 sampled now" in capsys.readouterr().out
+
+
 def test_end_to_end_evaluate_search_validate_report(world, tmp_path, capsys):
     """The reduced pipeline of the product on the toy world: every command, one folder."""
     out = tmp_path / "e2e"

@@ -88,3 +88,18 @@ def test_the_emulated_beta_is_never_negative():
     assert equivalent_beta(1000.0, 0.0) is None and equivalent_beta(None, 2.0) is None
     with pytest.raises(UserError):
         equivalent_beta(1000.0, -500.0)
+
+
+def test_the_logged_command_runs_as_written(tmp_path):
+    """Empty lists (no --baselines, no --weights) are left out: `--baselines` alone would not parse."""
+    import argparse
+    import shlex
+
+    from deradiff.evaluation.options import log_command
+
+    args = argparse.Namespace(_name="evaluate", out=str(tmp_path), lam=[parse_lam("0"), parse_lam("linear:0,2")],
+                              baselines=[], merge=False, shard=None, steps=3)
+    log_command(tmp_path, args)
+    line = (tmp_path / "commands.txt").read_text().strip()
+    assert shlex.split(line) == ["deradiff", "evaluate", "--out", str(tmp_path), "--lam", "0", "linear:0,2",
+                                 "--steps", "3"]
