@@ -22,8 +22,18 @@ import torch
 from tqdm import tqdm
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_write, write_json_atomic
 from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
-from deradiff.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from deradiff.training.checkpoint import (
+    TrainState,
+    any_rank,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+    write_failure,
+    writes_into,
+)
 from deradiff.training.data_order import DataOrder, StreamOrder
 
 # Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
@@ -176,6 +186,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     _register_lora_only_checkpointing(accelerator, unet)
     state = TrainState()
+    if accelerator.is_main_process:
+        remove_stale_temps(run_dir)  # a killed save's partial folder: free its space first
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and t.resume == "never":
         raise UserError(f"{run_dir} already has checkpoints ({checkpoint.name}) and trainer.resume=never: "
@@ -238,7 +250,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         bar.update()
         if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
             save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
-        stop = _any_rank(accelerator, preempted["flag"])
+        stop = any_rank(accelerator, preempted["flag"])
         if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
         if stop:
@@ -252,10 +264,12 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
     if accelerator.is_main_process:
         pipe.unet = accelerator.unwrap_model(unet)
-        save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
-                                                     "base": recipe.model.name_or_path, "step": state.step})
         summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with writes_into(run_dir, f"the final LoRA and summary.json were not written; checkpoint "
+                                  f"step-{state.step:06d} and metrics.jsonl are intact"):
+            save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
+                                                         "base": recipe.model.name_or_path, "step": state.step})
+            write_json_atomic(run_dir / "summary.json", summary)
         accelerator.print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in summary.items()) + f" | LoRA: {run_dir / 'lora' / LORA_WEIGHT_NAME}")
     accelerator.end_training()
@@ -267,18 +281,27 @@ _BAR_KEYS = {"dpo/loss": "loss", "dpo/implicit_acc": "acc", "eval/dpo/implicit_a
              "kl/loss": "loss", "kl/reward": "reward", "kl/path_kl": "kl", "eval/kl/reward": "eval_reward"}
 
 
-@torch.no_grad()
 def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
     """Main process: recipe.sample prompts (rows) x images, from the base (first column) and the
     current LoRA model (the rest), same seeds, written atomically as a PNG."""
     from deradiff.grids import save_image_grid
-    from deradiff.models import adapters_disabled, set_scheduler
 
     s = recipe.sample
     zero3 = accelerator.state.deepspeed_plugin is not None and \
         accelerator.state.deepspeed_plugin.zero_stage == 3
     if not s.prompts or not accelerator.is_main_process or zero3:  # ZeRO-3 shards weights over ranks
         return
+    rows = _sample_rows(s, pipe)
+    with writes_into(path.parent, f"sample grid {path.name} was not written"):
+        save_image_grid(rows, path, row_labels=[p[:28] for p in s.prompts],
+                        col_labels=["base"] + [f"lora #{j}" for j in range(s.images_per_prompt)])
+
+
+@torch.no_grad()
+def _sample_rows(s, pipe) -> list[list]:
+    """Per prompt of sample section `s`: the base image, then s.images_per_prompt LoRA images (uint8 HWC)."""
+    from deradiff.models import adapters_disabled, set_scheduler
+
     training_scheduler = pipe.scheduler
     set_scheduler(pipe, s.scheduler)
     rows = []
@@ -291,8 +314,7 @@ def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
         tuned = pipe(prompt, num_images_per_prompt=s.images_per_prompt, generator=gen, **kwargs).images
         rows.append([(img * 255).round().astype("uint8") for img in (base, *tuned)])
     pipe.scheduler = training_scheduler
-    save_image_grid(rows, path, row_labels=[p[:28] for p in s.prompts],
-                    col_labels=["base"] + [f"lora #{j}" for j in range(s.images_per_prompt)])
+    return rows
 
 
 def _install_preemption_handlers() -> dict:
@@ -306,14 +328,6 @@ def _install_preemption_handlers() -> dict:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, handler)
     return state
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank if the flag is set on any (all ranks must stop at the same step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _check_finite(loss: torch.Tensor, state: TrainState, batch: dict, run_dir: Path) -> None:
@@ -335,14 +349,23 @@ def _reduce_metrics(accelerator, per_micro: list[dict]) -> dict[str, float]:
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line; a failed write (full disk) is cut off again, so the file keeps only
+    whole lines, and raises a one-line UserError."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        size = f.tell()
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        except OSError as err:
+            f.truncate(size)
+            raise (write_failure(err, path.parent, f"step {row['step']} was not logged; {path.name} is intact "
+                                                   "up to the step before") or err) from None
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the rows of steps <= max_step (those a resumed run does not log again)."""
     if not path.exists():
         return
     rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= max_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write("".join(r + "\n" for r in rows))
