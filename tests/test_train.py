@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -167,6 +168,43 @@ def test_corrupt_images_are_counted_in_log_metrics_and_summary_streamed_or_not(t
             assert summary["data/pairs_read"] >= 48 and summary["data/kept"] >= 41
         else:
             assert summary["data/pairs_read"] == 48 and summary["data/kept"] == 41
+
+
+def _can_mount_tmpfs(tmp_path: Path) -> bool:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_real_full_disk_is_one_line_and_the_rerun_fails_the_same_way(reference_run, toy_world, tmp_path):
+    """The run directory on a tmpfs (in a user namespace) that holds one checkpoint, not two."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _can_mount_tmpfs(small):
+        pytest.skip("cannot mount a tmpfs here (unshare -rm with mount not permitted)")
+    ref_out, _ = reference_run
+    size_kb = sum(f.stat().st_size for f in (ref_out / "checkpoints" / "step-000004").iterdir()) // 1024
+    out = small / "run"
+    args = _args(toy_world, out, **{"sample.prompts": "[]", "data.eval_path": "null"})
+    align = shlex.join([sys.executable, str(ALIGN), *args])
+    script = (f"mount -t tmpfs -o size={int(size_kb * 1.7)}k tmpfs {small} && {align}; echo rc=$?; "
+              f"ls -a {out / 'checkpoints'}; cat {out / 'metrics.jsonl'}; {align}; echo rc=$?")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower() and "Failed to load CPU" not in ln]
+    assert proc.stdout.count("rc=2") == 2, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 2 and all(
+        f"align: error: no space left on the disk holding {out / 'checkpoints'}" in ln
+        and "checkpoint step-000004 was not written" in ln for ln in errors), errors
+    listing = proc.stdout.split("rc=2", 1)[1]
+    assert ".tmp-" not in listing and "step-000002" in listing and "step-000004" not in listing
+    logged = [json.loads(line)["step"] for line in listing.splitlines() if line.startswith("{")]
+    assert logged == [1, 2, 3, 4], "metrics.jsonl holds whole lines"
 
 
 def test_a_different_recipe_in_the_same_run_dir_is_refused(reference_run, toy_world):

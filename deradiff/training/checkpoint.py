@@ -34,8 +34,9 @@ _TEMP_PREFIX = ".tmp-"  # deradiff.io.atomic_dir's temporary folders: .tmp-<name
 # Messages of writes that failed for want of space: errno 28 as Python, torch (C++ streams) and
 # safetensors (Rust) report it.
 _FULL_MARKERS = ("No space left", "[Errno 28]", "os error 28", "StorageFull")
-# Messages of writes that failed without saying why (torch's C++ writer on a full disk).
-_WRITE_MARKERS = ("iostream error", "file write failed", "PytorchStreamWriter failed")
+# Messages of writes that failed without saying why: torch's C++ writer on a full disk raises
+# "basic_ios::clear: iostream error", then, while handling it, "... unexpected pos N vs M".
+_WRITE_MARKERS = ("iostream error", "file write failed", "PytorchStreamWriter failed", "unexpected pos")
 LOW_SPACE_BYTES = 64 << 20  # below this much free space, a failed write is put down to a full disk
 
 
@@ -87,8 +88,10 @@ def write_failure(err: BaseException, folder: Path, what: str) -> UserError | No
 
     what: what was not written, and what is intact, e.g. "checkpoint step-000006 was not written".
     """
-    text = str(err)
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(m in text for m in _FULL_MARKERS)
+    chain = _chain(err)
+    text = " | ".join(str(e) for e in chain)
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or \
+        any(m in text for m in _FULL_MARKERS)
     if not full and not any(m in text for m in _WRITE_MARKERS):
         return None
     free = _free_bytes(folder)
@@ -96,9 +99,18 @@ def write_failure(err: BaseException, folder: Path, what: str) -> UserError | No
     if full or (free is not None and free < LOW_SPACE_BYTES):
         return UserError(f"no space left on the disk holding {folder} ({shown} free): {what}. Free space there "
                          "(or set trainer.output_dir elsewhere), then re-run the same command to resume")
-    reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    reason = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
     return UserError(f"writing into {folder} failed ({reason}) with {shown} free (a quota? a failing disk?): "
                      f"{what}. Fix the disk, then re-run the same command to resume")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """err and the exceptions it was raised from or while handling, outermost first."""
+    found: list[BaseException] = []
+    while err is not None and err not in found:
+        found.append(err)
+        err = err.__cause__ or err.__context__
+    return found
 
 
 def _free_bytes(folder: Path) -> int | None:
