@@ -2,6 +2,10 @@
 
 Images generated for the same prompt are not independent (same caption, same difficulty), so
 intervals resample whole prompts, not single images.
+
+    bootstrap_ci(values, groups)          # a mean over prompts with its interval
+    paired_kid(fx, fy, groups)            # KID between two paired sample sets, interval over prompts
+    draws = group_draws(n_groups, 1000)   # one resample of the prompts shared by several statistics
 """
 
 from __future__ import annotations
@@ -59,8 +63,70 @@ def bootstrap_ci(
     n_groups = int(ids.max()) + 1
     sums = np.bincount(ids, weights=v, minlength=n_groups)
     counts = np.bincount(ids, minlength=n_groups).astype(np.float64)
-    # How many times each group is drawn in each replicate: (n_boot, n_groups).
-    draws = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+    draws = group_draws(n_groups, n_boot, seed)
     replicates = (draws @ sums) / (draws @ counts)
+    return estimate(float(v.mean()), replicates, alpha)
+
+
+def group_draws(n_groups: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """How many times each group is drawn in each bootstrap replicate: (n_boot, n_groups) counts
+    summing to n_groups per row. The same `seed` gives the same draws (bootstrap_ci's)."""
+    return np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+
+
+def estimate(value: float, replicates: np.ndarray, alpha: float = 0.05) -> Estimate:
+    """`value` with the percentile interval [alpha / 2, 1 - alpha / 2] of its bootstrap `replicates`."""
     lo, hi = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
-    return Estimate(float(v.mean()), float(lo), float(hi))
+    return Estimate(float(value), float(lo), float(hi))
+
+
+def kid_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef: float = 1.0) -> np.ndarray:
+    """KID's cubic polynomial kernel k(a, b) = (a . b / D + coef) ** degree between the rows of
+    x (m, D) and y (n, D): (m, n)."""
+    return (x @ y.T / x.shape[1] + coef) ** degree
+
+
+def paired_kid_blocks(fx: np.ndarray, fy: np.ndarray, ids: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair of groups (p, q): the sum of the paired MMD^2 kernel h over pairs of samples i in
+    p, j in q, i != j, and how many such pairs: two (n_groups, n_groups) arrays.
+
+    fx, fy (n, D): features of two sample sets whose row i is one pair (the same prompt and noise
+    in both sets); ids (n,) each pair's group in [0, n_groups). h(z_i, z_j) = k(x_i, x_j) +
+    k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i) leaves out k(x_i, y_i), so the U-statistic stays
+    unbiased when x_i and y_i are dependent (Gretton et al. 2012, JMLR, Lemma 6)."""
+    fx, fy = np.asarray(fx, np.float64), np.asarray(fy, np.float64)
+    kxy = kid_kernel(fx, fy)
+    h = kid_kernel(fx, fx) + kid_kernel(fy, fy) - kxy - kxy.T
+    np.fill_diagonal(h, 0.0)
+    onehot = np.zeros((ids.size, n_groups))
+    onehot[np.arange(ids.size), ids] = 1.0
+    sizes = onehot.sum(0)
+    return onehot.T @ h @ onehot, np.outer(sizes, sizes) - np.diag(sizes)
+
+
+def block_replicates(sums: np.ndarray, counts: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates (n_boot,) of a U-statistic from its group-pair block sums and counts
+    (n_groups, n_groups): pairs of groups weigh by the product of their draw counts (pairs of a
+    sample with its own copy are left out)."""
+    num = np.einsum("bp,pq,bq->b", draws, sums, draws)
+    den = np.einsum("bp,pq,bq->b", draws, counts, draws)
+    return num / np.maximum(den, 1e-300)
+
+
+def paired_kid(fx: np.ndarray | torch.Tensor, fy: np.ndarray | torch.Tensor, groups: Sequence[Hashable],
+               n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> Estimate:
+    """KID (unbiased MMD^2 with KID's kernel) between two paired sample sets, with a bootstrap
+    interval over groups (prompts).
+
+    fx, fy (n, D): features, row i of both from the same prompt and noise (n >= 2); groups (n,)
+    each row's prompt. About 0 (it can be slightly negative) when the two sets come from the
+    same distribution; in the features' squared units."""
+    fx, fy = (np.asarray(f.detach().cpu().double() if torch.is_tensor(f) else f, np.float64) for f in (fx, fy))
+    if fx.shape != fy.shape or fx.ndim != 2 or fx.shape[0] < 2:
+        raise UserError(f"paired_kid needs two (n, D) feature sets of the same shape, n >= 2; got {fx.shape}, {fy.shape}")
+    if len(groups) != fx.shape[0]:
+        raise UserError(f"paired_kid: {fx.shape[0]} pairs but {len(groups)} group labels")
+    _, ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_groups = int(ids.max()) + 1
+    sums, counts = paired_kid_blocks(fx, fy, ids, n_groups)
+    return estimate(sums.sum() / counts.sum(), block_replicates(sums, counts, group_draws(n_groups, n_boot, seed)), alpha)

@@ -72,3 +72,58 @@ def test_level_and_inputs():
 def test_bad_input(kwargs, match):
     with pytest.raises(UserError, match=match):
         bootstrap_ci(**kwargs)
+
+
+# -- paired KID between two sample sets ---------------------------------------------------------
+
+
+def _direct_paired_kid(x, y):
+    """The paired MMD^2 U-statistic written out pair by pair (the definition)."""
+    n, d = x.shape
+
+    def k(a, b):
+        return (a @ b / d + 1.0) ** 3
+
+    total = sum(k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i])
+                for i in range(n) for j in range(n) if i != j)
+    return total / (n * (n - 1))
+
+
+def test_paired_kid_is_the_paired_u_statistic_and_zero_for_identical_sets():
+    from deradiff.stats import paired_kid
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9, 5)), rng.normal(0.3, 1.0, size=(9, 5))
+    groups = [f"p{i % 3}" for i in range(9)]
+    assert paired_kid(x, y, groups, n_boot=50).value == pytest.approx(_direct_paired_kid(x, y))
+    assert paired_kid(x, x.copy(), groups, n_boot=50) == Estimate(0.0, 0.0, 0.0)
+    assert paired_kid(torch.tensor(x), torch.tensor(y), groups, n_boot=50) == paired_kid(x, y, groups, n_boot=50)
+
+
+def test_paired_kid_separates_shifted_sets_and_ignores_the_pairing():
+    """Pairs that share noise (y = x + shift) are not mistaken for a small distance: the estimator
+    leaves out k(x_i, y_i), so a shift is as far paired as unpaired."""
+    from deradiff.stats import paired_kid
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(48, 8))
+    groups = [f"p{i // 4}" for i in range(48)]
+    same = paired_kid(x, x + rng.normal(0, 0.05, x.shape), groups, n_boot=300)
+    shifted = paired_kid(x, x + 1.0, groups, n_boot=300)
+    assert abs(same.value) < 0.01 and shifted.lo > 10 * abs(same.value)
+    unpaired = paired_kid(x, rng.normal(size=(48, 8)) + 1.0, groups, n_boot=300)
+    assert unpaired.value == pytest.approx(shifted.value, rel=0.5)
+    with pytest.raises(UserError, match="same shape"):
+        paired_kid(x, x[:5], groups)
+
+
+def test_group_draws_are_bootstrap_cis_and_block_replicates_weigh_pairs_of_groups():
+    from deradiff.stats import block_replicates, estimate, group_draws
+
+    values, groups = _grouped(12, per_group=1)
+    draws = group_draws(12, 400, seed=2)
+    assert draws.shape == (400, 12) and (draws.sum(1) == 12).all()
+    replicates = draws @ values / 12  # one value per group: the pooled mean
+    assert estimate(values.mean(), replicates) == bootstrap_ci(values, n_boot=400, seed=2)
+    # all blocks equal: every replicate is that value
+    assert np.allclose(block_replicates(np.full((3, 3), 2.0), np.ones((3, 3)), group_draws(3, 5)), 2.0)

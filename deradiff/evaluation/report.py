@@ -31,6 +31,7 @@ from deradiff.evaluation.results import (
     RESULTS,
     format_summary,
     lam_value,
+    markdown_table,
     per_prompt_table,
     read_rows,
     summarize,
@@ -48,12 +49,6 @@ def _fmt(value, lo=None, hi=None) -> str:
     if lo is None:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
     return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:

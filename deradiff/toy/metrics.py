@@ -145,6 +145,12 @@ class FidelityJudge:
             self._reference[key] = self._run(reference_images(caption, self.n_reference, size))[0]
         return self._reference[key]
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled classifier features (N, D) float32 on the CPU of images (N, 3, H, W) in [-1, 1]
+        (the space of KID and diversity; evaluation compares sample sets in it)."""
+        _check(images, [""] * images.shape[0] if torch.is_tensor(images) else [])
+        return self._run(images)[0]
+
     def adherence(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per-image correctness (N,) bool for 'shape', 'color', 'background' and 'all'."""
         _check(images, prompts)

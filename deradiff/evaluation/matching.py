@@ -1,0 +1,309 @@
+"""The matching test: among ALL retrained baselines, is the realigned model at lambda_k nearest
+to the one trained at beta0 / lambda_k?
+
+    record = match(baselines, realigned, retrained, n_seeds=4)   # part of `deradiff validate`
+
+Each baseline k (trained at beta_k = beta0 / lambda_k) gives one test: the realigned samples at
+lambda_k are compared with every baseline's samples, on the same prompts and noise, by
+- kid: KID on the fidelity judge's features between the two sample sets, paired over prompt
+  and seed (deradiff.stats.paired_kid): a distance between distributions;
+- every metric (rewards, fidelity, path KL): the paired gap realigned - retrained per prompt;
+  its distance is |gap|.
+Realignment passes at lambda_k on a distance when the nearest baseline is baseline k (a tie is
+no pass); the matching accuracy counts the lambdas that pass. The evidence could come out the
+other way: a realigned model that drifts like a neighbour fails.
+
+Scale: the distance to baseline k as a fraction of the spacing between baseline k and its
+nearer neighbour in lambda (for KID in MMD units, sqrt(KID)); below 1/2 the realigned model is
+nearer its own baseline than halfway to the neighbour. Match rate: the share of bootstrap
+resamples of the prompts in which baseline k is nearest. Resolution: the width of the interval
+of the distance to baseline k against that spacing; the evaluation is large enough when every
+width is below its spacing, and intervals narrow as 1/sqrt(n), so the size it would take is n
+times (width / spacing)^2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deradiff.stats import block_replicates, estimate, group_draws, paired_kid_blocks
+
+KID = "kid"  # the name of the distribution distance among the metrics' distances
+
+
+@dataclass
+class SampleSet:
+    """One arm at one lambda: metric -> prompt -> value (mean over seeds), and each image's
+    judge features (D,) keyed by (prompt, seed) (None: no judge with features)."""
+
+    per_prompt: dict[str, dict[str, float]]
+    features: dict[tuple[str, int], np.ndarray] | None = None
+
+
+# -- pure verdicts on distance matrices ------------------------------------------------------------
+
+
+def nearest_index(distances: Sequence[float], rel_tol: float = 1e-9) -> int | None:
+    """Index of the smallest distance, or None when two or more tie for it (no evidence)."""
+    d = np.asarray(distances, dtype=np.float64)
+    best = float(d.min())
+    ties = np.flatnonzero(np.abs(d - best) <= rel_tol * max(1.0, abs(best)))
+    return int(ties[0]) if ties.size == 1 else None
+
+
+def adjacent_spacing(between: np.ndarray) -> np.ndarray:
+    """Per baseline k (ordered by lambda), the distance to its nearer neighbour in lambda,
+    min(between[k, k-1], between[k, k+1]): (J,). NaN without a neighbour (J = 1)."""
+    n = between.shape[0]
+    out = np.full(n, np.nan)
+    for k in range(n):
+        near = [between[k, j] for j in (k - 1, k + 1) if 0 <= j < n and np.isfinite(between[k, j])]
+        if near:
+            out[k] = min(near)
+    return out
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if np.isfinite(den) and den > 0 and np.isfinite(num) else None
+
+
+def verdict_rows(dist: np.ndarray, boot: np.ndarray, between: np.ndarray, width: np.ndarray,
+                 to_distance: Callable[[float], float] = float) -> list[dict]:
+    """One verdict per lambda k: realigned at lambda k against baselines j = 0..J-1.
+
+    dist (K, J) distances with K == J (row k matches baseline k); boot (n_boot, K, J) their
+    bootstrap replicates; between (J, J) distances between baselines (adjacent ones used);
+    width (K,) the interval width of dist[k, k]; to_distance maps a distance to the units in
+    which fractions are taken (identity; sqrt for KID). Returns per k: nearest (index or None),
+    passed, match_rate, spacing, fraction (distance to k / spacing), width_over_spacing."""
+    spacing = adjacent_spacing(between)
+    rows = []
+    for k in range(dist.shape[0]):
+        near = nearest_index(dist[k])
+        rows.append({
+            "nearest": near, "passed": near == k,
+            "match_rate": float(np.mean(np.argmin(boot[:, k, :], axis=1) == k)),
+            "spacing": None if not np.isfinite(spacing[k]) else float(spacing[k]),
+            "fraction": _ratio(to_distance(dist[k, k]), to_distance(spacing[k])) if np.isfinite(spacing[k]) else None,
+            "width": float(width[k]),
+            "width_over_spacing": _ratio(width[k], spacing[k]),
+        })
+    return rows
+
+
+def resolution(ratios: Sequence[float | None], n_prompts: int, n_seeds: int) -> dict:
+    """Was the evaluation large enough to resolve adjacent baselines (every interval width below
+    its spacing), and what size would be: intervals narrow as 1/sqrt(n), so n grows by the worst
+    (width / spacing)^2. None ratios (baselines that do not differ) make it unresolvable."""
+    out = {"n_prompts": n_prompts, "n_seeds": n_seeds}
+    if not ratios or any(r is None for r in ratios):
+        return {**out, "width_over_spacing": None, "large_enough": False, "needed_prompts": None,
+                "needed_images": None, "note": "adjacent baselines do not differ on it: no size resolves them"}
+    worst = max(ratios)
+    factor = max(worst, 1.0) ** 2
+    return {**out, "width_over_spacing": float(worst), "large_enough": bool(worst < 1.0),
+            "needed_prompts": math.ceil(n_prompts * factor - 1e-9),
+            "needed_images": math.ceil(n_prompts * n_seeds * factor - 1e-9)}
+
+
+# -- the distances --------------------------------------------------------------------------------
+
+
+def _common_prompts(sets: Sequence[SampleSet], metric: str) -> list[str]:
+    keys = [set(s.per_prompt.get(metric, {})) for s in sets]
+    return sorted(set.intersection(*keys)) if keys else []
+
+
+def gap_distances(metric: str, realigned: Sequence[SampleSet], retrained: Sequence[SampleSet], n_boot: int,
+                  alpha: float, seed: int = 0) -> dict | None:
+    """Paired gaps realigned_k - retrained_j of `metric` per prompt, for all k, j (prompts every set
+    has): estimates (K, J) of [value, lo, hi], distances |gap|, their replicates, and the spacing
+    |mean_j - mean_l| between baselines. None when no prompt has the metric in every set."""
+    prompts = _common_prompts([*realigned, *retrained], metric)
+    if not prompts:
+        return None
+    real = np.array([[s.per_prompt[metric][p] for p in prompts] for s in realigned])  # (K, P)
+    base = np.array([[s.per_prompt[metric][p] for p in prompts] for s in retrained])  # (J, P)
+    gaps = real[:, None, :] - base[None, :, :]  # (K, J, P)
+    draws = group_draws(len(prompts), n_boot, seed)
+    boot = np.einsum("bp,kjp->bkj", draws, gaps) / len(prompts)
+    point = gaps.mean(-1)
+    means = base.mean(1)
+    return {"kind": "gap", "n_prompts": len(prompts), "point": point, "boot": boot,
+            "between": np.abs(means[:, None] - means[None, :]), "to_distance": float, "abs": True, "alpha": alpha}
+
+
+def kid_distances(realigned: Sequence[SampleSet], retrained: Sequence[SampleSet], n_boot: int, alpha: float,
+                  seed: int = 0) -> dict | None:
+    """Paired KID between realigned_k and retrained_j for all k, j, and between adjacent baselines,
+    on the (prompt, seed) pairs every set has; None without features or with < 2 pairs."""
+    sets = [*realigned, *retrained]
+    if any(s.features is None for s in sets):
+        return None
+    keys = sorted(set.intersection(*(set(s.features) for s in sets)))
+    if len(keys) < 2:
+        return None
+    prompts = sorted({p for p, _ in keys})
+    ids = np.array([prompts.index(p) for p, _ in keys])
+    draws = group_draws(len(prompts), n_boot, seed)
+
+    def stack(s: SampleSet) -> np.ndarray:
+        return np.stack([np.asarray(s.features[key], np.float64) for key in keys])
+
+    real, base = [stack(s) for s in realigned], [stack(s) for s in retrained]
+
+    def kid(fx, fy) -> tuple[float, np.ndarray]:
+        sums, counts = paired_kid_blocks(fx, fy, ids, len(prompts))
+        return float(sums.sum() / counts.sum()), block_replicates(sums, counts, draws)
+
+    K, J = len(real), len(base)
+    point, boot = np.zeros((K, J)), np.zeros((n_boot, K, J))
+    for k in range(K):
+        for j in range(J):
+            point[k, j], boot[:, k, j] = kid(real[k], base[j])
+    between = np.full((J, J), np.nan)
+    for j in range(J - 1):
+        between[j, j + 1] = between[j + 1, j] = kid(base[j], base[j + 1])[0]
+    return {"kind": KID, "n_prompts": len(prompts), "n_pairs": len(keys), "point": point, "boot": boot,
+            "between": between, "to_distance": lambda v: math.sqrt(max(float(v), 0.0)), "abs": False, "alpha": alpha}
+
+
+def _finish(raw: dict, labels: Sequence[str], lams: Sequence[float], n_seeds: int) -> dict:
+    """Verdicts, accuracy and resolution of one distance, as JSON-ready data."""
+    point, boot = raw["point"], raw["boot"]
+    ests = [[estimate(point[k, j], boot[:, k, j], raw["alpha"]) for j in range(len(labels))] for k in range(len(lams))]
+    width = np.array([ests[k][k].hi - ests[k][k].lo for k in range(len(lams))])
+    dist, dboot = (np.abs(point), np.abs(boot)) if raw["abs"] else (point, boot)
+    verdicts = verdict_rows(dist, dboot, raw["between"], width, raw["to_distance"])
+    rows = []
+    for k, v in enumerate(verdicts):
+        rows.append({"lam": lams[k], "baseline": labels[k],
+                     "to": {labels[j]: list(ests[k][j]) for j in range(len(labels))},
+                     **v, "nearest": None if v["nearest"] is None else labels[v["nearest"]]})
+    passed = sum(r["passed"] for r in rows)
+    return {"kind": raw["kind"], "n_prompts": raw["n_prompts"], "rows": rows, "accuracy": [passed, len(rows)],
+            "resolution": resolution([r["width_over_spacing"] for r in rows], raw["n_prompts"], n_seeds)}
+
+
+def match(baselines: Sequence[dict], realigned: Sequence[SampleSet], retrained: Sequence[SampleSet], n_seeds: int,
+          n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict | None:
+    """The matching record of `baselines` (dicts with label, lam, beta), each with the realigned
+    samples at its lambda and its own samples (same order). None with fewer than 2 baselines
+    (then every realigned model is trivially nearest its own)."""
+    if len(baselines) < 2:
+        return None
+    order = sorted(range(len(baselines)), key=lambda i: baselines[i]["lam"])
+    bases = [baselines[i] for i in order]
+    real, base = [realigned[i] for i in order], [retrained[i] for i in order]
+    labels, lams = [b["label"] for b in bases], [float(b["lam"]) for b in bases]
+    distances: dict[str, dict] = {}
+    raw = kid_distances(real, base, n_boot, alpha, seed)
+    if raw is not None:
+        distances[KID] = _finish(raw, labels, lams, n_seeds)
+    metrics = sorted({m for s in [*real, *base] for m in s.per_prompt})
+    for metric in metrics:
+        raw = gap_distances(metric, real, base, n_boot, alpha, seed)
+        if raw is not None:
+            distances[metric] = _finish(raw, labels, lams, n_seeds)
+    if not distances:
+        return None
+    primary = KID if KID in distances else next((m for m in distances if m.startswith("reward/")), next(iter(distances)))
+    return {"baselines": [{"label": b["label"], "lam": float(b["lam"]), "beta": b.get("beta")} for b in bases],
+            "n_seeds": n_seeds, "alpha": alpha, "primary": primary, "accuracy": distances[primary]["accuracy"],
+            "distances": distances}
+
+
+# -- text and markdown -----------------------------------------------------------------------------
+
+
+def _est(e: Sequence[float]) -> str:
+    return f"{e[0]:.4g} [{e[1]:.3g}, {e[2]:.3g}]"
+
+
+def _num(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _size(res: dict) -> str:
+    """'P prompts x S seeds' the resolution asks for (the current one when large enough)."""
+    if res["needed_prompts"] is None:
+        return "none resolves it"
+    if res["large_enough"]:
+        return f"{res['n_prompts']} prompts x {res['n_seeds']} seeds (as run)"
+    return (f"~{res['needed_prompts']} prompts x {res['n_seeds']} seeds (~{res['needed_images']} images per arm; "
+            f"now {res['n_prompts']} x {res['n_seeds']})")
+
+
+def verdict_sentence(record: dict) -> str:
+    """The headline: matching accuracy on the primary distance and whether the size resolved it."""
+    d = record["distances"][record["primary"]]
+    passed, total = d["accuracy"]
+    res = d["resolution"]
+    size = ("large enough to resolve adjacent baselines" if res["large_enough"]
+            else "NOT large enough to resolve adjacent baselines (" + _size(res) + " needed)")
+    return (f"matching ({record['primary']}): the nearest baseline is the matching one for {passed}/{total} lambdas; "
+            f"the evaluation was {size}")
+
+
+def format_matching(record: dict) -> str:
+    """Plain text for the terminal: the primary distance's matrix, then one line per distance."""
+    d = record["distances"][record["primary"]]
+    labels = [b["label"] for b in record["baselines"]]
+    lines = [f"matching on {record['primary']} (rows: realigned at lambda; columns: baselines)",
+             f"{'lam':>7s} " + " ".join(f"{lab:>24s}" for lab in labels) + "  nearest          pass  to-match/spacing"]
+    for r in d["rows"]:
+        cells = " ".join(f"{_est(r['to'][lab]):>24s}" for lab in labels)
+        lines.append(f"{r['lam']:>7g} {cells}  {str(r['nearest']):16s} {'yes' if r['passed'] else 'NO ':4s}  "
+                     f"{_num(r['fraction'])}")
+    for name, dist in record["distances"].items():
+        res = dist["resolution"]
+        lines.append(f"{name}: nearest is the matching baseline for {dist['accuracy'][0]}/{dist['accuracy'][1]}; "
+                     f"interval width / spacing {_num(res['width_over_spacing'])}: "
+                     + ("large enough" if res["large_enough"] else "NOT large enough, needs " + _size(res)))
+    lines.append(verdict_sentence(record))
+    return "\n".join(lines)
+
+
+def matching_markdown(record: dict, table: Callable[[Sequence[str], Sequence[Sequence]], str]) -> list[str]:
+    """The report's matching section: the primary distance's matrix, the matrix of each reward's
+    paired gap, and a per-distance table of accuracy, spacing fractions and resolution."""
+    labels = [b["label"] for b in record["baselines"]]
+    level = f"{1 - record['alpha']:.0%}"
+    parts = ["### Matching: is the nearest baseline the one trained at beta0 / lambda?", "",
+             "Rows: the realigned model at lambda; columns: every retrained baseline, on the same prompts and noise. "
+             f"Entries: the distance with its {level} bootstrap interval over prompts (KID: paired KID on the judge's "
+             "features; a metric: the paired gap realigned - retrained), **bold** the nearest. Pass: the nearest is "
+             "the matching baseline. 'to match / spacing': the distance to the matching baseline over the distance "
+             "between it and its nearer neighbour in lambda (KID in MMD units, sqrt(KID)); below 0.5 is nearer "
+             "its own baseline than halfway to the neighbour. 'match rate': share of bootstrap resamples of the "
+             "prompts in which the matching baseline is nearest.", "",
+             f"**{verdict_sentence(record)}.**", ""]
+    shown = [record["primary"]] + [m for m in record["distances"] if m.startswith("reward/") and m != record["primary"]]
+    for name in shown:
+        d = record["distances"][name]
+        body = []
+        for r in d["rows"]:
+            cells = [f"**{_est(r['to'][lab])}**" if lab == r["nearest"] else _est(r["to"][lab]) for lab in labels]
+            body.append([f"{r['lam']:g}", *cells, r["nearest"] or "tie", "yes" if r["passed"] else "**no**",
+                         _num(r["fraction"]), _num(r["match_rate"])])
+        parts += [f"{name} ({'paired KID' if d['kind'] == KID else 'paired gap'}, {d['n_prompts']} prompts); "
+                  f"accuracy {d['accuracy'][0]}/{d['accuracy'][1]}:", "",
+                  table(["lambda", *[f"vs {lab}" for lab in labels], "nearest", "pass", "to match / spacing",
+                         "match rate"], body), ""]
+    parts += ["Every distance: matching accuracy, the distance to the matching baseline as a fraction of the "
+              "spacing per lambda, and whether the evaluation was large enough (the interval of the distance to "
+              "the matching baseline narrower than the spacing, for every lambda; the size needed scales the "
+              "prompts by (width / spacing)^2):", ""]
+    body = []
+    for name, d in record["distances"].items():
+        res = d["resolution"]
+        body.append([name, f"{d['accuracy'][0]}/{d['accuracy'][1]}", ", ".join(_num(r["fraction"]) for r in d["rows"]),
+                     ", ".join(_num(r["width_over_spacing"]) for r in d["rows"]),
+                     "yes" if res["large_enough"] else "**no**", _size(res)])
+    parts += [table(["distance", "nearest is matching", "to match / spacing (per lambda)",
+                     "interval width / spacing (per lambda)", "large enough", "size needed"], body), ""]
+    return parts
