@@ -2,12 +2,19 @@
 
     deradiff search --lora runs/toy-dpo --prompts toy:test --seeds 0 1 2 3 --out runs/eval \\
         --grid 0 0.5 1 2 4 --maximize reward/toy --budget "fidelity/adherence>=0.8" --refine 4
+    deradiff search --out runs/eval --maximize reward/toy --max-path-kl 500
     deradiff search --out runs/eval --weights reward/toy=1 path_kl=-0.001
 
 Objectives (on each metric's mean over prompts and seeds):
 - constrained: maximize one metric subject to budgets "metric<=bound" / "metric>=bound"
-  (e.g. a path-KL budget, or a floor on a fidelity metric); infeasible lambdas score -inf.
-- weighted: maximize sum_m w_m * metric_m (negative weights for costs such as path_kl).
+  (a floor on a fidelity metric, a cap on any metric); infeasible lambdas score -inf.
+- weighted: maximize sum_m w_m * metric_m (negative weights for costs such as path_kl); budgets
+  apply to it too.
+A path-KL budget is first-class: `--max-path-kl NATS` caps the realigned model's mean path KL to
+the reference (nats per sample, the drift that beta prices) and is the same as
+`--budget 'path_kl<=NATS'`; path_kl needs a stochastic sampler (--scheduler ddpm, or ddim with
+--eta > 0). search.json records the budgets, so `deradiff validate` can check that the retrained
+model at the chosen lambda meets them.
 The grid is sampled first (through `deradiff evaluate`'s code path, into the same folder, so
 everything is resumable and reused); then golden-section refinement spends `--refine` more
 lambdas inside the bracket around the best grid point. All lambdas share prompts and seeds
@@ -33,10 +40,11 @@ from deradiff.errors import UserError
 from deradiff.evaluation.config import config_from_args, expected_metrics
 from deradiff.evaluation.evaluate import Evaluator
 from deradiff.evaluation.lams import LAM_POLICY, constant, equivalent_beta, lambda_arg, parse_grid
-from deradiff.evaluation.options import add_eval_arguments, log_command
+from deradiff.evaluation.options import add_eval_arguments, log_command, positive_float
 from deradiff.evaluation.results import REALIGNED, SET_METRICS, per_prompt_table, write_json
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+PATH_KL = "path_kl"
 _BUDGET = re.compile(r"^\s*([\w/.-]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -57,23 +65,39 @@ class Objective:
 
     def __call__(self, means: dict[str, float]) -> float:
         """Objective of one lambda from its metric means; -inf when a budget is violated."""
+        if not meets_budgets(means, self.budgets):
+            return -math.inf
         if self.kind == "weighted":
             return float(sum(w * means[m] for m, w in self.weights.items()))
-        for name, op, bound in self.budgets:
-            if not (means[name] <= bound if op == "<=" else means[name] >= bound):
-                return -math.inf
         return float(means[self.metric])
 
     def describe(self) -> str:
-        if self.kind == "weighted":
-            return "maximize " + " + ".join(f"{w:g}*{m}" for m, w in self.weights.items())
         budget = " and ".join(f"{m} {op} {b:g}" for m, op, b in self.budgets)
-        return f"maximize {self.metric}" + (f" subject to {budget}" if budget else "")
+        goal = (" + ".join(f"{w:g}*{m}" for m, w in self.weights.items()) if self.kind == "weighted"
+                else self.metric)
+        return f"maximize {goal}" + (f" subject to {budget}" if budget else "")
 
 
-def parse_objective(maximize: str | None, budgets: Sequence[str], weights: Sequence[str]) -> Objective:
-    if weights and (maximize or budgets):
-        raise UserError("choose one objective: --weights (weighted) or --maximize/--budget (constrained)")
+def meets_budgets(means: dict[str, float], budgets: Sequence[Sequence]) -> bool:
+    """Whether metric means satisfy every budget (metric, "<=" or ">=", bound)."""
+    return all(means[m] <= bound if op == "<=" else means[m] >= bound for m, op, bound in budgets)
+
+
+def parse_objective(maximize: str | None, budgets: Sequence[str], weights: Sequence[str],
+                    max_path_kl: float | None = None) -> Objective:
+    """The objective of --maximize / --weights with the budgets of --budget and --max-path-kl."""
+    if weights and maximize:
+        raise UserError("choose one objective: --weights (weighted) or --maximize (constrained)")
+    parsed_budgets = []
+    for text in budgets:
+        match = _BUDGET.match(text)
+        if not match:
+            raise UserError(f"--budget wants METRIC<=BOUND or METRIC>=BOUND (e.g. 'path_kl<=50'), got {text!r}")
+        parsed_budgets.append((match[1], match[2], float(match[3])))
+    if max_path_kl is not None:
+        if not max_path_kl > 0:
+            raise UserError(f"--max-path-kl is a budget in nats and must be > 0, got {max_path_kl:g}")
+        parsed_budgets.append((PATH_KL, "<=", float(max_path_kl)))
     if weights:
         parsed = {}
         for item in weights:
@@ -84,15 +108,9 @@ def parse_objective(maximize: str | None, budgets: Sequence[str], weights: Seque
                 raise UserError(f"--weights wants METRIC=WEIGHT, got {item!r}") from None
             if not eq:
                 raise UserError(f"--weights wants METRIC=WEIGHT, got {item!r}")
-        return Objective("weighted", weights=parsed)
+        return Objective("weighted", budgets=parsed_budgets, weights=parsed)
     if not maximize:
         raise UserError("no objective: pass --maximize METRIC [--budget 'METRIC<=BOUND' ...] or --weights M=W ...")
-    parsed_budgets = []
-    for text in budgets:
-        match = _BUDGET.match(text)
-        if not match:
-            raise UserError(f"--budget wants METRIC<=BOUND or METRIC>=BOUND (e.g. 'path_kl<=50'), got {text!r}")
-        parsed_budgets.append((match[1], match[2], float(match[3])))
     return Objective("constrained", metric=maximize, budgets=parsed_budgets)
 
 
@@ -152,7 +170,7 @@ def bootstrap_choice(points: Sequence[Evaluated], objective: Objective, n_boot: 
                        for b in range(n_boot)])
     point = np.array([objective({m: v[i].mean() for m, v in matrix.items()}) for i in range(len(points))])
     if not np.isfinite(point).any():
-        raise UserError("no evaluated lambda meets the budget: loosen --budget or add smaller lambdas to --grid")
+        raise UserError("no evaluated lambda meets the budget: loosen --budget / --max-path-kl or add smaller lambdas to --grid")
     best = int(np.argmax(point))  # the first maximum: the smallest lambda among ties
     feasible_rows = np.isfinite(values).any(axis=1)
     picks = lams[np.argmax(values[feasible_rows], axis=1)] if feasible_rows.any() else np.array([lams[best]])
@@ -201,7 +219,7 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
     ordered = sorted(points.values(), key=lambda p: p.lam)
     scores = [objective(p.means()) for p in ordered]
     if not any(math.isfinite(s) for s in scores):
-        raise UserError("no grid lambda meets the budget: loosen --budget or add smaller lambdas to --grid")
+        raise UserError("no grid lambda meets the budget: loosen --budget / --max-path-kl or add smaller lambdas to --grid")
     i = int(np.argmax(scores))
     lo, hi = ordered[max(i - 1, 0)].lam, ordered[min(i + 1, len(ordered) - 1)].lam
     golden_section(f, lo, hi, refine)
@@ -213,6 +231,9 @@ def search(ev: Evaluator, grid: Sequence[float], objective: Objective, refine: i
     return {
         "objective": objective.describe(),
         "maximize": objective.metric if objective.kind == "constrained" else None,
+        "weights": objective.weights or None,
+        "budgets": [list(b) for b in objective.budgets],
+        "max_path_kl": min((b for m, op, b in objective.budgets if m == PATH_KL and op == "<="), default=None),
         "chosen_lambda": chosen,
         "lambda_interval": choice.pop("lambda_interval"),
         "beta0": beta0,
@@ -235,8 +256,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="constrained objective: metric to maximize, e.g. reward/toy or reward/pickscore")
     p.add_argument("--budget", nargs="*", default=[], metavar="METRIC<=B",
                    help="constraints, e.g. 'path_kl<=50' or 'fidelity/adherence>=0.8' (metric means over prompts)")
+    p.add_argument("--max-path-kl", type=positive_float, default=None, metavar="NATS",
+                   help="path-KL budget: the realigned model's mean path KL to the reference (nats per sample) "
+                   "must stay <= NATS; same as --budget 'path_kl<=NATS' (needs a stochastic sampler: "
+                   "--scheduler ddpm, or ddim with --eta > 0)")
     p.add_argument("--weights", nargs="*", default=[], metavar="METRIC=W",
-                   help="weighted objective instead: maximize sum W*METRIC, e.g. reward/toy=1 path_kl=-0.001")
+                   help="weighted objective instead: maximize sum W*METRIC, e.g. reward/toy=1 path_kl=-0.001 "
+                   "(budgets still apply)")
     p.add_argument("--refine", type=int, default=4, help="extra lambdas for golden-section refinement (0 = grid only)")
 
 
@@ -246,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--grid takes constant lambdas only (the search is over a number)")
     if args.refine < 0:
         raise UserError(f"--refine must be >= 0, got {args.refine}")
-    objective = parse_objective(args.maximize, args.budget, args.weights)
+    objective = parse_objective(args.maximize, args.budget, args.weights, args.max_path_kl)
     cfg = config_from_args(args)
     unknown = [m for m in objective.metrics if m not in expected_metrics(cfg)]
     if unknown:
@@ -263,6 +289,10 @@ def run(args: argparse.Namespace) -> int:
     beta = record["equivalent_beta"]
     print(f"{record['objective']}: chosen lambda {lam:g} (bootstrap interval [{lo:g}, {hi:g}], "
           f"{record['n_prompts']} prompts)" + (f" -> beta = beta0 / lambda = {beta:.4g}" if beta else ""))
+    if record["max_path_kl"] is not None:
+        kl = next(p[PATH_KL] for p in record["evaluated"] if p["lam"] == lam)
+        print(f"path-KL budget {record['max_path_kl']:g} nats: path KL {kl:.4g} at the chosen lambda; the budget held "
+              f"in {record['budget_met_rate']:.0%} of the bootstrap resamples of the prompts")
     if record["at_grid_edge"]:
         print(f"note: lambda {lam:g} is at the edge of the grid; the optimum may lie beyond it: extend --grid")
     for p in record["evaluated"]:

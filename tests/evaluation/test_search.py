@@ -126,3 +126,32 @@ def test_search_cli_checks_the_objective_before_sampling(tmp_path, capsys):
     assert main(argv) == 2
     assert "['reward/pickscore'] are not measured" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+def test_path_kl_budget_is_first_class(tmp_path):
+    """--max-path-kl NATS is the budget 'path_kl<=NATS', for either objective, and search.json
+    records it: path_kl = 10 lam^2 <= 22.5 allows lambda <= 1.5 while reward grows with lambda."""
+    obj = parse_objective("reward/x", [], [], max_path_kl=22.5)
+    assert obj.budgets == [("path_kl", "<=", 22.5)] and obj.describe() == "maximize reward/x subject to path_kl <= 22.5"
+    record = search(StubEvaluator(tmp_path, lambda lam, i: lam + 0.01 * i), [0, 1, 2, 4], obj, refine=10, n_boot=200)
+    assert 1.4 <= record["chosen_lambda"] <= 1.5 and record["max_path_kl"] == 22.5
+    assert record["budgets"] == [["path_kl", "<=", 22.5]] and record["maximize"] == "reward/x"
+    chosen = next(p for p in record["evaluated"] if p["lam"] == record["chosen_lambda"])
+    assert chosen["path_kl"] <= 22.5
+    # a weighted objective honours the budget too: alone it would take lambda 4
+    weighted = parse_objective(None, [], ["reward/x=1"], max_path_kl=22.5)
+    assert "subject to path_kl <= 22.5" in weighted.describe()
+    picked = search(StubEvaluator(tmp_path, lambda lam, i: lam), [0, 1, 2, 4], weighted, refine=0, n_boot=50)
+    assert picked["chosen_lambda"] == 1.0 and picked["weights"] == {"reward/x": 1.0}
+    with pytest.raises(UserError, match="must be > 0"):
+        parse_objective("reward/x", [], [], max_path_kl=0.0)
+    with pytest.raises(UserError, match="--max-path-kl"):
+        search(StubEvaluator(tmp_path, lambda lam, i: lam), [1, 2], parse_objective("reward/x", [], [], 1.0), 0)
+
+
+def test_search_cli_takes_max_path_kl_in_nats(tmp_path, capsys):
+    from deradiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--out", str(tmp_path), "--maximize", "reward/toy", "--max-path-kl", "-5"])
+    assert exit_.value.code == 2 and "argument --max-path-kl: must be > 0" in capsys.readouterr().err
