@@ -442,7 +442,7 @@ def make_kl_grad(recipe, pipe, accelerator):
     kl_m = default_kl_sample_steps(n, k)
     device = accelerator.device
 
-    def step(unet, batch: dict, step_index: int, epoch: int):
+    def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
         cond, uncond = _conditioning(recipe, pipe, batch["prompts"], device, m.guidance_scale)
         with accelerator.autocast():
             return kl_grad_loss(unet, accelerator.unwrap_model(unet), pipe.vae, scheduler, reward.score,
@@ -465,13 +465,8 @@ def make_kl_pg(recipe, pipe, accelerator):
     store = RolloutStore(accelerator.project_configuration.project_dir if m.num_inner_epochs > 1 else None,
                          accelerator.process_index, m.num_inner_epochs)
     device = accelerator.device
-    calls = {"step": -1, "micro": 0}  # the trainer calls step() once per accumulation micro-batch
 
-    def step(unet, batch: dict, step_index: int, epoch: int):
-        if calls["step"] != step_index:
-            calls["step"], calls["micro"] = step_index, 0
-        micro = calls["micro"]
-        calls["micro"] += 1
+    def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
         rollout_batch = store.get(step_index, micro, device)
         if rollout_batch is None:
             if step_index % m.num_inner_epochs:

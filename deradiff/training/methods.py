@@ -38,7 +38,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
                               batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
                               seed=recipe.trainer.seed, epoch=epoch)
 
-    def step(unet, batch: dict, step_index: int, epoch: int):
+    def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
         return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
 
     eval_set = None

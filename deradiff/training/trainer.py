@@ -1,7 +1,7 @@
 """The training loop shared by every method: setup -> fit -> (train_step, log, checkpoint) -> save.
 
 A method (Diffusion-DPO, KL reward gradient, KL policy gradient) supplies a dataset of rows and
-a step function `step(unet, batch, step, epoch) -> (loss, metrics)`; everything else (accelerate and
+a step function `step(unet, batch, step, micro, epoch) -> (loss, metrics)`; everything else (accelerate and
 DeepSpeed, mixed precision, accumulation, clipping, logging, sample grids, atomic checkpoints,
 exact resume) lives here once.
 """
@@ -49,10 +49,12 @@ class Method:
     name: str
     dataset: torch.utils.data.Dataset  # rows; a row's position in the dataset is its id
     collate: Callable[[list[dict], list[int]], dict]  # (rows, ids) -> batch
-    # step(unet, batch, step, epoch) -> (loss, metrics). `unet` is the trainable model as
-    # accelerate prepared it (DDP/DeepSpeed-wrapped); accelerator.unwrap_model(unet) is the
-    # plain module, which with adapters_disabled() is the reference.
-    step: Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict[str, float]]]
+    # step(unet, batch, step, micro, epoch) -> (loss, metrics), called once per accumulation
+    # micro-batch: step = optimizer steps done, micro = index of the micro-batch in this step
+    # (0 .. gradient_accumulation - 1), epoch = epoch of the batch's rows. `unet` is the trainable
+    # model as accelerate prepared it (DDP/DeepSpeed-wrapped); accelerator.unwrap_model(unet) is
+    # the plain module, which with adapters_disabled() is the reference.
+    step: Callable[[torch.nn.Module, dict, int, int, int], tuple[torch.Tensor, dict[str, float]]]
     describe: str = ""  # one line for the start-of-run log (e.g. the beta convention)
     # evaluate(unet) -> metrics on held-out data (no gradients), at trainer.eval_every and the end
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
@@ -219,7 +221,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             rows, ids, epoch = order.rows(method.dataset, state.step, micro, accelerator.process_index)
             batch = method.collate(rows, ids)
             with accelerator.accumulate(unet):
-                loss, metrics = method.step(unet, batch, state.step, epoch)
+                loss, metrics = method.step(unet, batch, state.step, micro, epoch)
                 _check_finite(loss, state, batch, run_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:

@@ -241,7 +241,7 @@ def test_kl_grad_refuses_a_non_differentiable_reward(pipe, planted_rewards, tmp_
 def test_kl_grad_method_runs_a_step(pipe, lora, planted_rewards, tmp_path):
     method = kl.make_kl_grad(_recipe(tmp_path, "kl_grad", "brightness", truncation_steps=2), pipe, _Accelerator())
     assert [r["prompt"] for r in method.dataset] == PROMPTS
-    loss, metrics = method.step(pipe.unet, method.collate([method.dataset[i] for i in (2, 0)], [2, 0]), 0, 0)
+    loss, metrics = method.step(pipe.unet, method.collate([method.dataset[i] for i in (2, 0)], [2, 0]), 0, 0, 0)
     assert torch.isfinite(loss) and {"kl/reward", "kl/path_kl", "kl/loss", "kl/objective"} <= set(metrics)
     loss.backward()
     assert all(p.grad is not None for p in lora.values())
@@ -260,7 +260,7 @@ def test_evaluate_scores_held_out_prompts_with_fixed_noise(pipe, planted_rewards
 def test_kl_pg_accepts_a_non_differentiable_reward(pipe, lora, planted_rewards, tmp_path):
     method = kl.make_kl_pg(_recipe(tmp_path, "kl_pg", "thresholded", samples_per_prompt=2, guidance_scale=2.0),
                            pipe, _Accelerator())
-    loss, metrics = method.step(pipe.unet, method.collate([method.dataset[i] for i in (0, 1)], [0, 1]), 0, 0)
+    loss, metrics = method.step(pipe.unet, method.collate([method.dataset[i] for i in (0, 1)], [0, 1]), 0, 0, 0)
     assert torch.isfinite(loss)
     assert {"kl/reward", "kl/path_kl", "pg/clipfrac", "pg/approx_kl", "pg/advantage_std", "kl/loss"} <= set(metrics)
     loss.backward()
@@ -274,13 +274,28 @@ def test_kl_pg_inner_epochs_reuse_the_rollout_and_resume_exactly(pipe, lora, pla
     batch = first.collate([first.dataset[i] for i in (0, 1)], [0, 1])
     other = first.collate([first.dataset[2]], [2])
     with torch.no_grad():
-        _, m0 = first.step(pipe.unet, batch, 0, 0)
-        loss1, m1 = first.step(pipe.unet, other, 1, 0)  # reuse step: the rows it is given are not sampled
+        _, m0 = first.step(pipe.unet, batch, 0, 0, 0)
+        loss1, m1 = first.step(pipe.unet, other, 1, 0, 0)  # reuse step: the rows it is given are not sampled
     assert m1["kl/reward"] == m0["kl/reward"] and m1["kl/path_kl"] == m0["kl/path_kl"]
     assert len(list((run_dir / "rollouts" / "rank-000").glob("*.safetensors"))) == 1
     resumed = kl.make_kl_pg(recipe, pipe, _Accelerator(run_dir))  # a new process, resuming at step 1
     with torch.no_grad():
-        loss1_resumed, _ = resumed.step(pipe.unet, other, 1, 0)
+        loss1_resumed, _ = resumed.step(pipe.unet, other, 1, 0, 0)
     assert loss1_resumed.item() == loss1.item()
     with pytest.raises(RuntimeError, match="no stored rollout"):
-        kl.make_kl_pg(recipe, pipe, _Accelerator(tmp_path / "empty")).step(pipe.unet, other, 3, 0)
+        kl.make_kl_pg(recipe, pipe, _Accelerator(tmp_path / "empty")).step(pipe.unet, other, 3, 0, 0)
+
+
+def test_kl_pg_reuses_the_rollout_of_the_micro_batch_the_trainer_names(pipe, lora, planted_rewards, tmp_path):
+    """Two accumulation micro-batches: at the reuse step, micro-batch 1 gets the rollout sampled
+    for micro-batch 1, whatever the order of the calls (the trainer passes the index)."""
+    recipe = _recipe(tmp_path, "kl_pg", "brightness", samples_per_prompt=2, num_inner_epochs=2)
+    method = kl.make_kl_pg(recipe, pipe, _Accelerator(tmp_path / "run"))
+    rows = [method.collate([method.dataset[i]], [i]) for i in (0, 2)]
+    with torch.no_grad():
+        _, sampled0 = method.step(pipe.unet, rows[0], 0, 0, 0)
+        _, sampled1 = method.step(pipe.unet, rows[1], 0, 1, 0)
+        _, reused1 = method.step(pipe.unet, rows[0], 1, 1, 0)  # micro-batch 1 first this time
+        _, reused0 = method.step(pipe.unet, rows[1], 1, 0, 0)
+    assert sampled0["kl/reward"] != sampled1["kl/reward"]
+    assert reused1["kl/reward"] == sampled1["kl/reward"] and reused0["kl/reward"] == sampled0["kl/reward"]
