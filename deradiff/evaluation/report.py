@@ -7,6 +7,8 @@ commands.txt, search.json, validation.json) and writes:
   report.md                 what was run, the chosen lambda, the validation verdicts, the tables
   summary.{csv,json}        per arm and lambda: every metric's mean over prompts with its interval
   validation.{csv,json}     per baseline and metric: realigned, retrained, gap (if validated)
+  matching.csv              the matching test: per distance (KID, each metric), realigned lambda
+                            and baseline, the distance with its interval, nearest and pass
   reward_vs_lambda.png      each reward against lambda: realigned (band = interval), weight
                             scaling, retrained baselines as points, the chosen lambda
   frontier.png              reward against a fidelity metric (or path KL): the trade-off curve
@@ -37,7 +39,7 @@ from deradiff.evaluation.results import (
     summarize,
     write_json,
 )
-from deradiff.evaluation.validate import format_search_check
+from deradiff.evaluation.validate import validation_markdown
 from deradiff.io import atomic_write, write_text_atomic
 
 MAX_GRID_PROMPTS = 6
@@ -160,6 +162,19 @@ def image_grid(rows: Sequence[dict], eval_dir: Path, path: Path) -> Path | None:
     return save_image_grid(grid, path, row_labels=labels, col_labels=[f"lam={lam}" for lam in lams])
 
 
+def matching_rows(matching: dict) -> list[dict]:
+    """One CSV row per distance, realigned lambda and baseline: the distance with its interval,
+    and whether that baseline is the matching one and the nearest."""
+    rows = []
+    for name, d in matching["distances"].items():
+        for r in d["rows"]:
+            for label, (value, lo, hi) in r["to"].items():
+                rows.append({"distance": name, "kind": d["kind"], "lam": r["lam"], "baseline": label, "value": value,
+                             "lo": lo, "hi": hi, "matching": label == r["baseline"], "nearest": label == r["nearest"],
+                             "passed": r["passed"], "fraction": r["fraction"], "match_rate": r["match_rate"]})
+    return rows
+
+
 def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0.05, frontier_x: str | None = None) -> Path:
     """Write every table, plot and report.md for an evaluation folder; returns report.md's path."""
     rows = read_rows(eval_dir / RESULTS)
@@ -188,6 +203,8 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
     if validation:
         write_json(out / "validation.json", validation)
         write_csv(out / "validation.csv", validation["comparisons"])
+        if validation.get("matching"):
+            write_csv(out / "matching.csv", matching_rows(validation["matching"]))
     return write_text_atomic(out / "report.md", md)
 
 
@@ -211,37 +228,17 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
                   f"Chosen lambda **{search['chosen_lambda']:g}** (bootstrap interval over prompts [{lo:g}, {hi:g}])"
                   + (f", equivalent to training at beta = beta0 / lambda = **{beta:.4g}**" if beta else "") + ". "
                   f"Cost: {cost['images']} images at {cost['lambdas']} lambdas, {cost['sample_s']:.1f} s of sampling.", ""]
+        if search.get("max_path_kl") is not None:
+            kl = next((p.get("path_kl") for p in search["evaluated"] if p["lam"] == search["chosen_lambda"]), None)
+            parts += [f"Path-KL budget: {search['max_path_kl']:g} nats per sample; the chosen lambda's mean path KL is "
+                      f"{_fmt(kl)} nats, and the budget held in {search.get('budget_met_rate', 0):.0%} of the "
+                      "bootstrap resamples of the prompts.", ""]
         cols = [m for m in search["evaluated"][0] if m not in ("lam", "objective")]
         parts += [markdown_table(["lambda", "objective", *cols],
                                  [[f"{p['lam']:g}", _fmt(p["objective"]), *[_fmt(p[c]) for c in cols]]
                                   for p in search["evaluated"]]), ""]
     if validation:
-        parts += ["## Validation against retrained baselines", "",
-                  "Gap = realigned - retrained, paired over prompts; intervals are bootstrap over prompts at level "
-                  f"{1 - validation['alpha']:.0%}. 'in CI': the realigned value lies in the retrained value's interval.", ""]
-        has_scale = any("lora_scale_gap" in c for c in validation["comparisons"])
-        head = ["lambda", "beta", "metric", "realigned", "retrained", "gap", "in CI"] + (
-            ["LoRA-scale gap", "mixing closer"] if has_scale else [])
-        body = []
-        for c in validation["comparisons"]:
-            line = [f"{c['lam']:g}", _fmt(c["beta"]), c["metric"], _fmt(*c["realigned"]), _fmt(*c["retrained"]),
-                    _fmt(*c["gap"]), "yes" if c["in_baseline_ci"] else "**no**"]
-            if has_scale:
-                line += [_fmt(*c["lora_scale_gap"]) if "lora_scale_gap" in c else "-",
-                         "yes" if c.get("mixing_closer") else "no"]
-            body.append(line)
-        parts += [markdown_table(head, body), ""]
-        parts += [markdown_table(["metric", "in CI", "gap CI contains 0", "mixing closer than weight scaling"],
-                                 [[m, f"{v['in_baseline_ci']}/{v['baselines']}", f"{v['gap_ci_has_zero']}/{v['baselines']}",
-                                   f"{v['mixing_closer']}/{v['baselines']}"] for m, v in validation["per_metric"].items()]), ""]
-        comp = validation.get("compute", {})
-        if comp.get("ratio"):
-            parts += [f"Compute: the sweep trained for {comp['sweep_train_s']:.1f} s; the search sampled for "
-                      f"{comp['search_sample_s']:.1f} s ({comp['search_source']}): **{comp['ratio']:.1f}x** less.", ""]
-        if validation.get("search_check"):
-            parts += [format_search_check(validation["search_check"]).replace("search: c", "Search check: c", 1) + ".", ""]
-        if comp.get("baselines_without_time"):
-            parts += [f"Baselines without a training time: {comp['baselines_without_time']}.", ""]
+        parts += validation_markdown(validation)
     parts += ["## Metrics per arm and lambda", "",
               "Mean over prompts (each prompt's mean over seeds) [bootstrap interval over prompts]. Arms: realigned "
               "(output mixing), lora-scale (weight space), retrained:<run>.", ""]
@@ -255,6 +252,7 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
         parts += ["Realigned samples, prompts x lambda (first seed):", "", "![grid](grid.png)", ""]
     parts += ["Tables: [summary.csv](summary.csv), [summary.json](summary.json)"
               + (", [validation.csv](validation.csv), [validation.json](validation.json)" if validation else "")
+              + (", [matching.csv](matching.csv)" if validation and validation.get("matching") else "")
               + f". Images: `{rel}/images/`.", ""]
     return "\n".join(parts)
 

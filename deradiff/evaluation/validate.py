@@ -14,7 +14,20 @@ baseline (the aligned LoRA scaled by lambda_k) gets the same gap, so the report 
 output mixing is closer to retraining than weight scaling. Compute: the sweep's training time
 (summary.json wall_s, else the last time_s of metrics.jsonl) against the search's sampling time
 (OUT/search.json, else the realigned samples at the lambda_k), as a ratio.
-Baselines trained on another base model or LoRA rank are refused. Writes OUT/validation.json.
+
+Tests that can fail (docs/method.md section 5):
+- matching (evaluation/matching.py): the realigned samples at each lambda_k against EVERY
+  baseline, by KID on the fidelity judge's features (computed from the stored PNGs) and by each
+  metric's paired gap; it passes at lambda_k when the nearest baseline is baseline k. With the
+  distance to baseline k as a fraction of the spacing to its neighbour, the matching accuracy,
+  and per distance whether the evaluation was large enough (interval width < spacing) or what
+  size (prompts x seeds) would be.
+- selection (with OUT/search.json): the retrained model at the searched lambda (`--selected RUN`,
+  a run retrained at beta0 / lambda*, else the nearest baseline) meets the search's budgets
+  (e.g. --max-path-kl) and its value of the maximized metric lies within the interval of the
+  best baseline that meets them.
+Baselines trained on another base model or LoRA rank are refused. Writes OUT/validation.json and
+OUT/validation.md.
 """
 
 from __future__ import annotations
@@ -25,13 +38,26 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from deradiff.errors import UserError
 from deradiff.evaluation.baselines import lora_run
 from deradiff.evaluation.config import config_from_args
 from deradiff.evaluation.evaluate import Evaluator
 from deradiff.evaluation.lams import LAM_POLICY
+from deradiff.evaluation.matching import SampleSet, format_matching, match, matching_markdown
 from deradiff.evaluation.options import add_eval_arguments, log_command
-from deradiff.evaluation.results import LORA_SCALE, REALIGNED, Table, per_prompt_table, write_json
+from deradiff.evaluation.results import (
+    LORA_SCALE,
+    REALIGNED,
+    Table,
+    markdown_table,
+    per_prompt_table,
+    pil_to_tensor,
+    write_json,
+)
+from deradiff.evaluation.search import meets_budgets
+from deradiff.io import write_text_atomic
 from deradiff.stats import bootstrap_ci
 
 
@@ -49,8 +75,11 @@ def paired(table: Table, a: tuple[str, str], b: tuple[str, str], metric: str, n_
     return {"a": list(ea), "b": list(eb), "gap": list(gap), "n_prompts": len(prompts)}
 
 
-def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: float = 0.05) -> dict:
-    """Sample what is missing and compare every baseline with realignment (and weight scaling)."""
+def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: float = 0.05,
+             selected: str | None = None) -> dict:
+    """Sample what is missing and compare every baseline with realignment (and weight scaling);
+    the matching test over the baselines other than `selected` (the arm of a run retrained at the
+    searched lambda, kept for the selection check)."""
     if not ev.baselines:
         raise UserError("validate needs --baselines (LoRAs trained at beta0 / lambda_k)")
     lams = ev.baseline_lams()
@@ -78,10 +107,47 @@ def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: 
                 row.update(lora_scale=scaled["a"], lora_scale_gap=scaled["gap"],
                            mixing_closer=abs(real["gap"][0]) < abs(scaled["gap"][0]))
             comparisons.append(row)
+    matched = {arm: lam for arm, lam in lams.items() if arm != selected}
     return {"beta0": ev.beta0, "alpha": alpha,
-            "baselines": [{"label": b.label, "lam": lams[arm].value, "beta": b.beta, "path": b.path, "wall_s": b.wall_s}
-                          for arm, b in ev.baselines.items()],
-            "comparisons": comparisons, "per_metric": _per_metric(comparisons)}
+            "baselines": [{"label": b.label, "lam": lams[arm].value, "beta": b.beta, "path": b.path, "wall_s": b.wall_s,
+                           "selected": arm == selected} for arm, b in ev.baselines.items()],
+            "comparisons": comparisons, "per_metric": _per_metric(comparisons),
+            "matching": matching(ev, table, rows, matched, n_boot, alpha)}
+
+
+def matching(ev: Evaluator, table: Table, rows: list[dict], lams: dict, n_boot: int, alpha: float) -> dict | None:
+    """The matching record (evaluation/matching.py) of the baselines `lams` (arm -> Lam): per
+    arm, its per-prompt metrics and the judge's features of its stored images."""
+    wanted = {(REALIGNED, lam.name) for lam in lams.values()} | {(arm, lam.name) for arm, lam in lams.items()}
+    features = image_features([r for r in rows if (r["arm"], r["lam"]) in wanted], ev.out, ev.judge())
+
+    def sample_set(key: tuple[str, str]) -> SampleSet:
+        return SampleSet(table.get(key, {}), None if features is None else features.get(key, {}))
+
+    arms = list(lams)
+    baselines = [{"label": ev.baselines[arm].label, "lam": lams[arm].value, "beta": ev.baselines[arm].beta}
+                 for arm in arms]
+    n_seeds = len({r["seed"] for r in rows if r["arm"] == REALIGNED})
+    return match(baselines, [sample_set((REALIGNED, lams[arm].name)) for arm in arms],
+                 [sample_set((arm, lams[arm].name)) for arm in arms], n_seeds, n_boot, alpha)
+
+
+def image_features(rows: list[dict], out: Path, judge, batch: int = 256) -> dict | None:
+    """(arm, lam) -> (prompt, seed) -> the judge's features (D,) of each row's stored PNG; None
+    when there is no judge or it has no `features(images)` (then matching uses the metrics only)."""
+    extract = getattr(judge, "features", None)
+    if extract is None or not rows:
+        return None
+    from PIL import Image
+
+    out_features: dict[tuple[str, str], dict[tuple[str, int], np.ndarray]] = {}
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        images = pil_to_tensor([Image.open(out / r["image"]) for r in chunk])
+        feats = np.asarray(extract(images), dtype=np.float64)
+        for r, f in zip(chunk, feats, strict=True):
+            out_features.setdefault((r["arm"], r["lam"]), {})[(r["prompt"], r["seed"])] = f
+    return out_features
 
 
 def _per_metric(comparisons: list[dict]) -> dict:
@@ -100,62 +166,105 @@ def _per_metric(comparisons: list[dict]) -> dict:
 def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_source: str = "search.json") -> dict:
     """The sweep's training seconds against the search's sampling seconds (from the search
     record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas)."""
-    walls = [b["wall_s"] for b in record["baselines"]]
-    unknown = [b["label"] for b in record["baselines"] if b["wall_s"] is None]
+    walls = [b["wall_s"] for b in record["baselines"] if not b.get("selected")]
+    unknown = [b["label"] for b in record["baselines"] if b["wall_s"] is None and not b.get("selected")]
     sweep_s = sum(w for w in walls if w is not None)
     if search is not None:
         search_s = float(search["cost"]["sample_s"])
+        images = search["cost"].get("images")
         source = search_source
     else:
         lams = {lam.name for lam in ev.baseline_lams().values()}
-        search_s = sum(r.get("time_s", 0.0) for k, r in ev.rows.items() if k[0] == REALIGNED and k[1] in lams)
+        used = [r for k, r in ev.rows.items() if k[0] == REALIGNED and k[1] in lams]
+        search_s, images = sum(r.get("time_s", 0.0) for r in used), len(used)
         source = "realigned samples at the baselines' lambdas (no search.json)"
-    return {"sweep_train_s": sweep_s, "baselines_without_time": unknown, "search_sample_s": round(search_s, 2),
-            "search_source": source, "ratio": sweep_s / search_s if search_s > 0 and sweep_s > 0 else None}
+    return {"sweep_train_s": sweep_s, "sweep_runs": len(walls), "baselines_without_time": unknown,
+            "search_sample_s": round(search_s, 2), "search_images": images, "search_source": source,
+            "ratio": sweep_s / search_s if search_s > 0 and sweep_s > 0 else None}
 
 
-def search_check(record: dict, search: dict) -> dict | None:
-    """Is the searched lambda a good pick by the retrained models? Takes the baseline nearest the
-    chosen lambda (in log lambda) and compares its retrained value of the searched metric with
-    the best baseline's interval. None for a weighted objective or a metric without comparisons."""
+def _retrained(record: dict) -> dict[str, dict]:
+    """baseline label -> {"lam": lambda, metric: [value, lo, hi] of the retrained model}."""
+    out: dict[str, dict] = {}
+    for c in record["comparisons"]:
+        label = c.get("baseline") or f"lambda-{c['lam']:g}"
+        out.setdefault(label, {"lam": c["lam"]})[c["metric"]] = c["retrained"]
+    return out
+
+
+def search_check(record: dict, search: dict, selected: str | None = None) -> dict | None:
+    """Is the searched lambda a good pick by the retrained models?
+
+    The retrained model at the chosen lambda is `selected` (the label of a run retrained at
+    beta0 / lambda*), else the baseline nearest the chosen lambda in log lambda. It passes when
+    it meets the search's budgets (search.json "budgets", on its retrained means, e.g. its own
+    path KL) and its value of the maximized metric lies within the interval of the best baseline
+    that meets them. None for a weighted objective or a metric without comparisons."""
     metric = search.get("maximize")
-    rows = [c for c in record["comparisons"] if c["metric"] == metric]
+    rows = {label: r for label, r in _retrained(record).items() if metric in r}
     chosen = float(search["chosen_lambda"])
-    if not rows or chosen <= 0:
+    if not metric or not rows or chosen <= 0:
         return None
-    nearest = min(rows, key=lambda c: abs(math.log(c["lam"] / chosen)))
-    best = max(rows, key=lambda c: c["retrained"][0])
-    return {"metric": metric, "chosen_lambda": chosen, "nearest_lambda": nearest["lam"],
-            "nearest_retrained": nearest["retrained"], "best_lambda": best["lam"], "best_retrained": best["retrained"],
-            "within_best_interval": nearest["retrained"][0] >= best["retrained"][1],
-            "inside_sweep_range": min(c["lam"] for c in rows) <= chosen <= max(c["lam"] for c in rows)}
+    budgets = [tuple(b) for b in search.get("budgets") or []]
+
+    def feasible(r: dict) -> bool | None:  # None: a budget metric the baseline was not measured on
+        if any(m not in r for m, _, _ in budgets):
+            return None
+        return meets_budgets({m: r[m][0] for m, _, _ in budgets}, budgets)
+
+    source = "selected" if selected in rows else "nearest"
+    pick = selected if source == "selected" else min(rows, key=lambda lab: abs(math.log(rows[lab]["lam"] / chosen)))
+    ok = [lab for lab in rows if feasible(rows[lab])]
+    best = max(ok, key=lambda lab: rows[lab][metric][0]) if ok else None
+    within = best is not None and rows[pick][metric][0] >= rows[best][metric][1]
+    meets = feasible(rows[pick])
+    lams = [r["lam"] for r in rows.values()]
+    return {"metric": metric, "chosen_lambda": chosen, "budgets": [list(b) for b in budgets], "source": source,
+            "baseline": pick, "nearest_lambda": rows[pick]["lam"], "nearest_retrained": rows[pick][metric],
+            "meets_budget": meets, "feasible": sorted(ok, key=lambda lab: rows[lab]["lam"]),
+            "best_lambda": None if best is None else rows[best]["lam"],
+            "best_retrained": None if best is None else rows[best][metric],
+            "within_best_interval": within, "passed": bool(within and meets),
+            "inside_sweep_range": min(lams) <= chosen <= max(lams)}
 
 
 def format_search_check(check: dict) -> str:
     """One sentence on `search_check`'s verdict."""
     est = check["nearest_retrained"]
-    best = check["best_retrained"]
+    budgets = " and ".join(f"{m} {op} {b:g}" for m, op, b in check.get("budgets", []))
     where = "" if check["inside_sweep_range"] else " (outside the sweep's lambda range, so the nearest baseline stands in)"
-    return (f"search: chose lambda {check['chosen_lambda']:g}{where}; retrained {check['metric']} at lambda "
-            f"{check['nearest_lambda']:g} is {est[0]:.4g} [{est[1]:.3g}, {est[2]:.3g}], the best baseline (lambda "
-            f"{check['best_lambda']:g}) {best[0]:.4g} [{best[1]:.3g}, {best[2]:.3g}]: "
-            f"{'within' if check['within_best_interval'] else 'NOT within'} the best baseline's interval")
+    who = ("the run retrained at beta0 / lambda*" if check.get("source") == "selected"
+           else f"the nearest baseline, lambda {check['nearest_lambda']:g}")
+    text = (f"search: chose lambda {check['chosen_lambda']:g}{where}" + (f" under {budgets}" if budgets else "")
+            + f"; retrained {check['metric']} of {who} is {est[0]:.4g} [{est[1]:.3g}, {est[2]:.3g}]")
+    if budgets:
+        meets = check.get("meets_budget")
+        text += ", " + {True: "meets the budget", False: "VIOLATES the budget", None: "budget not measured"}[meets]
+    best = check["best_retrained"]
+    if best is None:
+        return text + "; no retrained baseline meets the budget: FAIL"
+    text += (f"; the best {'feasible ' if budgets else ''}baseline (lambda {check['best_lambda']:g}) "
+             f"{best[0]:.4g} [{best[1]:.3g}, {best[2]:.3g}]: "
+             f"{'within' if check['within_best_interval'] else 'NOT within'} its interval")
+    return text + (": " + ("PASS" if check.get("passed") else "FAIL") if "passed" in check else "")
+
+
+def _est(e) -> str:
+    return f"{e[0]:.4g} [{e[1]:.3g}, {e[2]:.3g}]"
 
 
 def format_validation(record: dict) -> str:
     lines = [f"{'lam':>7s} {'metric':26s} {'realigned':>26s} {'retrained':>26s} {'gap [CI]':>28s}  in-CI  "
              + ("lora-scale gap" if any("lora_scale_gap" in c for c in record["comparisons"]) else "")]
-
-    def est(e):
-        return f"{e[0]:.4g} [{e[1]:.3g}, {e[2]:.3g}]"
-
     for c in record["comparisons"]:
-        extra = f"  {est(c['lora_scale_gap'])}" if "lora_scale_gap" in c else ""
-        lines.append(f"{c['lam']:>7g} {c['metric']:26s} {est(c['realigned']):>26s} {est(c['retrained']):>26s} "
-                     f"{est(c['gap']):>28s}  {'yes' if c['in_baseline_ci'] else 'no ':5s}{extra}")
+        extra = f"  {_est(c['lora_scale_gap'])}" if "lora_scale_gap" in c else ""
+        lines.append(f"{c['lam']:>7g} {c['metric']:26s} {_est(c['realigned']):>26s} {_est(c['retrained']):>26s} "
+                     f"{_est(c['gap']):>28s}  {'yes' if c['in_baseline_ci'] else 'no ':5s}{extra}")
     for metric, m in record["per_metric"].items():
         lines.append(f"{metric}: realigned within the retrained interval for {m['in_baseline_ci']}/{m['baselines']} "
                      f"baselines; output mixing closer than weight scaling for {m['mixing_closer']}/{m['baselines']}")
+    if record.get("matching"):
+        lines.append(format_matching(record["matching"]))
     comp = record["compute"]
     if comp["ratio"] is not None:
         lines.append(f"compute: sweep {comp['sweep_train_s']:.1f}s of training vs {comp['search_sample_s']:.1f}s of "
@@ -165,11 +274,57 @@ def format_validation(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value, lo=None, hi=None) -> str:
+    if value is None:
+        return "-"
+    if lo is None:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"
+
+
+def validation_markdown(record: dict) -> list[str]:
+    """The validation section of a report (and of OUT/validation.md): gaps per lambda and metric,
+    the matching test, the compute ratio and the selection check."""
+    parts = ["## Validation against retrained baselines", "",
+             "Gap = realigned - retrained, paired over prompts; intervals are bootstrap over prompts at level "
+             f"{1 - record['alpha']:.0%}. 'in CI': the realigned value lies in the retrained value's interval.", ""]
+    has_scale = any("lora_scale_gap" in c for c in record["comparisons"])
+    head = ["lambda", "beta", "metric", "realigned", "retrained", "gap", "in CI"] + (
+        ["LoRA-scale gap", "mixing closer"] if has_scale else [])
+    body = []
+    for c in record["comparisons"]:
+        line = [f"{c['lam']:g}", _fmt(c["beta"]), c["metric"], _fmt(*c["realigned"]), _fmt(*c["retrained"]),
+                _fmt(*c["gap"]), "yes" if c["in_baseline_ci"] else "**no**"]
+        if has_scale:
+            line += [_fmt(*c["lora_scale_gap"]) if "lora_scale_gap" in c else "-", "yes" if c.get("mixing_closer") else "no"]
+        body.append(line)
+    parts += [markdown_table(head, body), ""]
+    parts += [markdown_table(["metric", "in CI", "gap CI contains 0", "mixing closer than weight scaling"],
+                             [[m, f"{v['in_baseline_ci']}/{v['baselines']}", f"{v['gap_ci_has_zero']}/{v['baselines']}",
+                               f"{v['mixing_closer']}/{v['baselines']}"] for m, v in record["per_metric"].items()]), ""]
+    if record.get("matching"):
+        parts += matching_markdown(record["matching"], markdown_table)
+    comp = record.get("compute", {})
+    if comp.get("ratio"):
+        images = f", {comp['search_images']} images" if comp.get("search_images") else ""
+        runs = f" {comp['sweep_runs']} runs" if comp.get("sweep_runs") else ""
+        parts += [f"Compute: the sweep trained{runs} for {comp['sweep_train_s']:.1f} s; the search sampled for {comp['search_sample_s']:.1f} s{images} "
+                  f"({comp['search_source']}): **{comp['ratio']:.1f}x** less.", ""]
+    if record.get("search_check"):
+        parts += [format_search_check(record["search_check"]).replace("search: c", "Search check: c", 1) + ".", ""]
+    if comp.get("baselines_without_time"):
+        parts += [f"Baselines without a training time: {comp['baselines_without_time']}.", ""]
+    return parts
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
     p.add_argument("--baselines", nargs="+", required=True, metavar="RUN",
                    help="baseline LoRAs trained at beta_k = beta0 / lambda_k (beta_k > 0): run folders (lora/, "
                    f"lora_info.json or recipe.yaml, summary.json), LoRA folders or files; {LAM_POLICY}")
+    p.add_argument("--selected", default=None, metavar="RUN",
+                   help="a run retrained at beta0 / lambda* (the searched lambda): sampled like a baseline and used "
+                   "by the selection check instead of the nearest baseline (left out of the matching test)")
     p.add_argument("--no-lora-scale", action="store_true", help="skip the weight-space baseline (LoRA scale = lambda)")
     p.add_argument("--search", default=None, help="search.json whose cost enters the compute ratio (default: OUT/search.json)")
 
@@ -177,18 +332,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     baselines = [lora_run(b) for b in args.baselines]
+    selected = lora_run(args.selected) if args.selected else None
     out = Path(args.out)
-    start = time.perf_counter()
-    ev = Evaluator(cfg, out, baselines=baselines)
-    log_command(out, args)
-    record = validate(ev, not args.no_lora_scale, args.n_boot, args.alpha)
     search_file = Path(args.search) if args.search else out / "search.json"
+    if args.search and not search_file.exists():
+        raise UserError(f"--search {search_file} does not exist: run `deradiff search --out {out}` first")
+    start = time.perf_counter()
+    ev = Evaluator(cfg, out, baselines=baselines + ([selected] if selected else []))
+    log_command(out, args)
+    arm = next((a for a, b in ev.baselines.items() if b is selected), None)
+    record = validate(ev, not args.no_lora_scale, args.n_boot, args.alpha, selected=arm)
     search = json.loads(search_file.read_text()) if search_file.exists() else None
     record["compute"] = compute_ratio(record, ev, search, str(search_file))
     if search is not None:
-        record["search_check"] = search_check(record, search)
+        record["search_check"] = search_check(record, search, selected.label if selected else None)
     record["wall_s"] = round(time.perf_counter() - start, 2)
     write_json(out / "validation.json", record)
+    write_text_atomic(out / "validation.md", "\n".join(["# Validation", "", *validation_markdown(record)]))
     print(format_validation(record))
-    print(f"-> {out / 'validation.json'}")
+    print(f"-> {out / 'validation.json'}, {out / 'validation.md'}")
     return 0

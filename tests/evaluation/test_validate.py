@@ -13,7 +13,16 @@ from deradiff.errors import UserError
 from deradiff.evaluation.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.evaluation.lams import constant
 from deradiff.evaluation.results import LORA_SCALE, REALIGNED, RETRAINED
-from deradiff.evaluation.validate import compute_ratio, format_search_check, paired, search_check, validate
+from deradiff.evaluation.validate import (
+    compute_ratio,
+    format_search_check,
+    format_validation,
+    image_features,
+    paired,
+    search_check,
+    validate,
+    validation_markdown,
+)
 
 
 def fake_run(root, name, rank=4, info=None, summary=None, metrics=None, recipe=None):
@@ -120,9 +129,14 @@ def test_validate_reports_gaps_verdicts_and_compute(tmp_path):
         assert c["lora_scale_gap"][0] == pytest.approx(-0.4 * lam + 1 / 120)
     assert record["per_metric"]["reward/x"] == {"baselines": 2, "in_baseline_ci": 2, "gap_ci_has_zero": 2,
                                                "mixing_closer": 2}
+    # no judge: the matching test runs on the metrics, each realigned lambda nearest its own baseline
+    matching = record["matching"]
+    assert matching["primary"] == "reward/x" and matching["accuracy"] == [2, 2]
+    assert [b["label"] for b in matching["baselines"]] == ["lambda-0.5", "lambda-2"]
+    assert all(r["fraction"] < 0.05 for r in matching["distances"]["reward/x"]["rows"])
     compute = compute_ratio(record, ev, None)
     # 2 lambdas x 12 prompts x 0.5 s of realigned sampling against 80 s of training
-    assert compute["sweep_train_s"] == 80.0 and compute["search_sample_s"] == 12.0
+    assert compute["sweep_train_s"] == 80.0 and compute["search_sample_s"] == 12.0 and compute["search_images"] == 24
     assert compute["ratio"] == pytest.approx(80 / 12)
     from_search = compute_ratio(record, ev, {"cost": {"sample_s": 4.0}}, str(tmp_path / "search.json"))
     assert from_search["ratio"] == 20.0 and from_search["search_source"] == str(tmp_path / "search.json")
@@ -130,7 +144,7 @@ def test_validate_reports_gaps_verdicts_and_compute(tmp_path):
 
 def test_search_check_compares_the_nearest_baseline_with_the_best():
     def row(lam, mean, lo, hi):
-        return {"metric": "reward/x", "lam": lam, "retrained": [mean, lo, hi]}
+        return {"baseline": f"lambda-{lam:g}", "metric": "reward/x", "lam": lam, "retrained": [mean, lo, hi]}
 
     record = {"comparisons": [row(0.5, 0.10, 0.08, 0.12), row(2.0, 0.20, 0.18, 0.22), row(4.0, 0.21, 0.19, 0.23),
                               {**row(2.0, 0.9, 0.9, 0.9), "metric": "fidelity/x"}]}
@@ -150,3 +164,101 @@ def test_validate_needs_baselines(tmp_path):
     ev.baselines = {}
     with pytest.raises(UserError, match="needs --baselines"):
         validate(ev)
+
+
+def test_search_check_holds_the_retrained_pick_to_the_search_budget():
+    """Reward grows with lambda but so does the retrained path KL; under path_kl <= 100 the best
+    feasible baseline is lambda 2 (lambda 4 drifts 300 nats)."""
+    def rows(label, lam, reward, kl):
+        return [{"baseline": label, "lam": lam, "metric": "reward/x", "retrained": reward},
+                {"baseline": label, "lam": lam, "metric": "path_kl", "retrained": [kl, kl * 0.8, kl * 1.2]}]
+
+    record = {"comparisons": [*rows("lambda-0.5", 0.5, [0.10, 0.08, 0.12], 10.0),
+                              *rows("lambda-2", 2.0, [0.20, 0.18, 0.22], 60.0),
+                              *rows("lambda-4", 4.0, [0.30, 0.28, 0.32], 300.0),
+                              *rows("star", 1.7, [0.19, 0.17, 0.21], 50.0)]}
+    search = {"maximize": "reward/x", "chosen_lambda": 1.7, "budgets": [["path_kl", "<=", 100.0]]}
+    nearest = search_check(record, search)
+    assert nearest["source"] == "nearest" and nearest["baseline"] == "star"  # nearest in log lambda: 1.7
+    assert nearest["feasible"] == ["lambda-0.5", "star", "lambda-2"] and nearest["best_lambda"] == 2.0
+    assert nearest["meets_budget"] and nearest["within_best_interval"] and nearest["passed"]
+    assert "meets the budget" in format_search_check(nearest) and format_search_check(nearest).endswith("PASS")
+    # without the budget the unconstrained best (lambda 4) is out of reach: the same pick FAILS
+    free = search_check(record, {**search, "budgets": []})
+    assert free["best_lambda"] == 4.0 and not free["passed"]
+    # a supplied run retrained at beta0 / lambda* stands in for the nearest baseline
+    chosen = search_check(record, {**search, "chosen_lambda": 3.5}, selected="star")
+    assert chosen["source"] == "selected" and chosen["nearest_lambda"] == 1.7 and chosen["passed"]
+    assert "retrained at beta0 / lambda*" in format_search_check(chosen)
+    # a pick that violates the budget fails even if its reward is the best
+    over = search_check(record, {**search, "chosen_lambda": 4.0})
+    assert over["baseline"] == "lambda-4" and over["meets_budget"] is False and not over["passed"]
+    assert "VIOLATES the budget" in format_search_check(over)
+    none = search_check(record, {**search, "budgets": [["path_kl", "<=", 1.0]]})
+    assert none["best_retrained"] is None and "no retrained baseline meets the budget: FAIL" in format_search_check(none)
+
+
+class FeatureJudge:
+    """Features of an image: its mean RGB (a stand-in for a judge's classifier features)."""
+
+    def features(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def _png(root, rel, value):
+    import numpy as np
+    from PIL import Image
+
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(root / rel)
+
+
+def test_image_features_come_from_the_stored_pngs(tmp_path):
+    rows = [{"arm": "realigned", "lam": "2", "prompt": "p", "seed": s, "image": f"images/r/p_s{s}.png"} for s in (0, 1)]
+    for r, value in zip(rows, (0, 255), strict=True):
+        _png(tmp_path, r["image"], value)
+    feats = image_features(rows, tmp_path, FeatureJudge(), batch=1)
+    assert sorted(feats[("realigned", "2")]) == [("p", 0), ("p", 1)]
+    assert feats[("realigned", "2")][("p", 0)].tolist() == [-1.0] * 3 and feats[("realigned", "2")][("p", 1)].tolist() == [1.0] * 3
+    assert image_features(rows, tmp_path, None) is None and image_features(rows, tmp_path, object()) is None
+
+
+class ImageStubEvaluator(StubEvaluator):
+    """StubEvaluator whose rows have stored PNGs: gray level 60 + 40 * log2(lam / 0.5) + prompt and
+    seed effects for every arm, so realigned and retrained at the same lambda look alike; with
+    `swap`, the baselines' images are those of the other lambda (a baseline set that does not match)."""
+
+    def __init__(self, tmp_path, swap=False):
+        super().__init__(tmp_path)
+        self.swap = swap
+
+    def judge(self):
+        return FeatureJudge()
+
+    def ensure(self, arm, lams, prompt_ids=None):
+        import math
+
+        rows = super().ensure(arm, lams, prompt_ids)
+        for row in rows:
+            lam = float(row["lam"])
+            if self.swap and arm.startswith(RETRAINED):
+                lam = 2.5 - lam  # 0.5 <-> 2
+            level = 60 + 40 * math.log2(lam / 0.5) + 3 * (row["prompt_id"] % 4) + (2 if arm == REALIGNED else 0)
+            row["image"] = f"images/{arm.replace(':', '-')}/lam={row['lam']}/p{row['prompt_id']}.png"
+            _png(self.out, row["image"], int(level))
+        return rows
+
+
+def test_validate_matching_on_stored_images_passes_and_fails(tmp_path):
+    good = validate(ImageStubEvaluator(tmp_path / "good"), lora_scale=False, n_boot=200)["matching"]
+    assert good["primary"] == "kid" and good["accuracy"] == [2, 2]
+    assert all(r["nearest"] == r["baseline"] for r in good["distances"]["kid"]["rows"])
+    bad_record = validate(ImageStubEvaluator(tmp_path / "bad", swap=True), lora_scale=False, n_boot=200)
+    bad = bad_record["matching"]
+    assert bad["accuracy"] == [0, 2]
+    assert [r["nearest"] for r in bad["distances"]["kid"]["rows"]] == ["lambda-2", "lambda-0.5"]
+    bad_record["compute"] = {"ratio": None}
+    text = format_validation(bad_record)
+    assert "matching (kid): the nearest baseline is the matching one for 0/2 lambdas" in text
+    md = "\n".join(validation_markdown(bad_record))
+    assert "### Matching" in md and "accuracy 0/2" in md
