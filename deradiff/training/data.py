@@ -214,8 +214,9 @@ def _check_labels(label_0: list, label_1: list | None, where: str) -> None:
                         "Pick-a-Pic labels are 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (tie)")
 
 
-def _open_rows(data: DataSection, which: Literal["train", "eval"]):
-    """The raw rows named by the recipe's data section (a datasets Dataset or IterableDataset)."""
+def _open_rows(data: DataSection, which: Literal["train", "eval"], hint: str = ""):
+    """The raw rows named by the recipe's data section (a datasets Dataset or IterableDataset).
+    hint: how to make the parquet files, added to the error when none is found."""
     import datasets
 
     if data.source == "hub":
@@ -232,8 +233,7 @@ def _open_rows(data: DataSection, which: Literal["train", "eval"]):
     path = data.path if which == "train" else data.eval_path
     if path is None:
         raise UserError("no held-out pairs configured: set data.eval_path to a parquet file")
-    hint = " (make the toy set with `deradiff toy make-prefs`)" if data.source == "toy" else ""
-    files = resolve_parquet_files(path, hint)
+    files = resolve_parquet_files(path, f" ({hint})" if hint else "")
     problem = parquet_schema_problem(files, "data.path" if which == "train" else "data.eval_path")
     if problem is not None:
         raise UserError(problem)
@@ -452,7 +452,8 @@ STREAM_SHUFFLE_BUFFER = 1000  # rows; a streamed training set is shuffled throug
 
 
 def load_preference_dataset(
-    data: DataSection, which: Literal["train", "eval"] = "train", seed: int = 0, rank: int = 0, world_size: int = 1
+    data: DataSection, which: Literal["train", "eval"] = "train", seed: int = 0, rank: int = 0, world_size: int = 1,
+    hint: str = "",
 ) -> tuple[PreferencePairs | StreamingPreferencePairs, PreferenceStats]:
     """The recipe's preference pairs, validated and filtered, ready to index (or iterate, when
     data.streaming). which="eval" reads the held-out pairs (data.eval_path or data.eval_split,
@@ -461,8 +462,8 @@ def load_preference_dataset(
     A streamed training set is the first data.max_train_samples rows, this rank's share of them
     (`datasets.distributed.split_dataset_by_node`: whole files when they divide evenly, else
     every world_size-th row), shuffled through a STREAM_SHUFFLE_BUFFER-row buffer keyed by seed
-    and epoch."""
-    ds, where = _open_rows(data, which)
+    and epoch. hint: how to make missing parquet files (e.g. a model plug-in's prefs_hint)."""
+    ds, where = _open_rows(data, which, hint)
     train = which == "train"
     max_samples = data.max_train_samples if train else data.max_eval_samples
     random_crop, random_flip = (data.random_crop, data.random_flip) if train else (False, False)

@@ -348,15 +348,12 @@ def _repeat_each(cond: Conditioning, n: int) -> Conditioning:
 
 
 def training_prompts(recipe) -> list[str]:
-    """The prompts of data.prompts (deradiff.prompts.load_prompts); with data.prompts unset or
-    "toy" on the toy model, the toy training split."""
-    spec = recipe.data.prompts
-    if spec is None and recipe.model.name_or_path != "toy":
-        raise UserError(f"method {recipe.method.name} samples from prompts: set data.prompts "
-                        "(a text file, 'toy:train' or 'hf:<dataset id>')")
+    """The training prompts: data.prompts, or the model's registered default set (see
+    deradiff.training.recipe.prompt_spec), read by deradiff.prompts.load_prompts."""
     from deradiff.prompts import load_prompts
+    from deradiff.training.recipe import prompt_spec
 
-    return load_prompts(spec or "toy:train")  # load_prompts reads "toy" as the toy training split
+    return load_prompts(prompt_spec(recipe))
 
 
 def _rollout_parts(recipe, pipe, accelerator):

@@ -19,9 +19,11 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     from deradiff.training.data import collate_pairs, load_preference_dataset
     from deradiff.training.dpo import dpo_errors
     from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
+    from deradiff.training.recipe import prefs_hint
 
+    hint = prefs_hint(recipe)
     dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed, rank=accelerator.process_index,
-                                             world_size=accelerator.num_processes)
+                                             world_size=accelerator.num_processes, hint=hint)
     accelerator.print(f"preference pairs: {'streamed, counted as they arrive' if recipe.data.streaming else stats}")
     m = recipe.method
     device = accelerator.device
@@ -43,7 +45,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
 
     eval_set = None
     if recipe.data.eval_path or recipe.data.eval_split:
-        eval_set, eval_stats = load_preference_dataset(recipe.data, which="eval", seed=recipe.trainer.seed)
+        eval_set, eval_stats = load_preference_dataset(recipe.data, which="eval", seed=recipe.trainer.seed, hint=hint)
         if not hasattr(eval_set, "__len__"):
             eval_set = list(eval_set)  # held-out pairs are few (data.max_eval_samples): read them once
         accelerator.print(f"held-out pairs: {eval_stats}")

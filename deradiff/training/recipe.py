@@ -44,8 +44,9 @@ class ModelSection:
     """The base pipeline to align.
 
     Attributes:
-        name_or_path: "toy" (the embedded toy world), a hub id such as
-            "stable-diffusion-v1-5/stable-diffusion-v1-5", or a local pipeline folder.
+        name_or_path: a model registered by a plug-in (deradiff.plugins; "toy" is the embedded
+            toy world), a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5", or a
+            local pipeline folder.
         kind: "sd15" (one CLIP text encoder) or "sdxl" (two text encoders, pooled embeds and
             time ids from original size and crop). The toy pipeline is "sd15".
         revision: hub revision (branch, tag or commit) of the pipeline; null = main.
@@ -91,13 +92,13 @@ class DataSection:
     """Training data: preference pairs (dpo) or prompts (kl_grad, kl_pg).
 
     Attributes:
-        source: "toy" (the toy preference parquet at `path`, written by
-            `deradiff toy make-prefs`), "parquet" (local Pick-a-Pic-format parquet files) or
-            "hub" (a Hugging Face dataset id in `path`, e.g. "yuvalkirstain/pickapic_v2").
-        path: a parquet file, a folder of *.parquet, or a glob (toy, parquet); the dataset id (hub).
+        source: "parquet" (local Pick-a-Pic-format parquet files, such as the toy set that
+            `deradiff toy make-prefs` writes) or "hub" (a Hugging Face dataset id in `path`, e.g.
+            "yuvalkirstain/pickapic_v2"). "toy" is an older name of "parquet", read as it.
+        path: a parquet file, a folder of *.parquet, or a glob (parquet); the dataset id (hub).
         revision: hub dataset revision; null = main.
         split: the dataset split to train on (hub), e.g. "train".
-        eval_path: parquet of held-out pairs for implicit accuracy (toy, parquet); null = none.
+        eval_path: parquet of held-out pairs for implicit accuracy (parquet); null = none.
         eval_split: held-out split of the hub dataset, e.g. "validation_unique"; null = none.
         max_eval_samples: cap on held-out pairs evaluated; null = all.
         streaming: stream the dataset instead of downloading it first (hub or parquet). Each
@@ -111,12 +112,15 @@ class DataSection:
         verify_images: decode every image once before training, so that corrupt rows are
             dropped and counted up front; false = detect them lazily while training.
         prompts: prompts for kl_grad / kl_pg (see deradiff.prompts.load_prompts): a text file (one
-            per line, # comments), "toy:train" (or "toy") / "toy:test" / "toy:all" (the toy captions), or
-            "hf:<dataset id>[:<split>]" (its `caption` column).
-        eval_prompts: held-out prompts for evaluation and sample grids, same forms; null = none.
+            per line, # comments), a registered prompt set such as "toy:train" / "toy:test", or
+            "hf:<dataset id>[:<split>]" (its `caption` column); null = the default prompt set
+            that the model's plug-in registers (ModelEntry.default_prompts), if any.
+        eval_prompts: kl_grad / kl_pg: held-out prompts of the periodic evaluation (eval/kl/*),
+            same forms; null = no evaluation. (dpo evaluates on eval_path / eval_split; sample
+            grids use sample.prompts.)
     """
 
-    source: Literal["toy", "parquet", "hub"] = "toy"
+    source: Literal["parquet", "hub", "toy"] = "parquet"
     path: str = "runs/toy-prefs/train.parquet"
     revision: str | None = None
     split: str = "train"
@@ -237,7 +241,7 @@ class SampleSection:
     """Sample grids written during and after training (not used by the loss).
 
     Attributes:
-        prompts: prompts of the grid; empty = the first 4 eval prompts (or training captions).
+        prompts: prompts of the grid (rows); empty = no sample grids.
         images_per_prompt: images per prompt (columns of the grid).
         num_inference_steps: sampler steps.
         guidance_scale: classifier-free guidance scale.
@@ -583,8 +587,13 @@ def load_recipe(
         recipe = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation ${...} to a missing key
         raise UserError(f"cannot resolve recipe: {str(err).splitlines()[0]}") from None
+    # Older names of values, read as today's, so that saved run recipes load and compare equal.
+    recipe.data.source = _SOURCE_ALIASES.get(recipe.data.source, recipe.data.source)
     validate(recipe)
     return recipe
+
+
+_SOURCE_ALIASES = {"toy": "parquet"}  # data.source "toy" was the toy world's parquet files
 
 
 def _format_errors(errors: list[str]) -> str:
@@ -608,7 +617,8 @@ def validation_errors(recipe: Recipe) -> list[str]:
     def finite(x: float) -> bool:
         return isinstance(x, (int, float)) and math.isfinite(x)
 
-    need(bool(m.name_or_path.strip()), "model.name_or_path is empty: use 'toy', a hub id or a local folder")
+    need(bool(m.name_or_path.strip()), "model.name_or_path is empty: use a registered model (e.g. toy), a hub id "
+         "or a local folder")
 
     need(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank}")
     need(lo.alpha is None or (finite(lo.alpha) and lo.alpha > 0), f"lora.alpha must be > 0 or null, got {lo.alpha}")
@@ -620,11 +630,7 @@ def validation_errors(recipe: Recipe) -> list[str]:
     need(d.resolution >= 8 and d.resolution % 8 == 0, f"data.resolution must be a positive multiple of 8, got {d.resolution}")
     need(d.max_train_samples is None or d.max_train_samples >= 1, f"data.max_train_samples must be >= 1 or null, got {d.max_train_samples}")
     need(d.max_eval_samples is None or d.max_eval_samples >= 1, f"data.max_eval_samples must be >= 1 or null, got {d.max_eval_samples}")
-    need(not (d.streaming and d.source == "toy"), "data.streaming needs source parquet or hub (the toy set is small: set data.streaming=false)")
     need(not (d.eval_split and d.source != "hub"), f"data.eval_split applies to source hub; for source {d.source!r} set data.eval_path")
-    if me.name in ("kl_grad", "kl_pg"):
-        need(d.prompts is not None,
-             f"method {me.name} samples from prompts: set data.prompts (a text file, 'toy:train' or 'hf:<dataset>')")
 
     if me.beta is None:
         e.append("method.beta is required: set it in the recipe or pass method.beta=... "
@@ -714,10 +720,16 @@ def preflight(recipe: Recipe) -> None:
             print(f"warning: {warning}", file=sys.stderr)
     e: list[str] = _pair_file_problems(recipe)
     d = recipe.data
+    if recipe.method.name in ("kl_grad", "kl_pg"):
+        try:
+            prompt_spec(recipe)
+        except UserError as err:
+            e.append(str(err))
     for key in ("prompts", "eval_prompts"):
         spec = getattr(d, key)
-        if spec and spec != "toy" and not spec.startswith(("toy:", "hf:")) and not Path(spec).is_file():
-            e.append(f"data.{key} {spec!r} is not a file (use a text file, 'toy:train' or 'hf:<dataset id>')")
+        if spec and not _named_prompt_set(spec) and not Path(spec).is_file():
+            e.append(f"data.{key} {spec!r} is not a file (use a text file, a prompt set such as 'toy:train', "
+                     "or 'hf:<dataset id>')")
     if recipe.method.name in ("kl_grad", "kl_pg"):
         from deradiff.rewards import is_differentiable
 
@@ -739,6 +751,31 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(_format_errors(e))
 
 
+def prompt_spec(recipe: Recipe) -> str:
+    """The prompt spec that kl_grad / kl_pg train on: data.prompts, or else the default prompt set
+    the model's plug-in registers. UserError when there is neither."""
+    if recipe.data.prompts:
+        return recipe.data.prompts
+    from deradiff.plugins import model_entry
+
+    entry = model_entry(recipe.model.name_or_path)
+    if entry is not None and entry.default_prompts:
+        return entry.default_prompts
+    raise UserError(f"method {recipe.method.name} samples from prompts and model {recipe.model.name_or_path!r} "
+                    "registers no default set: set data.prompts (a text file, a prompt set such as 'toy:train', "
+                    "or 'hf:<dataset id>')")
+
+
+def _named_prompt_set(spec: str) -> bool:
+    """Whether deradiff.prompts.load_prompts reads `spec` as a named set (registered, hub or
+    hf:<dataset>) rather than as a text file."""
+    from deradiff.plugins import prompt_set_entry
+    from deradiff.prompts import HUB_SETS
+
+    name = spec.partition(":")[0]
+    return prompt_set_entry(name) is not None or name in HUB_SETS or name in ("hf", "hpsv2")
+
+
 def _pair_file_problems(recipe: Recipe) -> list[str]:
     """dpo on local parquet: data.path and data.eval_path name parquet files with the Pick-a-Pic
     columns (a CSV or a missing file fails here, not after hours in a queue)."""
@@ -747,7 +784,7 @@ def _pair_file_problems(recipe: Recipe) -> list[str]:
         return []
     from deradiff.training.data import parquet_files, parquet_schema_problem
 
-    hint = _prefs_hint(recipe)
+    hint = prefs_hint(recipe)
     problems = []
     for key, path, fix in (("data.path", d.path, ""), ("data.eval_path", d.eval_path, "; or set data.eval_path=null")):
         if not path:
@@ -760,7 +797,7 @@ def _pair_file_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _prefs_hint(recipe: Recipe) -> str:
+def prefs_hint(recipe: Recipe) -> str:
     """How to make preference pairs for the recipe's model, if a plug-in registered one."""
     from deradiff.plugins import model_entry
 

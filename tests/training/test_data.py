@@ -227,8 +227,9 @@ def test_bad_labels_missing_columns_and_empty_sets(tmp_path, prefs):
     path = _write_parquet(tmp_path / "corrupt.parquet", all_corrupt)
     with pytest.raises(UserError, match="no preference pairs left"):
         load_preference_dataset(replace(prefs, path=path))
-    with pytest.raises(UserError, match=r"no parquet file matches .*make-prefs"):
-        load_preference_dataset(replace(prefs, source="toy", path=str(tmp_path / "missing.parquet")))
+    with pytest.raises(UserError, match=r"no parquet file matches .*\(make them with `make-prefs`\)"):
+        load_preference_dataset(replace(prefs, path=str(tmp_path / "missing.parquet")),
+                                hint="make them with `make-prefs`")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

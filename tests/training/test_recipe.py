@@ -21,6 +21,7 @@ from deradiff.training.recipe import (
     load_resolved,
     parse_cli,
     preflight,
+    prompt_spec,
     recipe_keys,
     recipe_to_yaml,
     save_resolved,
@@ -58,7 +59,7 @@ def test_every_shipped_recipe_loads_validates_and_documents_its_launch(path):
     assert len(header) >= 2, "a recipe opens with comment lines: purpose and launch command"
     assert f"recipe=recipes/{path.name}" in "\n".join(header), "the header shows the exact launch command"
     if path.stem.startswith("toy"):
-        assert recipe.model.name_or_path == "toy" and recipe.data.source == "toy"
+        assert recipe.model.name_or_path == "toy" and recipe.data.source == "parquet"
         assert recipe.data.resolution <= 64 and recipe.trainer.per_device_batch_size <= 32
     else:
         assert "/" in recipe.model.name_or_path  # a real hub id
@@ -212,11 +213,9 @@ def test_out_of_range_and_cross_field_checks():
     assert any("method.eta must be in (0, 1]" in p for p in problems("method.name=kl_grad", "data.prompts=toy:train", "method.eta=0"))
     assert any("method.truncation_steps" in p for p in problems("method.name=kl_grad", "data.prompts=toy:train", "method.truncation_steps=30"))
     assert any("multiple of" in p for p in problems("method.name=kl_pg", "data.prompts=toy:train", "trainer.per_device_batch_size=6"))
-    assert any("set data.prompts" in p for p in problems("method.name=kl_pg"))
     assert any("data.resolution" in p for p in problems("data.resolution=30"))
     assert any("sweep.lambdas" in p for p in problems("sweep.lambdas=[1,0]"))
     assert any("sweep.index" in p for p in problems("sweep.lambdas=[1,2]", "sweep.index=2"))
-    assert any("data.streaming" in p for p in problems("data.streaming=true"))
     # method-specific checks do not fire for the other methods
     assert problems("method.eta=0", "method.truncation_steps=99") == []
 
@@ -336,6 +335,27 @@ def test_preflight_refuses_a_csv_or_a_parquet_without_the_pair_columns(tmp_path,
     (folder / "b.parquet").write_text("caption,jpg_0\n")  # a CSV under a parquet name, inside a folder
     with pytest.raises(UserError, match=r"b.parquet' is not a parquet file"):
         preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", [*base, f"{key}={folder}"]))
+
+
+def test_sampling_methods_train_on_data_prompts_or_the_models_default_set(tmp_path):
+    recipe = load_recipe(None, ["method.beta=1", "method.name=kl_pg"])  # model "toy": its registered default
+    assert prompt_spec(recipe) == "toy:train"
+    prompts = _write(tmp_path, "a red circle\n", "prompts.txt")
+    assert prompt_spec(load_recipe(None, ["method.beta=1", "method.name=kl_pg", f"data.prompts={prompts}"])) == str(prompts)
+    unregistered = load_recipe(None, ["method.beta=1", "method.name=kl_grad", f"model.name_or_path={tmp_path}"])
+    with pytest.raises(UserError, match=r"registers no default set: set data.prompts"):
+        preflight(unregistered)
+
+
+def test_data_source_toy_is_read_as_parquet_so_old_run_recipes_resume(tmp_path):
+    old = _write(tmp_path, "data:\n  source: toy\nmethod:\n  beta: 1\n", "old.yaml")
+    assert load_recipe(old).data.source == "parquet"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RECIPE_FILE).write_text(recipe_to_yaml(load_recipe(None, ["method.beta=1"])).replace(
+        "source: parquet", "source: toy"))
+    assert check_resume(load_recipe(None, ["method.beta=1"]), run) == []
+    assert load_recipe(None, ["method.beta=1", "data.streaming=true"]).data.streaming  # parquet streams
 
 
 def test_preflight_prints_the_recipe_warnings(capsys, monkeypatch):
