@@ -21,6 +21,7 @@ code is copied; any scheduler that consumes the model output linearly works unch
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from contextlib import contextmanager
@@ -51,8 +52,9 @@ class LambdaSchedule:
     axis [0, num_train_timesteps] (num_train_timesteps = pipe.scheduler.config.num_train_timesteps,
     read by `realigned`). Discrete schedulers (DDPM, DDIM, Euler, ...) pass t in that range;
     flow-matching schedulers (FlowMatchEulerDiscreteScheduler, as SD3 uses it) pass
-    t = sigma * num_train_timesteps, so u below is 1 - sigma. Pipelines that divide t by 1000
-    before calling their transformer (FLUX, Chroma, QwenImage) are not on this axis.
+    t = sigma * num_train_timesteps, so u below is 1 - sigma. Pipelines that hand their
+    transformer t / 1000 (FLUX, Chroma, QwenImage) are brought back to this axis by the denoiser
+    (RealignedDenoiser.schedule_timestep), so u = 1 - sigma there too.
 
     Progress u = 1 - t / num_train_timesteps runs from 0 (pure noise) to 1 (clean image).
     - constant: lam = start
@@ -140,7 +142,8 @@ def emulated_beta(beta0: float, lam: float) -> float:
 
 @dataclass
 class StepRecord:
-    """What one denoiser call saw: timestep, lam, and aligned - reference output per row."""
+    """What one denoiser call saw: timestep (on the scheduler's axis, see
+    RealignedDenoiser.schedule_timestep), lam, and aligned - reference output per row."""
 
     timestep: float
     lam: float
@@ -173,7 +176,17 @@ class RealignedDenoiser(nn.Module):
             read on (see LambdaSchedule). `realigned(pipe, ...)` passes
             pipe.scheduler.config.num_train_timesteps. None: the denoiser config's value when it
             declares one (analytic denoisers do; diffusers UNets do not), else 1000.
-    Unknown attributes (config, dtype, device, add_embedding, ...) are read from `aligned`.
+        scheduler: the pipeline's scheduler (`realigned` passes it). With a flow-matching
+            scheduler, a call's timestep is mapped back to the scheduler's axis (FLUX-style
+            pipelines hand their transformer t / 1000); see schedule_timestep.
+        timestep_scale: an explicit factor from the call's timestep to the scheduler's axis
+            (1000 for FLUX-style pipelines); overrides the detection.
+    Call signatures: the noisy sample is the first argument, `sample=` or `hidden_states=`; the
+    timestep is found by name in the wrapped model's forward signature (SD3/FLUX transformers
+    take it fourth). In mixed_batch mode every tensor argument whose leading dim is the batch is
+    doubled, except FLUX's position ids (`txt_ids`, `img_ids`: 2-D, shared by all rows).
+    Unknown attributes (config, dtype, device, add_embedding, cache_context, ...) are read from
+    `aligned`.
     """
 
     def __init__(
@@ -184,6 +197,8 @@ class RealignedDenoiser(nn.Module):
         mode: Mode = "two_forward",
         record: bool = True,
         num_train_timesteps: int | None = None,
+        scheduler: Any = None,
+        timestep_scale: float | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -202,6 +217,12 @@ class RealignedDenoiser(nn.Module):
         self.record = record
         self.records: list[StepRecord] = []
         self.num_train_timesteps = _resolve_num_train_timesteps(num_train_timesteps, aligned)
+        if timestep_scale is not None and not (math.isfinite(timestep_scale) and timestep_scale > 0):
+            raise UserError(f"timestep_scale must be a positive finite number, got {timestep_scale}")
+        self.timestep_scale = timestep_scale
+        self.scheduler = scheduler
+        self._flow_grid = _FlowGrid() if _is_flow_matching(scheduler) else None
+        self._arg_names = _positional_names(aligned)
         self._layers = tuner_layers(aligned) if reference is None else []
         if mode == "mixed_batch":
             _single_active_adapter(self._layers)  # refuse several adapters now, before any work
@@ -225,12 +246,27 @@ class RealignedDenoiser(nn.Module):
         """lam at a timestep on the training axis [0, num_train_timesteps]."""
         return self.schedule(timestep, self.num_train_timesteps)
 
+    def schedule_timestep(self, timestep: float) -> float:
+        """A call's timestep on the scheduler's axis [0, num_train_timesteps].
+
+        timestep * timestep_scale when one was given. Else, under a flow-matching scheduler
+        whose timesteps are set: whichever of timestep and 1000 * timestep lies nearer one of
+        scheduler.timesteps (SD3 hands the transformer t, FLUX-style pipelines t / 1000). Else
+        unchanged (discrete schedulers: UNet pipelines hand t as it is).
+        """
+        if self.timestep_scale is not None:
+            return timestep * self.timestep_scale
+        if self._flow_grid is None:
+            return timestep
+        return self._flow_grid.to_axis(timestep, self.scheduler)
+
     def reset_records(self) -> None:
         self.records = []
 
     def forward(self, *args, **kwargs):
-        batch = _read_batch(args, kwargs)
-        lam = self.lam_at(batch.timestep)
+        batch = _read_batch(args, kwargs, self._arg_names)
+        timestep = self.schedule_timestep(batch.timestep)
+        lam = self.lam_at(timestep)
         if lam == 0.0 and not self.record:
             return self._reference_forward(args, kwargs)
         if self.mode == "mixed_batch":
@@ -241,7 +277,7 @@ class RealignedDenoiser(nn.Module):
         ref, aligned = _first_tensor(ref_out), _first_tensor(aligned_out)
         if self.record:
             delta = (aligned.detach().float() - ref.detach().float()).cpu()
-            self.records.append(StepRecord(batch.timestep, lam, delta))
+            self.records.append(StepRecord(timestep, lam, delta))
         # This exact form keeps lam=0 and lam=1 bit-identical to the branches;
         # ref + lam * (aligned - ref) is off by ~5e-7 at lam=1.
         mixed = (1.0 - lam) * ref + lam * aligned
@@ -256,8 +292,7 @@ class RealignedDenoiser(nn.Module):
     def _mixed_forward(self, batch: _Batch):
         """One call on [rows; rows] with the adapter off for the first half, on for the second."""
         n = batch.size
-        args = _double_batch(batch.args, n)
-        kwargs = _double_batch(batch.kwargs, n)
+        args, kwargs = _double_call(batch.args, batch.kwargs, n, self._arg_names)
         # Checked per call too: adapters can be switched on `aligned` after construction.
         adapter = _single_active_adapter(self._layers)
         names = ["__base__"] * n + [adapter] * n
@@ -265,6 +300,58 @@ class RealignedDenoiser(nn.Module):
             out = self.aligned(*args, **kwargs)
         both = _first_tensor(out)
         return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
+
+
+class _FlowGrid:
+    """Maps a call's timestep to a flow-matching scheduler's axis (see schedule_timestep)."""
+
+    # Pipelines that divide t by 1000 before calling their transformer: FLUX, Chroma, QwenImage, ...
+    SCALES = (1.0, 1000.0)
+
+    def __init__(self):
+        self._source: torch.Tensor | None = None
+        self._grid: torch.Tensor | None = None
+        self._scale = 1.0  # the last scale found wins ties (a grid can hold both t and 1000 t)
+
+    def to_axis(self, timestep: float, scheduler) -> float:
+        grid = self._grid_of(scheduler)
+        if grid is None:
+            return timestep
+
+        def distance(scale: float) -> float:
+            return float((grid - timestep * scale).abs().min())
+
+        scales = sorted(self.SCALES, key=lambda scale: scale != self._scale)
+        self._scale = min(scales, key=distance)
+        return timestep * self._scale
+
+    def _grid_of(self, scheduler) -> torch.Tensor | None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+            return None
+        if timesteps is not self._source:  # set_timesteps makes a new tensor: copy it once
+            self._source, self._grid = timesteps, timesteps.detach().to("cpu", torch.float64)
+        return self._grid
+
+
+def _is_flow_matching(scheduler) -> bool:
+    """A FlowMatch* scheduler (timesteps = sigma * num_train_timesteps), subclasses included."""
+    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
+
+
+def _positional_names(model: nn.Module) -> tuple[str, ...] | None:
+    """Names of the wrapped model's positional forward parameters, or None when unreadable."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = []
+    for p in params:
+        if p.kind not in kinds:
+            break
+        names.append(p.name)
+    return tuple(names) or None
 
 
 def _resolve_num_train_timesteps(value: int | None, aligned: nn.Module) -> int:
@@ -291,21 +378,24 @@ def _single_active_adapter(layers: list[nn.Module]) -> str:
 
 @contextmanager
 def realigned(pipe, lam: float | str | LambdaSchedule = 1.0, reference: nn.Module | None = None,
-              mode: Mode = "two_forward", record: bool = True, num_train_timesteps: int | None = None):
+              mode: Mode = "two_forward", record: bool = True, num_train_timesteps: int | None = None,
+              timestep_scale: float | None = None):
     """Install a RealignedDenoiser as the pipeline's unet/transformer for the `with` block.
 
     Restores the original module afterwards, so `pipe.set_adapters`, `pipe.save_pretrained` and
     friends keep working outside the block. Yields the denoiser (for its `records`).
     num_train_timesteps (the time axis of lambda schedules) defaults to the pipeline scheduler's
-    config.num_train_timesteps.
+    config.num_train_timesteps; the denoiser gets the scheduler (pipe.scheduler when the block
+    starts: set the scheduler before it) to map the calls' timesteps onto that axis.
     """
     attr = denoiser_attribute(pipe)
     original = getattr(pipe, attr)
+    scheduler = getattr(pipe, "scheduler", None)
     if num_train_timesteps is None:
-        scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
-        num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", None)
+        num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     denoiser = RealignedDenoiser(original, lam=lam, reference=reference, mode=mode, record=record,
-                                 num_train_timesteps=num_train_timesteps)
+                                 num_train_timesteps=num_train_timesteps, scheduler=scheduler,
+                                 timestep_scale=timestep_scale)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config.
     object.__setattr__(pipe, attr, denoiser)
     try:
@@ -339,7 +429,8 @@ def path_kl(
     guidance_scale > 1 the records hold [uncond; cond] rows, as the pipeline batches them.
     `eta` is the DDIM eta the pipeline was called with. Noiseless steps are left out; returns
     None for deterministic samplers (every sigma_t = 0: the path KL is not finite) and for
-    schedulers without a closed form here.
+    schedulers without a closed form here. Guidance-distilled pipelines (FLUX.1-dev) batch no
+    [uncond; cond] rows: pass guidance_scale=1 there (records_guidance_scale(pipe, g) says which).
     """
     if not records:
         return None
@@ -359,14 +450,28 @@ def path_kl(
     return total  # None when every step was noiseless (a deterministic sampler)
 
 
+def records_guidance_scale(pipe, guidance_scale: float) -> float:
+    """The guidance_scale to hand path_kl for records of `pipe`: the CFG scale when the pipeline
+    batches [uncond; cond] rows (SD1.5, SDXL, SD3: they have do_classifier_free_guidance and do
+    so when it is > 1), else 1.0 (FLUX: guidance is a model input, one row per sample)."""
+    return guidance_scale if hasattr(type(pipe), "do_classifier_free_guidance") else 1.0
+
+
 def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple[float, float | None]:
     """(c_t, sigma_t) with mu_{t-1} = a_t x_t + c_t * model_output and step noise std sigma_t.
 
     Exact for DDPMScheduler (fixed_small variance) and DDIMScheduler (sigma from eta; eta = 0
     is deterministic) with epsilon or v prediction, when clip_sample/thresholding are off
-    (clipping x0 makes the step nonlinear). Other schedulers: (nan, None).
+    (clipping x0 makes the step nonlinear), and for schedulers that state their step as
+    `step_coefficients(timestep)` -> (.c, .std) (deradiff.flow.FlowMatchSDEScheduler: c times the
+    velocity, std 0 at noise_level 0). Other schedulers: (nan, None).
     """
+    if callable(getattr(scheduler, "step_coefficients", None)):
+        coefficients = scheduler.step_coefficients(timestep)
+        return coefficients.c, coefficients.std
     name = type(scheduler).__name__
+    if name not in ("DDPMScheduler", "DDIMScheduler"):
+        return float("nan"), None
     cfg = scheduler.config
     t = int(round(float(timestep)))
     abar = scheduler.alphas_cumprod
@@ -391,8 +496,6 @@ def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple
         coef_eps = -math.sqrt(abar_prev) * math.sqrt(1.0 - abar_t) / math.sqrt(abar_t) + math.sqrt(
             max(1.0 - abar_prev - sigma**2, 0.0)
         )
-    else:
-        return float("nan"), None
     if cfg.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x
         coef_eps *= math.sqrt(abar_t)
     elif cfg.prediction_type != "epsilon":
@@ -403,14 +506,32 @@ def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple
 # -- batch plumbing ------------------------------------------------------------------------------
 
 
-def _read_batch(args: tuple, kwargs: dict) -> _Batch:
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+# Arguments without a batch dim whose leading size may still equal the batch size by chance:
+# FLUX's text and image position ids, (L, 3), shared by all rows.
+_UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids"})
+
+
+def _read_batch(args: tuple, kwargs: dict, names: tuple[str, ...] | None = None) -> _Batch:
+    """The sample and timestep of a call; names: the forward's positional parameter names
+    (None: the UNet convention, sample then timestep)."""
+    given = {**dict(zip(names or ("sample", "timestep"), args, strict=False)), **kwargs}
+    sample = args[0] if args else given.get("sample", given.get("hidden_states"))
     if not isinstance(sample, torch.Tensor):
-        raise TypeError("RealignedDenoiser expects the noisy sample as first argument or `sample=`")
-    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        raise TypeError("RealignedDenoiser expects the noisy sample as first argument, `sample=` or `hidden_states=`")
+    timestep = given.get("timestep")
     if isinstance(timestep, torch.Tensor):
         timestep = timestep.flatten()[0].item() if timestep.numel() else 0.0
     return _Batch(args, kwargs, sample.shape[0], float(timestep if timestep is not None else 0.0))
+
+
+def _double_call(args: tuple, kwargs: dict, n: int, names: tuple[str, ...] | None) -> tuple[tuple, dict]:
+    """The call's arguments with every batched tensor doubled ([rows; rows])."""
+    names = names or ()
+    args = tuple(
+        v if i < len(names) and names[i] in _UNBATCHED_ARGUMENTS else _double_batch(v, n) for i, v in enumerate(args)
+    )
+    kwargs = {k: v if k in _UNBATCHED_ARGUMENTS else _double_batch(v, n) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _double_batch(obj, n: int):
