@@ -70,7 +70,8 @@ REWARDS: dict[str, RewardEntry] = {
     "pickscore": RewardEntry("deradiff.rewards.pickscore", "PickScore", True,
                              "PickScore_v1 (CLIP-H tuned on Pick-a-Pic): logit_scale * cos(image, prompt)"),
     "hpsv2": RewardEntry("deradiff.rewards.hpsv2", "HPSv2", True,
-                         "HPSv2/v2.1 (open_clip ViT-H-14 tuned on HPDv2): cos(image, prompt)"),
+                         "HPSv2 (version=v2.0, default) or HPSv2.1 (version=v2.1): open_clip ViT-H-14 "
+                         "tuned on HPDv2, cos(image, prompt)"),
     "imagereward": RewardEntry("deradiff.rewards.imagereward", "ImageReward", True,
                                "ImageReward v1.0 (BLIP ViT-L + cross-attention BERT + MLP, THUDM/ImageReward), "
                                "normalized reward (official mean/std)"),

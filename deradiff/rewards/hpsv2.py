@@ -4,12 +4,16 @@
     reward = get_reward("hpsv2", version="v2.1")                   # HPS_v2.1_compressed.pt
     reward = get_reward("hpsv2", checkpoint="/models/hps_v2.safetensors")
 
+`version` picks the published weights in xswu/HPSv2: "v2.0" (HPS_v2_compressed.pt, the default,
+as in the hpsv2 package) or "v2.1" (HPS_v2.1_compressed.pt, the authors' later release; same
+architecture and score, other weights). It is ignored when `checkpoint` names a file.
+
 score = cos(image, prompt) with open_clip's unit-norm features (the diagonal of
 image_features @ text_features.T, as the official `hpsv2.score`; about 0.25-0.30 for SD images).
 
 The checkpoint holds the whole CLIP (not only a head): the model is built with random weights
 (`pretrained=None`, nothing downloaded) and the checkpoint loaded into it. The published
-`HPS_v2_compressed.pt` is a pickle; it is read with torch.load(weights_only=True) only
+files are pickles; they are read with torch.load(weights_only=True) only
 (open_clip's loader, which rebuilds tensors and plain containers and never runs code). A
 .safetensors conversion is read with safetensors and preferred when you have one.
 """

@@ -231,6 +231,8 @@ def test_pickle_that_runs_code_is_refused(tmp_path, clip_dir):
         ("clipscore", {"model": "nobody/no-such-clip"}, r"hub id 'nobody/no-such-clip'.*hf download"),
         ("hpsv2", {}, r"HPSv2 weights 'HPS_v2_compressed.pt' from hub repo 'xswu/HPSv2'.*checkpoint="),
         ("hpsv2", {"checkpoint": "/nonexistent/hps.pt"}, "checkpoint=/path/to/file"),
+        ("hpsv2", {"version": "v2.1"}, r"HPSv2 weights 'HPS_v2.1_compressed.pt' from hub repo 'xswu/HPSv2'.*checkpoint="),
+        ("hpsv2", {"version": "v2"}, r"unknown HPS version 'v2'; choose from \['v2.0', 'v2.1'\]"),
     ],
 )
 def test_missing_weights_say_where_and_how(name, kwargs, match, monkeypatch):
@@ -247,3 +249,19 @@ def test_aesthetic_head_of_the_wrong_size_is_refused(clip_dir, tmp_path):
     save_file(AestheticMLP(768).state_dict(), tmp_path / "l14.safetensors")
     with pytest.raises(UserError, match="16-dim CLIP"):
         get_reward("aesthetic", clip=str(clip_dir), mlp=str(tmp_path / "l14.safetensors"))
+
+
+def test_hps_versions_are_the_published_files():
+    """version= picks the file of xswu/HPSv2: v2.0 (the default, as in the hpsv2 package) or v2.1."""
+    from deradiff.rewards.hpsv2 import HPS_FILES, HPS_REPO
+
+    assert HPS_REPO == "xswu/HPSv2"
+    assert HPS_FILES == {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+def test_hps_pickle_that_runs_code_is_refused(hps_checkpoint, tmp_path):
+    """HPS checkpoints are pickles: read with weights_only=True, so one holding an arbitrary object is refused."""
+    state = torch.load(hps_checkpoint / "hps.pt", weights_only=True)
+    torch.save({**state, "payload": np.dtype("float32")}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="weights_only=True"):
+        get_reward("hpsv2", checkpoint=str(tmp_path / "evil.pt"), arch=TINY_OPEN_CLIP)
