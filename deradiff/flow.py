@@ -82,6 +82,8 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
     Attribute `generator` (a torch.Generator or None: torch's global RNG) draws the step noise
     when `step` gets no generator, which is how pipelines call it: seed it for reproducible noise.
     Not supported: per_token_timesteps, stochastic_sampling=True (the parent's own resampling).
+    diffusers' DiffusionPipeline.from_pretrained loads schedulers from known libraries only: a
+    pipeline saved with this scheduler installed does not reload; install it after loading.
     """
 
     @register_to_config
