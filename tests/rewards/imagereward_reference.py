@@ -3,8 +3,13 @@
 Not a test: the package cannot be installed next to this project (it pins timm==0.6.13 and
 fairscale, and its BLIP code needs transformers 4), so this runs in a separate environment:
 
-    python -m venv /tmp/irref && /tmp/irref/bin/pip install image-reward==1.5 "transformers<4.47"
+    python -m venv /tmp/irref
+    /tmp/irref/bin/pip install torch torchvision pillow "transformers==4.46.3" "timm==0.6.13" "fairscale==0.4.13"
+    /tmp/irref/bin/pip install --no-deps image-reward==1.5
     /tmp/irref/bin/python tests/rewards/imagereward_reference.py
+
+(The package's __init__ also imports its ReFL trainer and OpenAI's clip; they are not needed and
+skipped below.)
 
 It builds the package's ImageReward (its VisionTransformer, its med.py BertModel, its MLP, its
 `score` method, its torchvision preprocessing on PIL images) at the sizes of tiny_imagereward.py,
@@ -14,8 +19,11 @@ one score per (image, prompt) pair: the REFERENCE_* constants in the test.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -35,7 +43,19 @@ from tiny_imagereward import (  # noqa: E402
 )
 
 
+def _skip_package_init() -> None:
+    """Make `ImageReward` and `ImageReward.models` bare packages, so that importing the scorer
+    does not run their __init__ (which imports ReFL's datasets/diffusers and clip)."""
+    spec = importlib.util.find_spec("ImageReward")
+    root = spec.submodule_search_locations[0]
+    for name, path in (("ImageReward", root), ("ImageReward.models", os.path.join(root, "models"))):
+        module = types.ModuleType(name)
+        module.__path__ = [path]
+        sys.modules[name] = module
+
+
 def package_model(vocab_dir: Path):
+    _skip_package_init()
     from ImageReward.ImageReward import MLP, ImageReward, _transform
     from ImageReward.models.BLIP.med import BertConfig, BertModel
     from ImageReward.models.BLIP.vit import VisionTransformer
