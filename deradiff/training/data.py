@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from deradiff.errors import UserError
+from deradiff.seeding import keyed_generator
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -144,10 +145,7 @@ def transform_pair(
 
 def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The augmentation randomness of one pair in one epoch, independent of batching and ranks."""
-    key = seed & 0xFFFFFFFF
-    for k in (epoch, index):
-        key = (key * 6364136223846793005 + (int(k) & 0xFFFFFFFF) + 1442695040888963407) % (1 << 63)
-    return torch.Generator().manual_seed(key)
+    return keyed_generator(seed, epoch, index)
 
 
 # -- loading rows -------------------------------------------------------------------------------

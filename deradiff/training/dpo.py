@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from deradiff.models import adapters_disabled
-from deradiff.seeding import keyed_randint, keyed_randn
+from deradiff.seeding import SALT_DPO_NOISE, SALT_DPO_TIMESTEP, SALT_DPO_VAE, keyed_randint, keyed_randn
 from deradiff.training.conditioning import Conditioning
 from deradiff.training.losses import per_sample_mse
 
@@ -26,7 +26,7 @@ def encode_latents(vae, pixel_values: torch.Tensor, keys: list[int] | None = Non
     dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
     latents = dist.mean
     if keys is not None:
-        noise = keyed_randn(latents.shape[1:], keys, seed, step, salt=1)
+        noise = keyed_randn(latents.shape[1:], keys, seed, step, salt=SALT_DPO_VAE)
         latents = latents + dist.std * noise.to(latents.device, latents.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -69,10 +69,10 @@ def dpo_errors(
     image_keys = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     latents = encode_latents(vae, torch.cat([pixel_values_w, pixel_values_l]), image_keys, seed, epoch)
     device = latents.device
-    noise = keyed_randn(latents.shape[1:], pair_ids, seed, epoch, salt=3).to(device, latents.dtype)
+    noise = keyed_randn(latents.shape[1:], pair_ids, seed, epoch, salt=SALT_DPO_NOISE).to(device, latents.dtype)
     noise = noise.repeat(2, 1, 1, 1)
     num_train = noise_scheduler.config.num_train_timesteps
-    timesteps = keyed_randint(num_train, pair_ids, seed, epoch, salt=4).to(device).repeat(2)
+    timesteps = keyed_randint(num_train, pair_ids, seed, epoch, salt=SALT_DPO_TIMESTEP).to(device).repeat(2)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     kwargs = cond.repeat(2).as_kwargs()

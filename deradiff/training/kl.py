@@ -58,14 +58,10 @@ from pathlib import Path
 import torch
 
 from deradiff.errors import UserError
-from deradiff.seeding import keyed_randn
+from deradiff.seeding import SALT_KL_STEPS, SALT_PG_TIMESTEPS, keyed_randn
 from deradiff.training.conditioning import Conditioning, encode_prompts
 from deradiff.training.losses import kl_regularized_reward_loss, normalize_advantages_per_prompt, ppo_loss
 from deradiff.training.rollout import Trajectory, decode, sample_trajectory, step_log_prob_and_kl
-
-# Salts of the keyed random choices here; far from the rollout's (10, 11 + i) and DPO's (1-4).
-_SALT_KL_STEPS = 1 << 30
-_SALT_PG_TIMESTEPS = (1 << 30) + 1
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,7 @@ def kl_grad_loss(
                              rollout.seed, step, n, eta=rollout.eta, guidance=rollout.guidance, grad_steps=k)
     kl_hat = traj.kl_grad
     if m > 0:
-        for index in keyed_subset(n - k, m, rollout.seed, step, _SALT_KL_STEPS):
+        for index in keyed_subset(n - k, m, rollout.seed, step, SALT_KL_STEPS):
             _, kl = step_log_prob_and_kl(unet, reference_unet, scheduler, traj, index, cond, uncond,
                                          rollout.guidance, rollout.eta)
             kl_hat = kl_hat + kl * ((n - k) / m)
@@ -259,7 +255,7 @@ def kl_pg_loss(
     n_steps = traj.timesteps.shape[0]
     dims = traj.latents[0, 0].numel() if log_prob == "mean" else 1
     chosen = list(range(n_steps)) if num_timesteps is None else \
-        keyed_subset(n_steps, num_timesteps, rollout.seed, step, _SALT_PG_TIMESTEPS)
+        keyed_subset(n_steps, num_timesteps, rollout.seed, step, SALT_PG_TIMESTEPS)
     scale = n_steps / len(chosen)
     scheduler.set_timesteps(n_steps)
     pg = kl_term = 0.0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from deradiff.models import adapters_disabled
-from deradiff.seeding import keyed_randn
+from deradiff.seeding import SALT_ROLLOUT_INIT, SALT_ROLLOUT_STEP, keyed_randn
 from deradiff.training.conditioning import Conditioning
 from deradiff.training.losses import gaussian_kl, gaussian_log_prob
 
@@ -95,7 +95,7 @@ def sample_trajectory(
     timesteps = scheduler.timesteps
     device = cond.encoder_hidden_states.device
     dtype = cond.encoder_hidden_states.dtype
-    x = keyed_randn(latent_shape, sample_ids, seed, step, salt=10).to(device, dtype) * scheduler.init_noise_sigma
+    x = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_INIT).to(device, dtype) * scheduler.init_noise_sigma
     latents, log_probs, kls, sigmas = [x.detach()], [], [], []
     kl_grad = torch.zeros(len(sample_ids), device=device)
     for i, t in enumerate(timesteps):
@@ -105,7 +105,7 @@ def sample_trajectory(
         with torch.no_grad(), adapters_disabled(reference_unet):
             ref_mean, _ = step_mean_and_sigma(
                 scheduler, guided_output(reference_unet, x, t, cond, uncond, guidance), t, x, eta)
-        noise = keyed_randn(latent_shape, sample_ids, seed, step, salt=11 + i).to(device, dtype)
+        noise = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_STEP + i).to(device, dtype)
         x_prev = mean + sigma * noise if sigma > 0 else mean
         kl = gaussian_kl(mean.float(), ref_mean.float(), sigma) if sigma > 0 else torch.zeros_like(kl_grad)
         if with_grad:

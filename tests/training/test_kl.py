@@ -12,6 +12,7 @@ from conftest import add_random_lora, build_tiny_sd15
 
 from deradiff.errors import UserError
 from deradiff.rewards import REWARDS, Reward, RewardEntry
+from deradiff.seeding import SALT_KL_STEPS, SALT_PG_TIMESTEPS
 from deradiff.training import kl
 from deradiff.training.conditioning import encode_prompts
 from deradiff.training.recipe import Recipe
@@ -128,7 +129,7 @@ def test_kl_grad_loss_value_and_gradients_reach_only_the_lora(pipe, lora, kl_sam
     loss, metrics = _grad_loss(pipe, beta, step=step, kl_sample_steps=kl_sample_steps)
     traj, path_kl, reward = _path_kl_and_reward(pipe, step=step)
     # Value: reward - beta * (exact KL of the last step + (N-K)/m x KL of the chosen earlier steps).
-    chosen = kl.keyed_subset(3, kl_sample_steps, ROLLOUT.seed, step, kl._SALT_KL_STEPS)
+    chosen = kl.keyed_subset(3, kl_sample_steps, ROLLOUT.seed, step, SALT_KL_STEPS)
     kl_hat = traj.kls[3] + traj.kls[chosen].sum(0) * (3 / kl_sample_steps)
     assert math.isclose(loss.item(), -(reward - beta * kl_hat.mean().item()), rel_tol=1e-4, abs_tol=1e-6)
     assert math.isclose(metrics["kl/path_kl"], path_kl, rel_tol=1e-4)
@@ -213,7 +214,7 @@ def test_kl_pg_timestep_subset_is_scaled_to_the_full_sum(pipe):
     with torch.no_grad():
         _, full = kl.kl_pg_loss(*args)
         _, sub = kl.kl_pg_loss(*args, step=3, num_timesteps=1)
-    (t,) = kl.keyed_subset(4, 1, ROLLOUT.seed, 3, kl._SALT_PG_TIMESTEPS)
+    (t,) = kl.keyed_subset(4, 1, ROLLOUT.seed, 3, SALT_PG_TIMESTEPS)
     with torch.no_grad():
         _, kl_t = step_log_prob_and_kl(pipe.unet, pipe.unet, pipe.scheduler, batch.trajectory(), t, cond, None, 1.0, 1.0)
     assert math.isclose(sub["pg/kl_term"], 4 * (kl_t / 256).mean().item(), rel_tol=1e-4)
