@@ -10,7 +10,7 @@ so the ideal noise prediction is closed form: eps*(x_t, t) = -sqrt(1 - abar_t) g
 :class:`AnalyticDenoiser` wraps it as a model the real diffusers schedulers drive, with abar_t
 read from the scheduler's own ``alphas_cumprod`` (float64 throughout).
 
-Tilted target (method.md section 1). With a linear reward r(x) = a.x, completing the square
+Tilted target (docs/method.md section 1). With a linear reward r(x) = a.x, completing the square
 
     N(x; mu, Sigma) exp(a.x / beta) = exp(a.mu / beta + a^T Sigma a / (2 beta^2)) N(x; mu + Sigma a / beta, Sigma)
 
@@ -26,10 +26,15 @@ N_k,t(x) (equal Sigma_k; h_k(t) = a.mu_k - abar_t mu_k^T C_t^-1 Sigma a, C_t = a
 (1 - abar_t) I), and the geometric mixture p_t^ref^(1-lam) (p_t^beta0)^lam differs from it
 whenever the h_k(t) differ: realignment is then an approximation, exact only at lam = 0 and 1.
 
-Two errors are kept apart (method.md section 2): realignment error (realigned vs the exact model
+Two errors are kept apart (docs/method.md section 2): realignment error (realigned vs the exact model
 at beta0 / lam, same sampler, same noise) and sampler error (any finite chain vs the target).
 For Gaussian data every sampler here is affine in (x_T, step noise), so
 :func:`exact_output_moments` propagates mean and covariance through the real scheduler exactly.
+For mixtures the lab reports signed gaps, realigned minus exact model, of the component weights
+and the mean, estimated from samples drawn with common noise (the same x_T and the same step
+noise for both models): :func:`paired_gap` takes the standard error from the per-sample
+differences, which is far below either model's own spread, and a gap within 3 SE of zero is
+printed as not resolved.
 
     deradiff lab                          # Gaussian and GMM tables, DDIM (50) and DDPM (1000)
     deradiff lab --scheduler euler --lambdas 0 0.5 1 2 4 --out lab.json
@@ -39,26 +44,31 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from deradiff.errors import UserError
+from deradiff.io import write_json_atomic
 
 DTYPE = torch.float64
 # deradiff.models.SCHEDULERS names that run the VP (epsilon) diffusion; flow matching is not VP.
 LAB_SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp", "unipc", "pndm", "lms")
 DEFAULT_STEPS = {"ddpm": 1000}  # every other scheduler: 50
+# Mixture samples per (scheduler, lambda). At 40k the weakest realigned-minus-exact gap of the
+# default problem (DDPM 1000, lambda 2, weights) lay 6.4 SE from zero (3 SE needs ~9k, 5 SE ~24k);
+# only the second mean coordinate at lambda 0.5, near zero, stays unresolved.
+MIXTURE_SAMPLES = 40_000
 
 
 # -- Gaussian mixtures -----------------------------------------------------------------------------
@@ -383,11 +393,65 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
     random unit directions of the 1-D W2 distance of the projections (sorted samples)."""
     if x.shape != y.shape:
         raise ValueError(f"sliced_wasserstein needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    dirs = torch.randn(x.shape[1], n_projections, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = torch.sort(x.to(DTYPE) @ dirs, dim=0)
-    py, _ = torch.sort(y.to(DTYPE) @ dirs, dim=0)
+    dirs = projection_directions(x.shape[1], n_projections, seed)
+    return sorted_projection_distance(sorted_projections(x, dirs), sorted_projections(y, dirs))
+
+
+def projection_directions(dim: int, n_projections: int = 256, seed: int = 0) -> Tensor:
+    """(d, P) random unit directions, the same for a given seed."""
+    dirs = torch.randn(dim, n_projections, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    return dirs / dirs.norm(dim=0, keepdim=True)
+
+
+def sorted_projections(x: Tensor, dirs: Tensor) -> Tensor:
+    """Projections of x (N, d) on dirs (d, P), each direction's sorted, (P, N). Sorted along the
+    contiguous axis with numpy: sorting (N, P) along N was 3-5x slower, and dominated the lab."""
+    return torch.from_numpy(np.sort((dirs.T @ x.to(DTYPE).T).numpy(), axis=1))
+
+
+def sorted_projection_distance(px: Tensor, py: Tensor) -> float:
+    """Sliced W2 from two sorted_projections results of equal shape (P, N)."""
     return float(((px - py) ** 2).mean().sqrt())
+
+
+# A gap counts as resolved when it lies more than this many standard errors from zero.
+RESOLVE_Z = 3.0
+
+
+class Gap(NamedTuple):
+    """A signed Monte Carlo estimate and its standard error, both (...) tensors of one shape."""
+
+    value: Tensor
+    se: Tensor
+
+
+def mean_with_se(values: Tensor) -> Gap:
+    """Mean over the first axis of per-sample values (n, ...) and its standard error
+    std / sqrt(n), the std with n - 1 in the denominator; n >= 2."""
+    n = values.shape[0]
+    if n < 2:
+        raise ValueError(f"a standard error needs at least 2 samples, got {n}")
+    v = values.to(DTYPE)
+    return Gap(v.mean(0), v.std(0, correction=1) / math.sqrt(n))
+
+
+def paired_gap(a: Tensor, b: Tensor) -> Gap:
+    """Signed mean of a - b over paired samples a, b (n, ...) with its standard error.
+
+    Row i of a and of b must come from the same noise (common random numbers). The SE is taken
+    from the per-sample differences a_i - b_i, so what the two share cancels: under common noise
+    it is far smaller than the SE of either mean, which an unpaired sqrt(se_a^2 + se_b^2) would give.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired_gap needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return mean_with_se(a.to(DTYPE) - b.to(DTYPE))
+
+
+def gap_status(value: float, se: float, z: float = RESOLVE_Z) -> str:
+    """'exact' (identical samples: zero gap, zero SE), 'resolved' (|value| > z SE) or 'not resolved'."""
+    if value == 0.0 and se == 0.0:
+        return "exact"
+    return "resolved" if abs(value) > z * se else "not resolved"
 
 
 def _spread_timesteps(scheduler, num_steps: int, at_most: int = 100) -> list[float]:
@@ -495,15 +559,22 @@ def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: floa
 
 @single_thread()
 def mixture_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler, num_steps: int,
-                 n_samples: int = 4000, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
-    """Errors of realignment at lam on mixture data (Monte Carlo with shared noise).
+                 n_samples: int = MIXTURE_SAMPLES, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
+    """Errors of realignment at lam on mixture data: Monte Carlo with common noise.
 
-    eps_rms: RMS eps difference per coordinate, realigned vs exact model, at x_t ~ p_t (exact
-    draws, up to 100 of the sampler's timesteps): the cause of everything else; traj_rms: RMS sample difference under the same noise;
-    mean_err_*: sample mean vs the target mean; weight_tv_*: total variation between the target's
-    weights and the weights estimated by soft assignment (target posterior) of samples;
-    sw_*: sliced W2 between realigned (r), exact-model (e) and iid target (t) samples. Distances
-    are in units of the target's RMS spread. The sw_e_t column is the sampler + Monte Carlo floor.
+    The realigned (r) and the exact model at beta0 / lam (e) are sampled from the same x_T and
+    step noise. Weights are the target posterior's soft assignment averaged over samples, so the
+    exact model with a perfect sampler gives the target weights (t). Keys:
+
+    - weight_gap, weight_gap_se (K,): signed E_r[p_t(k | x)] - E_e[p_t(k | x)], paired SE;
+    - mean_gap, mean_gap_se (d,): signed E_r[x] - E_e[x], paired SE, in target spreads;
+    - exact_weight_err, exact_mean_err (+ _se): exact model minus target (the sampler's own error,
+      the same for a retrained model), unpaired SE;
+    - eps_rms: RMS eps difference per coordinate, r vs e, at x_t ~ p_t (up to 100 of the sampler's
+      timesteps): the cause of every gap; traj_rms: RMS sample difference, r vs e;
+    - sw_*: sliced W2 between r, e and iid target samples (sw_e_t: sampler + Monte Carlo floor).
+
+    Distances are in units of the target's RMS spread sqrt(tr(cov) / d).
     """
     target = tilted_target(base, reward, beta0, lam)
     exact = AnalyticDenoiser.for_scheduler(target, scheduler)
@@ -513,28 +584,32 @@ def mixture_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float
         lam,
     )
     _, eps_rms = eps_discrepancy(realigned, exact, _spread_timesteps(scheduler, num_steps), 256, seed)
+    # The same seed gives both models the same x_T and step noise: the gaps below are paired.
     x_r = draw_samples(realigned, scheduler, num_steps, n_samples, base.dim, seed)
     x_e = draw_samples(exact, scheduler, num_steps, n_samples, base.dim, seed)
     x_t = target.sample(n_samples, torch.Generator().manual_seed(seed + 1))
-    t_cov = target.cov()
-    spread = math.sqrt(float(torch.trace(t_cov)) / base.dim)
-
-    def weight_tv(x: Tensor) -> float:
-        return 0.5 * float((target.responsibilities(x).mean(0) - target.weights).abs().sum())
-
+    spread = math.sqrt(float(torch.trace(target.cov())) / base.dim)
+    resp_e = target.responsibilities(x_e)
+    weight_gap = paired_gap(target.responsibilities(x_r), resp_e)
+    mean_gap = paired_gap(x_r / spread, x_e / spread)
+    exact_weight = mean_with_se(resp_e - target.weights)
+    exact_mean = mean_with_se((x_e - target.mean()) / spread)
+    dirs = projection_directions(base.dim, seed=seed)
+    p_r, p_e, p_t = (sorted_projections(x, dirs) for x in (x_r, x_e, x_t))
     return {
         "lambda": lam,
         "beta": beta0 / lam if lam else math.inf,
+        "samples": n_samples,
         "target_weights": target.weights.tolist(),
         "eps_rms": eps_rms,
         "traj_rms": float((x_r - x_e).pow(2).sum(1).mean().sqrt()) / spread,
-        "mean_err_realigned": mean_error(x_r.mean(0), target.mean(), t_cov),
-        "mean_err_exact": mean_error(x_e.mean(0), target.mean(), t_cov),
-        "weight_tv_realigned": weight_tv(x_r),
-        "weight_tv_exact": weight_tv(x_e),
-        "sw_r_e": sliced_wasserstein(x_r, x_e, seed=seed) / spread,
-        "sw_r_t": sliced_wasserstein(x_r, x_t, seed=seed) / spread,
-        "sw_e_t": sliced_wasserstein(x_e, x_t, seed=seed) / spread,
+        "weight_gap": weight_gap.value.tolist(), "weight_gap_se": weight_gap.se.tolist(),
+        "mean_gap": mean_gap.value.tolist(), "mean_gap_se": mean_gap.se.tolist(),
+        "exact_weight_err": exact_weight.value.tolist(), "exact_weight_err_se": exact_weight.se.tolist(),
+        "exact_mean_err": exact_mean.value.tolist(), "exact_mean_err_se": exact_mean.se.tolist(),
+        "sw_r_e": sorted_projection_distance(p_r, p_e) / spread,
+        "sw_r_t": sorted_projection_distance(p_r, p_t) / spread,
+        "sw_e_t": sorted_projection_distance(p_e, p_t) / spread,
     }
 
 
@@ -547,15 +622,22 @@ GAUSSIAN_COLUMNS = [
 MIXTURE_COLUMNS = [
     ("lambda", "lam", "{:g}"), ("beta", "beta", "{:.3g}"),
     ("target_weights", "target w", None), ("eps_rms", "eps rms", "{:.1e}"), ("traj_rms", "traj rms", "{:.3f}"),
-    ("mean_err_realigned", "mean r", "{:.3f}"), ("mean_err_exact", "mean e", "{:.3f}"),
-    ("weight_tv_realigned", "w-TV r", "{:.3f}"), ("weight_tv_exact", "w-TV e", "{:.3f}"),
     ("sw_r_e", "SW r-e", "{:.3f}"), ("sw_r_t", "SW r-t", "{:.3f}"), ("sw_e_t", "SW e-t", "{:.3f}"),
 ]
+# Signed gap columns: (row key, header label, entries left out at the end); the SE is under
+# key + "_se". Weight gaps sum to zero, so the last component's is left out (minus the others').
+REALIGN_GAPS = [("weight_gap", "w", 1), ("mean_gap", "mean", 0)]
+EXACT_ERRORS = [("exact_weight_err", "w", 1), ("exact_mean_err", "mean", 0)]
+# The single-Gaussian bar: realigned and exact model moments must agree to this (relative).
+GAUSSIAN_BAR = 1e-4
 
 
 def format_table(rows: list[dict], columns: list[tuple]) -> str:
-    """A plain-text table of `rows` with (key, header, format) columns."""
+    """A plain-text table of `rows` with (key, header, fmt) columns; fmt is a format string, None
+    (a list of numbers, joined by '/') or a callable(row) -> str."""
     def cell(row, key, fmt):
+        if callable(fmt):
+            return fmt(row)
         value = row[key]
         if fmt is None:
             return "/".join(f"{v:.2f}" for v in value)
@@ -567,6 +649,36 @@ def format_table(rows: list[dict], columns: list[tuple]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def _gap_cell(value: float, se: float) -> str:
+    status = gap_status(value, se)
+    if status == "exact":
+        return "0 (exact)"
+    return f"{value:+.4f} ± {se:.4f}" + ("" if status == "resolved" else " *")
+
+
+def _shown(row: dict, key: str, left_out: int) -> range:
+    return range(max(len(row[key]) - left_out, 1))
+
+
+def gap_columns(rows: list[dict], gaps: list[tuple[str, str, int]], suffix: str) -> list[tuple]:
+    """format_table columns: 'lam', then one 'value ± SE' column per shown entry of each gap key."""
+    columns = [("lambda", "lam", "{:g}")]
+    for key, label, left_out in gaps:
+        for i in _shown(rows[0], key, left_out):
+            columns.append((key, f"{label}[{i}] {suffix}",
+                            lambda r, key=key, i=i: _gap_cell(r[key][i], r[key + "_se"][i])))
+    return columns
+
+
+def unresolved(rows: list[dict], gaps: list[tuple[str, str, int]]) -> tuple[list[str], int]:
+    """'lam L label[i]' for every shown gap entry within RESOLVE_Z SE of zero (and not exactly
+    zero), and how many entries were shown in all."""
+    shown = [(r, key, label, i) for r in rows for key, label, left_out in gaps for i in _shown(r, key, left_out)]
+    missed = [f"lam {r['lambda']:g} {label}[{i}]" for r, key, label, i in shown
+              if gap_status(r[key][i], r[key + "_se"][i]) == "not resolved"]
+    return missed, len(shown)
+
+
 def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, steps: int | None,
             n_samples: int, seed: int, problem: LabProblem | None = None, progress: bool = False) -> dict:
     """Every (scheduler, case, lambda) row; a JSON-ready dict."""
@@ -576,7 +688,7 @@ def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, s
     result = {
         "config": {
             "schedulers": list(schedulers), "lambdas": list(lambdas), "beta0": beta0, "samples": n_samples,
-            "seed": seed, "reward": problem.reward.tolist(),
+            "seed": seed, "resolve_z": RESOLVE_Z, "reward": problem.reward.tolist(),
             "gaussian": {"mean": problem.gaussian.means[0].tolist(), "cov": problem.gaussian.covs[0].tolist()},
             "mixture": {"weights": problem.mixture.weights.tolist(), "means": problem.mixture.means.tolist(),
                         "covs": problem.mixture.covs.tolist()},
@@ -596,7 +708,7 @@ def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, s
 
 
 def render_lab(result: dict) -> str:
-    """The lab's tables, one Gaussian and one mixture table per scheduler, with a legend."""
+    """The lab's tables per scheduler (Gaussian; mixture; mixture gaps r-e and e-t) with a legend."""
     parts = []
     cfg = result["config"]
     for name in cfg["schedulers"]:
@@ -607,17 +719,45 @@ def render_lab(result: dict) -> str:
             f"== {name}, {steps} steps: single Gaussian, exact output moments (realigned vs exact model "
             f"at beta0/lam, and exact model vs tilted target) ==\n" + format_table(g, GAUSSIAN_COLUMNS)
         )
-        parts.append(
-            f"== {name}, {steps} steps: 2-component mixture, {cfg['samples']} samples, same noise "
-            f"(r = realigned, e = exact model at beta0/lam, t = target) ==\n" + format_table(m, MIXTURE_COLUMNS)
-        )
+        parts.append(_render_mixture(name, steps, m, cfg["samples"]))
+    parts.append(_gaussian_verdict(result["gaussian"]))
     parts.append(
-        "Single Gaussian: realignment is exact (realign columns at float precision); what remains is the "
-        "sampler's finite-step error, the same for the retrained model.\nMixture: realignment is an "
-        "approximation, exact only at lam = 0 and 1; its error is the eps/traj columns and the r-vs-e gaps. "
-        "Mean and SW errors are in units of the target's RMS spread."
+        "Single Gaussian: what remains beside realignment is the sampler's finite-step error, the same "
+        "for the retrained model.\nMixture: realignment is an approximation, exact only at lam = 0 and 1; "
+        "its error is the eps/traj columns and the r-e gaps. w[k] = the target posterior's soft weight "
+        "of component k averaged over samples (the last component's gap is minus the sum of the "
+        "others'); mean and SW in units of the target's RMS spread; "
+        f"± is one standard error; * = not resolved (|gap| <= {RESOLVE_Z:g} SE): its size and sign are "
+        "unknown at this sample size (raise --samples)."
     )
     return "\n\n".join(parts)
+
+
+def _render_mixture(name: str, steps: int, rows: list[dict], samples: int) -> str:
+    head = f"== {name}, {steps} steps: {len(rows[0]['target_weights'])}-component mixture, {samples} samples"
+    lines = [
+        f"{head}, common noise (r = realigned, e = exact model at beta0/lam, t = target) ==",
+        format_table(rows, MIXTURE_COLUMNS), "",
+        f"{head}: realigned minus exact model, same x_T and step noise, ± paired SE ==",
+        format_table(rows, gap_columns(rows, REALIGN_GAPS, "r-e")), "",
+        f"{head}: exact model minus target (the sampler's own error), ± SE ==",
+        format_table(rows, gap_columns(rows, EXACT_ERRORS, "e-t")),
+    ]
+    for label, gaps in (("r-e", REALIGN_GAPS), ("e-t", EXACT_ERRORS)):
+        missed, total = unresolved(rows, gaps)
+        if missed:
+            lines.append(f"not resolved at {samples} samples ({label}, {len(missed)} of {total}): "
+                         + ", ".join(missed))
+    return "\n".join(lines)
+
+
+def _gaussian_verdict(rows: list[dict]) -> str:
+    if not rows:
+        return "Single Gaussian: no rows."
+    worst = max(max(r["realign_mean_err"], r["realign_cov_err"]) for r in rows)
+    verdict = "realignment exact" if worst <= GAUSSIAN_BAR else "ABOVE THE BAR: realignment is NOT exact here"
+    return (f"Single Gaussian, realigned vs exact model (same sampler and noise), largest mean/cov error "
+            f"{worst:.1e} (bar {GAUSSIAN_BAR:g}): {verdict}.")
 
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -628,7 +768,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"diffusers schedulers to run, from {list(LAB_SCHEDULERS)}")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps for every scheduler; unset: 1000 for ddpm, 50 for the others")
-    p.add_argument("--samples", type=int, default=4000, help="Monte Carlo samples for the mixture case")
+    p.add_argument("--samples", type=int, default=MIXTURE_SAMPLES,
+                   help="Monte Carlo samples per mixture row (realigned and exact model share their noise)")
     p.add_argument("--beta", type=float, default=1.0, help="KL strength beta0 of the 'aligned' (tilted) model")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0],
                    help="realignment strengths; lambda emulates beta0 / lambda (0 = reference)")
@@ -658,19 +799,10 @@ def run(args: argparse.Namespace) -> int:
     print(render_lab(result))
     print(f"\n({result['seconds']} s)")
     if args.out:
-        _write_json(args.out, result)
+        # inf (lambda = 0 means beta = inf) is written as null to keep the file valid JSON.
+        write_json_atomic(args.out, _finite(result))
         print(f"wrote {args.out}")
     return 0
-
-
-def _write_json(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        # inf (lambda = 0 means beta = inf) is written as null to keep the file valid JSON.
-        json.dump(_finite(data), f, indent=2)
-    os.replace(tmp, path)
 
 
 def _finite(obj):

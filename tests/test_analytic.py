@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,9 +17,13 @@ from deradiff.analytic import (
     default_problem,
     draw_samples,
     exact_output_moments,
+    gap_status,
     gaussian_case,
     make_scheduler,
+    mean_with_se,
     mixture_case,
+    paired_gap,
+    run_sampler,
     sliced_wasserstein,
     tilted_target,
 )
@@ -221,10 +226,14 @@ def test_mixture_realignment_error_is_real_and_vanishes_at_0_and_1():
             for lam in (0.0, 1.0, 2.0)}
     for lam in (0.0, 1.0):
         assert rows[lam]["eps_rms"] == 0.0 and rows[lam]["traj_rms"] == 0.0 and rows[lam]["sw_r_e"] == 0.0
+    for lam in (0.0, 1.0):  # identical samples: zero gaps with zero SE, reported as exact
+        assert rows[lam]["weight_gap"] == [0.0, 0.0] and rows[lam]["mean_gap_se"] == [0.0, 0.0]
     assert rows[2.0]["eps_rms"] > 1e-2
     assert rows[2.0]["sw_r_e"] > 0.1
-    # Above the sampler + Monte Carlo floor of the exact model, which sees the same noise.
-    assert rows[2.0]["mean_err_realigned"] > 3 * rows[2.0]["mean_err_exact"]
+    # The realigned mean is off by many paired SEs, and by more than the exact model's own error.
+    gap, se = torch.tensor(rows[2.0]["mean_gap"]), torch.tensor(rows[2.0]["mean_gap_se"])
+    assert (gap.abs() > 10 * se).all()
+    assert gap.norm() > 3 * torch.tensor(rows[2.0]["exact_mean_err"]).norm()
     assert rows[2.0]["sw_r_t"] > rows[2.0]["sw_e_t"] + 0.05
 
 
@@ -248,6 +257,144 @@ def test_sliced_wasserstein_sees_a_shift():
     assert shifted == pytest.approx(0.5 / math.sqrt(2), rel=0.1)
 
 
+# -- signed gaps with paired standard errors --------------------------------------------------------
+
+
+def test_paired_se_comes_from_per_sample_differences():
+    # Differences 2, 3, 2, 3: mean 2.5, std (n - 1) sqrt(1/3), SE sqrt(1/3) / 2. The SE of a alone
+    # (values 3, 5, 4, 8) is 1.08: pairing removes what a and b share.
+    a = torch.tensor([3.0, 5.0, 4.0, 8.0], dtype=DTYPE)
+    b = torch.tensor([1.0, 2.0, 2.0, 5.0], dtype=DTYPE)
+    gap = paired_gap(a, b)
+    assert float(gap.value) == pytest.approx(2.5)
+    assert float(gap.se) == pytest.approx(math.sqrt(1 / 3) / 2, rel=1e-12)
+    assert float(mean_with_se(a).se) == pytest.approx(math.sqrt(14 / 3) / 2, rel=1e-12)
+    # Common noise in (n, d) samples: the SE is the differences' spread (0.01), not the samples' (1).
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(40_000, 2, generator=gen, dtype=DTYPE)
+    own = torch.randn(40_000, 2, generator=gen, dtype=DTYPE)
+    gap = paired_gap(shared + 0.01 * own + torch.tensor([0.3, -0.2], dtype=DTYPE), shared)
+    assert torch.allclose(gap.se, torch.full((2,), 0.01 / 200, dtype=DTYPE), rtol=0.03)
+    assert torch.allclose(gap.value, torch.tensor([0.3, -0.2], dtype=DTYPE), atol=5 * 0.01 / 200)
+    assert paired_gap(shared, shared).se.eq(0).all()
+
+
+def test_gap_status():
+    assert gap_status(0.0, 0.0) == "exact"
+    assert gap_status(-0.031, 0.01) == "resolved"
+    assert gap_status(0.029, 0.01) == "not resolved"
+    assert gap_status(0.0, 0.01) == "not resolved"
+
+
+def plain_mix(reference, aligned, lam):
+    """(1 - lam) eps_ref + lam eps_aligned written out here, not the project's RealignedDenoiser."""
+    return lambda x, t: (1 - lam) * reference(x, t) + lam * aligned(x, t)
+
+
+def models_at(base, reward, lam, scheduler):
+    target = tilted_target(base, reward, 1.0, lam)
+    ref = AnalyticDenoiser.for_scheduler(base, scheduler)
+    aligned = AnalyticDenoiser.for_scheduler(tilted_target(base, reward, 1.0, 1.0), scheduler)
+    return target, plain_mix(ref, aligned, lam), AnalyticDenoiser.for_scheduler(target, scheduler)
+
+
+def deterministic_expectations(model, scheduler, steps, f, half_width=7.0, m=201):
+    """E[f(x_0)] for a deterministic sampler and 2-D data without sampling: the trapezoid rule for
+    x_T ~ N(0, I) on an m x m grid pushed through the chain (converged to ~1e-6 at m = 201)."""
+    axis = torch.linspace(-half_width, half_width, m, dtype=DTYPE)
+    xx, yy = torch.meshgrid(axis, axis, indexing="ij")
+    x_T = torch.stack([xx.flatten(), yy.flatten()], 1)
+    weights = torch.exp(-0.5 * (x_T**2).sum(1))
+    return (weights / weights.sum()) @ f(run_sampler(model, scheduler, steps, x_T))
+
+
+def ddpm_expectations(model, scheduler, steps, f, monkeypatch, half_width=8.0, m=2001, nodes=32):
+    """E[f(x_0)] for a DDPM chain and 1-D data without sampling: V(x) = E[f(x_0) | x_t = x],
+    recursed backward on a grid (linear interpolation, Gauss-Hermite over each step's noise),
+    then integrated against x_T ~ N(0, 1). Each step's mean map and noise scale are read off the
+    real scheduler with its noise set to 0 and to 1 (converged to ~1e-6 at m = 2001)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    noise = [0.0]
+    monkeypatch.setattr(ddpm_module, "randn_tensor", lambda shape, **_: torch.full(shape, noise[0], dtype=DTYPE))
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(steps)
+    grid = torch.linspace(-half_width, half_width, m, dtype=DTYPE)
+    steps_maps = []
+    for t in sched.timesteps:
+        eps = model(grid[:, None], t)
+        noise[0] = 0.0
+        mean = sched.step(eps, t, grid[:, None]).prev_sample[:, 0]
+        noise[0] = 1.0
+        steps_maps.append((mean, float((sched.step(eps, t, grid[:, None]).prev_sample[:, 0] - mean).mean())))
+    monkeypatch.undo()
+    z, wz = np.polynomial.hermite_e.hermegauss(nodes)
+    wz = wz / wz.sum()
+    mean, sigma = steps_maps[-1]
+    assert sigma == 0.0  # DDPM's last step adds no noise
+    value = f(mean[:, None]).numpy()  # (m, F)
+    for mean, sigma in reversed(steps_maps[:-1]):
+        points = (mean.numpy()[:, None] + sigma * z[None]).ravel()
+        value = np.stack([np.interp(points, grid.numpy(), v).reshape(m, nodes) @ wz for v in value.T], 1)
+    density = torch.exp(-0.5 * grid**2)
+    density = density / torch.trapezoid(density, grid)
+    return torch.trapezoid(density[:, None] * torch.from_numpy(value), grid, dim=0)
+
+
+def assert_paired(row):
+    """Common noise: the mean gap's paired SE is far below the exact model's own (unpaired) SE."""
+    assert (torch.tensor(row["mean_gap_se"]) < 0.3 * torch.tensor(row["exact_mean_err_se"])).all()
+
+
+def assert_agree(row, keys, truth, resolved=False):
+    """The lab's signed estimates row[keys] (concatenated) lie within 3 reported SE of `truth`;
+    with `resolved`, the mean entries and the largest weight entry of `truth` are > 3 SE from
+    zero, so the agreement is not vacuous."""
+    value = torch.tensor([v for key in keys for v in row[key]], dtype=DTYPE)
+    se = torch.tensor([v for key in keys for v in row[key + "_se"]], dtype=DTYPE)
+    assert ((value - truth).abs() <= 3 * se).all(), (keys, value.tolist(), truth.tolist(), se.tolist())
+    if resolved:
+        k = len(row[keys[0]])
+        for i in [int(truth[:k].abs().argmax()), *range(k, len(truth))]:
+            assert abs(truth[i]) > 3 * se[i], (i, truth.tolist(), se.tolist())
+
+
+def test_lab_gap_matches_quadrature_ddim():
+    problem, scheduler, lam, steps = default_problem(), make_scheduler("ddim"), 2.0, 20
+    row = mixture_case(problem.mixture, problem.reward, 1.0, lam, scheduler, steps, n_samples=4000, seed=0)
+    target, realigned, exact = models_at(problem.mixture, problem.reward, lam, scheduler)
+    spread = math.sqrt(float(torch.trace(target.cov())) / 2)
+
+    def f(x):
+        return torch.cat([target.responsibilities(x), x / spread], 1)
+
+    e_r = deterministic_expectations(realigned, scheduler, steps, f)
+    e_e = deterministic_expectations(exact, scheduler, steps, f)
+    assert_agree(row, ("weight_gap", "mean_gap"), e_r - e_e, resolved=True)
+    assert_paired(row)
+    # Not checked here: the exact model's unpaired error vs target. Seed 0's 4000 x_T draws have
+    # a sample mean 3.1 SE off along y, which DDIM passes on to it; the paired gap cancels that.
+
+
+def test_lab_gap_matches_backward_recursion_ddpm(monkeypatch):
+    # Stochastic sampler: the pairing must share the step noise too, or the SE would not hold.
+    base, reward = mixture_1d(), torch.tensor([1.0], dtype=DTYPE)
+    scheduler, lam, steps = make_scheduler("ddpm"), 2.0, 50
+    row = mixture_case(base, reward, 1.0, lam, scheduler, steps, n_samples=4000, seed=0)
+    target, realigned, exact = models_at(base, reward, lam, scheduler)
+    spread = math.sqrt(float(torch.trace(target.cov())))
+
+    def f(x):
+        return torch.cat([target.responsibilities(x), x / spread], 1)
+
+    e_r = ddpm_expectations(realigned, scheduler, steps, f, monkeypatch)
+    e_e = ddpm_expectations(exact, scheduler, steps, f, monkeypatch)
+    assert_agree(row, ("weight_gap", "mean_gap"), e_r - e_e, resolved=True)
+    assert_paired(row)
+    truth = torch.cat([target.weights, target.mean() / spread])
+    assert_agree(row, ("exact_weight_err", "exact_mean_err"), e_e - truth)
+
+
 # -- the `deradiff lab` command -----------------------------------------------------------------
 
 
@@ -264,6 +411,8 @@ def test_lab_command_prints_and_writes_json(tmp_path, capsys):
     assert data["mixture"][2]["beta"] == pytest.approx(0.4)
     assert all(r["realign_cov_err"] < 1e-10 for r in data["gaussian"])
     assert data["mixture"][2]["eps_rms"] > 1e-2 and data["mixture"][1]["eps_rms"] == 0.0
+    assert data["mixture"][2]["samples"] == 300 and len(data["mixture"][2]["weight_gap_se"]) == 2
+    assert "paired SE" in printed and "realignment exact" in printed
 
 
 @pytest.mark.parametrize("argv,message", [
