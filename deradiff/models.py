@@ -32,7 +32,20 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_sde": "deradiff.flow:FlowMatchSDEScheduler",  # same marginals, per-step Gaussian: path KL
 }
+
+
+def scheduler_class(name: str):
+    """The scheduler class registered as `name`: a diffusers class name or "module:Class"."""
+    import importlib
+
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
+    module, _, cls = SCHEDULERS[name].rpartition(":")
+    return getattr(importlib.import_module(module) if module else diffusers, cls)
 
 
 # -- adapters ------------------------------------------------------------------------------------
@@ -366,11 +379,7 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device:
 
 def set_scheduler(pipe, name: str, **overrides) -> None:
     """Replace the pipeline's scheduler by `name` (see SCHEDULERS), keeping its noise schedule."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
+    cls = scheduler_class(name)
     config = dict(pipe.scheduler.config)
     if name in ("ddim", "ddpm"):
         config["clip_sample"] = overrides.pop("clip_sample", False)

@@ -179,3 +179,18 @@ def test_missing_module_gives_no_cross_attention_hint_when_the_width_matches(sd1
     message = _refusal(sd15[1], tensors, tmp_path)
     assert "1 modules not in the model, e.g. ['mid_block.nonexistent']" in message
     assert "cross_attention_dim" not in message and "unknown base" not in message
+
+
+def test_flow_sde_scheduler_is_set_by_name_and_keeps_the_schedule(tmp_path):
+    from tiny_flow import build_tiny_sd3
+
+    from deradiff.flow import FlowMatchSDEScheduler
+    from deradiff.models import set_scheduler
+
+    pipe = build_tiny_sd3(tmp_path)
+    shift = pipe.scheduler.config.shift
+    set_scheduler(pipe, "flow_sde", noise_level=0.7)
+    assert type(pipe.scheduler) is FlowMatchSDEScheduler
+    assert pipe.scheduler.config.noise_level == 0.7 and pipe.scheduler.config.shift == shift
+    with pytest.raises(UserError, match="unknown scheduler 'flow_ode'"):
+        set_scheduler(pipe, "flow_ode")
