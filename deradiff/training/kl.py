@@ -1,6 +1,6 @@
 """KL-regularized reward fine-tuning, both families, each with the exact per-step Gaussian KL.
 
-Objective (method.md section 4): maximize E[r(x_0)] - beta * KL(p_theta(path) || p_ref(path)),
+Objective (docs/method.md section 4): maximize E[r(x_0)] - beta * KL(p_theta(path) || p_ref(path)),
 where the path KL is the sum over sampling steps of ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
 (nats). Rollouts use stochastic DDIM (`deradiff.training.rollout`; eta = 1 is DDPM's posterior variance,
 the memoryless schedule); the reference is the same UNet with its LoRA disabled.
@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from deradiff.errors import UserError
+from deradiff.io import atomic_write
 from deradiff.seeding import SALT_KL_STEPS, SALT_PG_TIMESTEPS, keyed_randn
 from deradiff.training.conditioning import Conditioning, encode_prompts
 from deradiff.training.losses import kl_regularized_reward_loss, normalize_advantages_per_prompt, ppo_loss
@@ -175,14 +176,13 @@ class Rollout:
                           torch.zeros(self.latents.shape[1], device=self.latents.device))
 
     def save(self, path: Path) -> None:
-        """Write as safetensors (prompts in the metadata), atomically."""
-        from safetensors.torch import save_file
+        """Write as safetensors (prompts in the metadata), atomically (deradiff.io)."""
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: getattr(self, k).detach().cpu().contiguous() for k in self._TENSORS}, str(tmp),
-                  metadata={"prompts": json.dumps(self.prompts), "prompt_ids": json.dumps(self.prompt_ids)})
-        os.replace(tmp, path)
+        data = save({k: getattr(self, k).detach().cpu().contiguous() for k in self._TENSORS},
+                    metadata={"prompts": json.dumps(self.prompts), "prompt_ids": json.dumps(self.prompt_ids)})
+        with atomic_write(path, "wb") as f:
+            f.write(data)
 
     @classmethod
     def load(cls, path: Path, device) -> Rollout:

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -820,23 +819,15 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def save_resolved(recipe: Recipe, run_dir: str | os.PathLike) -> Path:
-    """Write run_dir/recipe.yaml atomically (temp file + rename) and return its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / RECIPE_FILE
+    """Write run_dir/recipe.yaml atomically (deradiff.io) and return its path."""
+    from deradiff.io import write_text_atomic
+
+    target = Path(run_dir) / RECIPE_FILE
     text = (
         "# Resolved recipe of this run (defaults <- recipe file <- overrides). Reproduce with:\n"
         f"#   accelerate launch train/align.py recipe={target}\n" + recipe_to_yaml(recipe)
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECIPE_FILE}.", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, text)
 
 
 def load_resolved(run_dir: str | os.PathLike) -> Recipe | None:

@@ -4,7 +4,7 @@ The sampler is DDIM with eta > 0 (eta = 1 gives DDPM-like ancestral noise): each
 Gaussian N(mu_theta(x_t, t), sigma_t^2 I) whose mean comes from the scheduler's own `step()`
 with zero variance noise, so no scheduler math is duplicated here. The reference branch (LoRA
 disabled) gives mu_ref at the same x_t, and the exact per-step KL between the two
-equal-variance Gaussians is ||mu_theta - mu_ref||^2 / (2 sigma_t^2) (method.md section 4).
+equal-variance Gaussians is ||mu_theta - mu_ref||^2 / (2 sigma_t^2) (docs/method.md section 4).
 
 This is the training-time rollout (gradients through chosen steps, keyed noise), not a copy of
 a pipeline's __call__: prompts are encoded by the caller and images decoded by `decode`.
