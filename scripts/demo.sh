@@ -11,7 +11,7 @@ EVAL_ARGS=(--prompts toy:test --seeds 0 1 --steps 10 --scheduler ddim --eta 1.0 
 mkdir -p "$OUT"
 
 step "1/6 exact realignment on analytic diffusions (deradiff lab)"
-"$BIN/deradiff" lab --out "$OUT/lab.json"
+"$BIN/deradiff" lab --samples 8000 --out "$OUT/lab.json"  # README figures: the default 40000 (a few minutes)
 
 step "2/6 synthetic Pick-a-Pic preference pairs from the shipped toy pipeline"
 PREFS="$OUT/toy-prefs"
