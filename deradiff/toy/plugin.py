@@ -1,6 +1,7 @@
 """The toy world as a plug-in: registers its pipeline ("toy"), its prompt sets ("toy:train",
 "toy:test", "toy:all"), its fidelity judge ("toy": classifier adherence, KID, diversity) and its
-reward ("toy") through the same registries a real model family, prompt set or reward uses."""
+rewards ("toy": vividness; "toy_contrast": luminance contrast, another optimum) through the same
+registries a real model family, prompt set or reward uses."""
 
 from __future__ import annotations
 
@@ -102,3 +103,7 @@ def register() -> None:
     ))
     register_reward("toy", RewardEntry("deradiff.toy.reward", "ToyReward", True,
                                        "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"))
+    register_reward("toy_contrast", RewardEntry(
+        "deradiff.toy.reward", "ToyContrastReward", True,
+        "toy world: luma variance of the blurred image (large, high-contrast shapes; optimum half black, half "
+        "white, where 'toy' is 0); a second objective for multi-objective realignment"))

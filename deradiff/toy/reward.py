@@ -1,4 +1,5 @@
-"""A differentiable toy reward that prefers vivid, large shapes, and can be hacked.
+"""Differentiable toy rewards: "toy" prefers vivid, large shapes; "toy_contrast" prefers large,
+high-contrast ones and peaks where "toy" is zero. Both can be hacked.
 
 Formula, for an image x in [-1, 1] of shape (3, H, W):
 
@@ -30,6 +31,19 @@ leash the maximum is reached by painting the whole image in one pure color.
 
 Typical values: real procedural images score 0.01-0.20 (5-95%: 0.02-0.14, mean 0.07); a
 uniform pure color scores 1.
+
+A second reward with another optimum, for multi-objective realignment (docs/method.md section 2,
+"Several rewards"), "toy_contrast":
+
+    y(p)   = 0.299 R + 0.587 G + 0.114 B of b(p)    # luma of the blurred image, in [0, 1]
+    reward = 4 * var_p y(p)                         # in [0, 1]
+
+It is achromatic: a shape of area fraction a whose luma differs from the background's by d
+scores 4 a (1 - a) d^2, which grows with the shape's size (a < 1/2 on every rendering of the
+domain) and with its luminance contrast (a light-colored shape on a dark background, a dark one
+on a light background). Its optimum, half the image black and half white, has vividness 0; the
+vivid reward's optimum, one pure color everywhere, has contrast 0. Real procedural images score
+0.002-0.22 (5-95%, mean 0.08), mostly set by color x background (yellow on light: near 0).
 """
 
 from __future__ import annotations
@@ -53,16 +67,20 @@ def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
     return (g[:, None] * g[None, :]).expand(3, 1, -1, -1)
 
 
+def _blur(u: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-channel Gaussian blur of (B, 3, H, W); reflect padding (replicate on tiny images)."""
+    if sigma <= 0:
+        return u
+    kernel = _gaussian_kernel(sigma, u.device, u.dtype)
+    pad = kernel.shape[-1] // 2
+    mode = "reflect" if pad < min(u.shape[-2:]) else "replicate"  # reflect needs pad < side
+    return F.conv2d(F.pad(u, (pad,) * 4, mode=mode), kernel, groups=3)
+
+
 def vividness_map(images: torch.Tensor, blur_sigma: float = 1.0) -> torch.Tensor:
     """Per-pixel vividness v(p) of the blurred image: (B, 3, H, W) in [-1, 1] -> (B, H, W) in
     [0, 1]. Differentiable (zero gradient where `images` is outside [-1, 1])."""
-    u = ((images + 1) / 2).clamp(0, 1)
-    if blur_sigma > 0:
-        kernel = _gaussian_kernel(blur_sigma, u.device, u.dtype)
-        pad = kernel.shape[-1] // 2
-        # reflect padding needs pad < side; tiny images fall back to replicate
-        mode = "reflect" if pad < min(u.shape[-2:]) else "replicate"
-        u = F.conv2d(F.pad(u, (pad,) * 4, mode=mode), kernel, groups=3)
+    u = _blur(((images + 1) / 2).clamp(0, 1), blur_sigma)
     chroma = u - u.mean(dim=1, keepdim=True)
     return 1.5 * chroma.square().sum(dim=1)
 
@@ -76,10 +94,31 @@ def toy_reward(images: torch.Tensor, prompts: Sequence[str] | None = None, blur_
     return vividness_map(images, blur_sigma).mean(dim=(-2, -1))
 
 
-class ToyReward(Reward):
-    """`toy_reward` behind the registry's interface: `score(images, prompts) -> (B,)`."""
+_LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of R, G, B
 
-    name = "toy"
+
+def luma_map(images: torch.Tensor, blur_sigma: float = 1.0) -> torch.Tensor:
+    """Per-pixel luma of the blurred image: (B, 3, H, W) in [-1, 1] -> (B, H, W) in [0, 1].
+    Differentiable (zero gradient where `images` is outside [-1, 1])."""
+    u = _blur(((images + 1) / 2).clamp(0, 1), blur_sigma)
+    weights = torch.tensor(_LUMA, device=u.device, dtype=u.dtype).view(1, 3, 1, 1)
+    return (u * weights).sum(dim=1)
+
+
+def contrast_reward(images: torch.Tensor, prompts: Sequence[str] | None = None,
+                    blur_sigma: float = 1.0) -> torch.Tensor:
+    """Reward (B,) in [0, 1]: 4 x the variance over pixels of the blurred image's luma, for images
+    (B, 3, H, W) in [-1, 1]; `prompts` is ignored. Differentiable, batched, on the images' device
+    and dtype. 1 for half black, half white (in large regions); 0 for any uniform image."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"contrast_reward expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    y = luma_map(images, blur_sigma).flatten(1)
+    return 4.0 * (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)
+
+
+class _BlurredReward(Reward):
+    """A toy reward with a blur width; subclasses set `name` and `fn`."""
+
     differentiable = True
 
     def __init__(self, blur_sigma: float = 1.0):
@@ -90,4 +129,18 @@ class ToyReward(Reward):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         self.check_inputs(images, prompts)
-        return toy_reward(images, prompts, self.blur_sigma)
+        return self.fn(images, prompts, self.blur_sigma)
+
+
+class ToyReward(_BlurredReward):
+    """`toy_reward` behind the registry's interface: `score(images, prompts) -> (B,)`."""
+
+    name = "toy"
+    fn = staticmethod(toy_reward)
+
+
+class ToyContrastReward(_BlurredReward):
+    """`contrast_reward` behind the registry's interface: `score(images, prompts) -> (B,)`."""
+
+    name = "toy_contrast"
+    fn = staticmethod(contrast_reward)

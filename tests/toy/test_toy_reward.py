@@ -1,4 +1,5 @@
-"""The toy reward: formula properties, gradients, batching, and that it can be hacked."""
+"""The toy rewards (vividness "toy", contrast "toy_contrast"): formula properties, gradients,
+batching, and that the vivid one can be hacked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch
 
 from deradiff.errors import UserError
 from deradiff.toy import domain
-from deradiff.toy.reward import ToyReward, toy_reward, vividness_map
+from deradiff.toy.reward import (
+    ToyContrastReward,
+    ToyReward,
+    contrast_reward,
+    luma_map,
+    toy_reward,
+    vividness_map,
+)
 
 
 def _render(shape="circle", color="red", background="dark", radius=0.3, cx=0.5, cy=0.5):
@@ -97,6 +105,65 @@ def test_dtype_and_shape_checks():
 def test_runs_on_gpu():
     x, _ = _real(4)
     assert torch.allclose(toy_reward(x.cuda()).cpu(), toy_reward(x), atol=1e-5)
+    assert torch.allclose(contrast_reward(x.cuda()).cpu(), contrast_reward(x), atol=1e-5)
+
+
+# -- toy_contrast: a second reward with another optimum (multi-objective realignment) ----------
+
+
+def test_contrast_ranks_large_shapes_above_small_ones_on_every_color_and_background():
+    for color in domain.COLOR_NAMES:
+        for background in domain.BACKGROUND_NAMES:
+            for shape in domain.SHAPES:
+                large = _render(shape, color, background, radius=0.34)
+                small = _render(shape, color, background, radius=0.15)
+                assert contrast_reward(large) > 2 * contrast_reward(small), (shape, color, background)
+
+
+def test_contrast_optimum_differs_from_the_vivid_optimum():
+    half = torch.ones(1, 3, 32, 32)
+    half[..., :16] = -1  # left half black, right half white
+    pure_red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    assert contrast_reward(half) > 0.9 and toy_reward(half) == 0  # contrast's optimum: no vividness
+    assert toy_reward(pure_red) > 0.99 and contrast_reward(pure_red).abs() < 1e-10  # and the reverse
+    # On the domain the two disagree: yellow on light is vivid but low-contrast, blue on light the reverse.
+    yellow, blue = _render(color="yellow", background="light"), _render(color="blue", background="light")
+    assert toy_reward(yellow) > toy_reward(blue) and contrast_reward(yellow) < 0.1 * contrast_reward(blue)
+
+
+def test_contrast_range_shape_batching_and_prompt_ignored():
+    x, captions = _real(16, seed=5)
+    r = contrast_reward(x)
+    assert r.shape == (16,) and (r >= 0).all() and (r <= 1).all()
+    assert luma_map(x).shape == (16, 32, 32)
+    single = torch.cat([contrast_reward(x[i : i + 1]) for i in range(16)])
+    assert torch.allclose(r, single, atol=1e-6)
+    assert torch.allclose(ToyContrastReward().score(x, captions), r)
+    assert torch.allclose(ToyContrastReward().score(x, ["a"] * 16), r)
+    assert contrast_reward(x.double()).dtype == torch.float64
+    with pytest.raises(UserError, match="B, 3, H, W"):
+        contrast_reward(x[:, :2])
+    with pytest.raises(UserError, match="blur_sigma"):
+        ToyContrastReward(blur_sigma=-1)
+
+
+def test_contrast_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, 7, 7, dtype=torch.float64) * 1.6 - 0.8).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: contrast_reward(t), (x,), eps=1e-6, atol=1e-6)
+    image = _render(radius=0.2).requires_grad_(True)
+    contrast_reward(image).sum().backward()
+    assert image.grad.abs().sum() > 0
+
+
+def test_contrast_is_registered_as_a_differentiable_reward():
+    from deradiff.rewards import get_reward, is_differentiable
+
+    reward = get_reward("toy_contrast")
+    assert isinstance(reward, ToyContrastReward) and reward.name == "toy_contrast"
+    assert is_differentiable("toy_contrast")
+    x, captions = _real(2)
+    torch.testing.assert_close(reward.score(x, captions), contrast_reward(x))
 
 
 def test_hackable_unleashed_ascent_destroys_fidelity_leashed_keeps_it(classifier):
