@@ -4,7 +4,7 @@ Images generated for the same prompt are not independent (same caption, same dif
 intervals resample whole prompts, not single images.
 
     bootstrap_ci(values, groups)          # a mean over prompts with its interval
-    paired_kid(fx, fy, groups)            # KID between two paired sample sets, interval over prompts
+    paired_kid(fx, fy, groups)            # KID between two paired sample sets per prompt, interval over prompts
     draws = group_draws(n_groups, 1000)   # one resample of the prompts shared by several statistics
 """
 
@@ -114,13 +114,16 @@ def block_replicates(sums: np.ndarray, counts: np.ndarray, draws: np.ndarray) ->
 
 
 def paired_kid(fx: np.ndarray | torch.Tensor, fy: np.ndarray | torch.Tensor, groups: Sequence[Hashable],
-               n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> Estimate:
+               n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, within_groups: bool = True) -> Estimate:
     """KID (unbiased MMD^2 with KID's kernel) between two paired sample sets, with a bootstrap
     interval over groups (prompts).
 
-    fx, fy (n, D): features, row i of both from the same prompt and noise (n >= 2); groups (n,)
-    each row's prompt. About 0 (it can be slightly negative) when the two sets come from the
-    same distribution; in the features' squared units."""
+    fx, fy (n, D): features, row i of both from the same prompt and noise; groups (n,) each
+    row's prompt. within_groups (default): per prompt, the U-statistic over that prompt's pairs
+    (its seeds), averaged over the prompts with >= 2 pairs: a distance between the two models'
+    images of the same prompt. False: one U-statistic over all pairs (the prompt mixtures).
+    About 0 (it can be slightly negative) when both sets come from the same distribution; in the
+    features' squared units."""
     fx, fy = (np.asarray(f.detach().cpu().double() if torch.is_tensor(f) else f, np.float64) for f in (fx, fy))
     if fx.shape != fy.shape or fx.ndim != 2 or fx.shape[0] < 2:
         raise UserError(f"paired_kid needs two (n, D) feature sets of the same shape, n >= 2; got {fx.shape}, {fy.shape}")
@@ -129,4 +132,19 @@ def paired_kid(fx: np.ndarray | torch.Tensor, fy: np.ndarray | torch.Tensor, gro
     _, ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     n_groups = int(ids.max()) + 1
     sums, counts = paired_kid_blocks(fx, fy, ids, n_groups)
-    return estimate(sums.sum() / counts.sum(), block_replicates(sums, counts, group_draws(n_groups, n_boot, seed)), alpha)
+    if not within_groups:
+        draws = group_draws(n_groups, n_boot, seed)
+        return estimate(sums.sum() / counts.sum(), block_replicates(sums, counts, draws), alpha)
+    per_group = within_group_values(sums, counts)
+    per_group = per_group[np.isfinite(per_group)]
+    if per_group.size == 0:
+        raise UserError("paired_kid within groups needs a group with >= 2 pairs (>= 2 seeds per prompt)")
+    draws = group_draws(per_group.size, n_boot, seed)
+    return estimate(per_group.mean(), draws @ per_group / per_group.size, alpha)
+
+
+def within_group_values(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per group, its own U-statistic from block sums and counts (n_groups, n_groups): the
+    diagonal blocks, (n_groups,); NaN for a group with < 2 samples."""
+    diag = np.diag(counts)
+    return np.where(diag > 0, np.diag(sums) / np.maximum(diag, 1), np.nan)

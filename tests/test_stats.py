@@ -95,8 +95,13 @@ def test_paired_kid_is_the_paired_u_statistic_and_zero_for_identical_sets():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(9, 5)), rng.normal(0.3, 1.0, size=(9, 5))
     groups = [f"p{i % 3}" for i in range(9)]
-    assert paired_kid(x, y, groups, n_boot=50).value == pytest.approx(_direct_paired_kid(x, y))
+    pooled = paired_kid(x, y, groups, n_boot=50, within_groups=False)
+    assert pooled.value == pytest.approx(_direct_paired_kid(x, y))
+    per_prompt = [_direct_paired_kid(x[i::3], y[i::3]) for i in range(3)]
+    assert paired_kid(x, y, groups, n_boot=50).value == pytest.approx(np.mean(per_prompt))
     assert paired_kid(x, x.copy(), groups, n_boot=50) == Estimate(0.0, 0.0, 0.0)
+    with pytest.raises(UserError, match="2 seeds per prompt"):
+        paired_kid(x[:3], y[:3], ["a", "b", "c"])  # one pair per prompt: no within-prompt statistic
     assert paired_kid(torch.tensor(x), torch.tensor(y), groups, n_boot=50) == paired_kid(x, y, groups, n_boot=50)
 
 
@@ -108,11 +113,12 @@ def test_paired_kid_separates_shifted_sets_and_ignores_the_pairing():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(48, 8))
     groups = [f"p{i // 4}" for i in range(48)]
-    same = paired_kid(x, x + rng.normal(0, 0.05, x.shape), groups, n_boot=300)
-    shifted = paired_kid(x, x + 1.0, groups, n_boot=300)
-    assert abs(same.value) < 0.01 and shifted.lo > 10 * abs(same.value)
-    unpaired = paired_kid(x, rng.normal(size=(48, 8)) + 1.0, groups, n_boot=300)
-    assert unpaired.value == pytest.approx(shifted.value, rel=0.5)
+    for within in (True, False):
+        same = paired_kid(x, x + rng.normal(0, 0.05, x.shape), groups, n_boot=300, within_groups=within)
+        shifted = paired_kid(x, x + 1.0, groups, n_boot=300, within_groups=within)
+        assert abs(same.value) < 0.01 and shifted.lo > 10 * abs(same.value)
+        unpaired = paired_kid(x, rng.normal(size=(48, 8)) + 1.0, groups, n_boot=300, within_groups=within)
+        assert unpaired.lo < shifted.hi and shifted.lo < unpaired.hi  # the same distance, within noise
     with pytest.raises(UserError, match="same shape"):
         paired_kid(x, x[:5], groups)
 

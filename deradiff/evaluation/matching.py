@@ -5,12 +5,14 @@ to the one trained at beta0 / lambda_k?
 
 Each baseline k (trained at beta_k = beta0 / lambda_k) gives one test: the realigned samples at
 lambda_k are compared with every baseline's samples, on the same prompts and noise, by
-- kid: KID on the fidelity judge's features between the two sample sets, paired over prompt
-  and seed (deradiff.stats.paired_kid): a distance between distributions;
+- kid: KID on the fidelity judge's features between the two models' images of each prompt
+  (its seeds), paired over seed so shared noise is no false closeness, averaged over prompts
+  (deradiff.stats.paired_kid): a distance between distributions; needs >= 2 seeds per prompt;
 - every metric (rewards, fidelity, path KL): the paired gap realigned - retrained per prompt;
   its distance is |gap|.
 Realignment passes at lambda_k on a distance when the nearest baseline is baseline k (a tie is
-no pass); the matching accuracy counts the lambdas that pass. The evidence could come out the
+no pass); the matching accuracy counts the lambdas that pass. The aligned LoRA itself, given as
+a baseline, is a neighbour (a column) but no test (realignment at lambda 1 is it, exactly). The evidence could come out the
 other way: a realigned model that drifts like a neighbour fails.
 
 Scale: the distance to baseline k as a fraction of the spacing between baseline k and its
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deradiff.stats import block_replicates, estimate, group_draws, paired_kid_blocks
+from deradiff.stats import estimate, group_draws, paired_kid_blocks
 
 KID = "kid"  # the name of the distribution distance among the metrics' distances
 
@@ -72,25 +74,27 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def verdict_rows(dist: np.ndarray, boot: np.ndarray, between: np.ndarray, width: np.ndarray,
-                 to_distance: Callable[[float], float] = float) -> list[dict]:
-    """One verdict per lambda k: realigned at lambda k against baselines j = 0..J-1.
+                 to_distance: Callable[[float], float] = float, matches: Sequence[int] | None = None) -> list[dict]:
+    """One verdict per realigned lambda k against baselines j = 0..J-1 (ordered by lambda).
 
-    dist (K, J) distances with K == J (row k matches baseline k); boot (n_boot, K, J) their
-    bootstrap replicates; between (J, J) distances between baselines (adjacent ones used);
-    width (K,) the interval width of dist[k, k]; to_distance maps a distance to the units in
-    which fractions are taken (identity; sqrt for KID). Returns per k: nearest (index or None),
-    passed, match_rate, spacing, fraction (distance to k / spacing), width_over_spacing."""
+    dist (K, J) distances, row k matching baseline matches[k] (default k); boot (n_boot, K, J)
+    their bootstrap replicates; between (J, J) distances between baselines (adjacent ones used);
+    width (K,) the interval width of the distance to the matching baseline; to_distance maps a
+    distance to the units in which fractions are taken (identity; sqrt for KID). Returns per k:
+    nearest (index or None), passed, match_rate, spacing, fraction (distance to the matching
+    baseline / spacing), width_over_spacing."""
     spacing = adjacent_spacing(between)
+    matches = list(range(dist.shape[0])) if matches is None else list(matches)
     rows = []
-    for k in range(dist.shape[0]):
+    for k, m in enumerate(matches):
         near = nearest_index(dist[k])
         rows.append({
-            "nearest": near, "passed": near == k,
-            "match_rate": float(np.mean(np.argmin(boot[:, k, :], axis=1) == k)),
-            "spacing": None if not np.isfinite(spacing[k]) else float(spacing[k]),
-            "fraction": _ratio(to_distance(dist[k, k]), to_distance(spacing[k])) if np.isfinite(spacing[k]) else None,
+            "nearest": near, "passed": near == m,
+            "match_rate": float(np.mean(np.argmin(boot[:, k, :], axis=1) == m)),
+            "spacing": None if not np.isfinite(spacing[m]) else float(spacing[m]),
+            "fraction": _ratio(to_distance(dist[k, m]), to_distance(spacing[m])) if np.isfinite(spacing[m]) else None,
             "width": float(width[k]),
-            "width_over_spacing": _ratio(width[k], spacing[k]),
+            "width_over_spacing": _ratio(width[k], spacing[m]),
         })
     return rows
 
@@ -139,49 +143,51 @@ def gap_distances(metric: str, realigned: Sequence[SampleSet], retrained: Sequen
 
 def kid_distances(realigned: Sequence[SampleSet], retrained: Sequence[SampleSet], n_boot: int, alpha: float,
                   seed: int = 0) -> dict | None:
-    """Paired KID between realigned_k and retrained_j for all k, j, and between adjacent baselines,
-    on the (prompt, seed) pairs every set has; None without features or with < 2 pairs."""
+    """Per-prompt paired KID (deradiff.stats.paired_kid, within prompts) between realigned_k and
+    retrained_j for all k, j, and between adjacent baselines, on the (prompt, seed) pairs every
+    set has and the prompts with >= 2 of them; None without features or such prompts."""
     sets = [*realigned, *retrained]
     if any(s.features is None for s in sets):
         return None
-    keys = sorted(set.intersection(*(set(s.features) for s in sets)))
-    if len(keys) < 2:
+    keys = set.intersection(*(set(s.features) for s in sets))
+    by_prompt: dict[str, list] = {}
+    for key in sorted(keys):
+        by_prompt.setdefault(key[0], []).append(key)
+    prompts = sorted(p for p, ks in by_prompt.items() if len(ks) >= 2)
+    if not prompts:
         return None
-    prompts = sorted({p for p, _ in keys})
-    ids = np.array([prompts.index(p) for p, _ in keys])
+
+    def per_prompt(a: SampleSet, b: SampleSet) -> np.ndarray:
+        """(P,) the paired U-statistic of each prompt's seeds."""
+        out = np.empty(len(prompts))
+        for i, p in enumerate(prompts):
+            fx = np.stack([np.asarray(a.features[k], np.float64) for k in by_prompt[p]])
+            fy = np.stack([np.asarray(b.features[k], np.float64) for k in by_prompt[p]])
+            sums, counts = paired_kid_blocks(fx, fy, np.zeros(len(fx), dtype=int), 1)
+            out[i] = sums[0, 0] / counts[0, 0]
+        return out
+
+    values = np.stack([np.stack([per_prompt(r, b) for b in retrained]) for r in realigned])  # (K, J, P)
     draws = group_draws(len(prompts), n_boot, seed)
-
-    def stack(s: SampleSet) -> np.ndarray:
-        return np.stack([np.asarray(s.features[key], np.float64) for key in keys])
-
-    real, base = [stack(s) for s in realigned], [stack(s) for s in retrained]
-
-    def kid(fx, fy) -> tuple[float, np.ndarray]:
-        sums, counts = paired_kid_blocks(fx, fy, ids, len(prompts))
-        return float(sums.sum() / counts.sum()), block_replicates(sums, counts, draws)
-
-    K, J = len(real), len(base)
-    point, boot = np.zeros((K, J)), np.zeros((n_boot, K, J))
-    for k in range(K):
-        for j in range(J):
-            point[k, j], boot[:, k, j] = kid(real[k], base[j])
+    J = len(retrained)
     between = np.full((J, J), np.nan)
     for j in range(J - 1):
-        between[j, j + 1] = between[j + 1, j] = kid(base[j], base[j + 1])[0]
-    return {"kind": KID, "n_prompts": len(prompts), "n_pairs": len(keys), "point": point, "boot": boot,
+        between[j, j + 1] = between[j + 1, j] = per_prompt(retrained[j], retrained[j + 1]).mean()
+    return {"kind": KID, "n_prompts": len(prompts), "n_pairs": sum(len(by_prompt[p]) for p in prompts),
+            "point": values.mean(-1), "boot": np.einsum("bp,kjp->bkj", draws, values) / len(prompts),
             "between": between, "to_distance": lambda v: math.sqrt(max(float(v), 0.0)), "abs": False, "alpha": alpha}
 
 
-def _finish(raw: dict, labels: Sequence[str], lams: Sequence[float], n_seeds: int) -> dict:
+def _finish(raw: dict, labels: Sequence[str], lams: Sequence[float], matches: Sequence[int], n_seeds: int) -> dict:
     """Verdicts, accuracy and resolution of one distance, as JSON-ready data."""
     point, boot = raw["point"], raw["boot"]
-    ests = [[estimate(point[k, j], boot[:, k, j], raw["alpha"]) for j in range(len(labels))] for k in range(len(lams))]
-    width = np.array([ests[k][k].hi - ests[k][k].lo for k in range(len(lams))])
+    ests = [[estimate(point[k, j], boot[:, k, j], raw["alpha"]) for j in range(len(labels))] for k in range(len(matches))]
+    width = np.array([ests[k][m].hi - ests[k][m].lo for k, m in enumerate(matches)])
     dist, dboot = (np.abs(point), np.abs(boot)) if raw["abs"] else (point, boot)
-    verdicts = verdict_rows(dist, dboot, raw["between"], width, raw["to_distance"])
+    verdicts = verdict_rows(dist, dboot, raw["between"], width, raw["to_distance"], matches)
     rows = []
-    for k, v in enumerate(verdicts):
-        rows.append({"lam": lams[k], "baseline": labels[k],
+    for k, (m, v) in enumerate(zip(matches, verdicts, strict=True)):
+        rows.append({"lam": lams[m], "baseline": labels[m],
                      "to": {labels[j]: list(ests[k][j]) for j in range(len(labels))},
                      **v, "nearest": None if v["nearest"] is None else labels[v["nearest"]]})
     passed = sum(r["passed"] for r in rows)
@@ -189,30 +195,33 @@ def _finish(raw: dict, labels: Sequence[str], lams: Sequence[float], n_seeds: in
             "resolution": resolution([r["width_over_spacing"] for r in rows], raw["n_prompts"], n_seeds)}
 
 
-def match(baselines: Sequence[dict], realigned: Sequence[SampleSet], retrained: Sequence[SampleSet], n_seeds: int,
-          n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict | None:
+def match(baselines: Sequence[dict], realigned: Sequence[SampleSet | None], retrained: Sequence[SampleSet],
+          n_seeds: int, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict | None:
     """The matching record of `baselines` (dicts with label, lam, beta), each with the realigned
-    samples at its lambda and its own samples (same order). None with fewer than 2 baselines
-    (then every realigned model is trivially nearest its own)."""
-    if len(baselines) < 2:
+    samples at its lambda (None: a neighbour only, not tested, e.g. the aligned LoRA itself, which
+    realignment at lambda 1 reproduces exactly) and its own samples, in the same order. None with
+    fewer than 2 baselines (every realigned model would be trivially nearest its own) or none tested."""
+    if len(baselines) < 2 or all(r is None for r in realigned):
         return None
     order = sorted(range(len(baselines)), key=lambda i: baselines[i]["lam"])
     bases = [baselines[i] for i in order]
-    real, base = [realigned[i] for i in order], [retrained[i] for i in order]
+    matches = [j for j, i in enumerate(order) if realigned[i] is not None]
+    real, base = [realigned[order[j]] for j in matches], [retrained[i] for i in order]
     labels, lams = [b["label"] for b in bases], [float(b["lam"]) for b in bases]
     distances: dict[str, dict] = {}
     raw = kid_distances(real, base, n_boot, alpha, seed)
     if raw is not None:
-        distances[KID] = _finish(raw, labels, lams, n_seeds)
+        distances[KID] = _finish(raw, labels, lams, matches, n_seeds)
     metrics = sorted({m for s in [*real, *base] for m in s.per_prompt})
     for metric in metrics:
         raw = gap_distances(metric, real, base, n_boot, alpha, seed)
         if raw is not None:
-            distances[metric] = _finish(raw, labels, lams, n_seeds)
+            distances[metric] = _finish(raw, labels, lams, matches, n_seeds)
     if not distances:
         return None
     primary = KID if KID in distances else next((m for m in distances if m.startswith("reward/")), next(iter(distances)))
-    return {"baselines": [{"label": b["label"], "lam": float(b["lam"]), "beta": b.get("beta")} for b in bases],
+    return {"baselines": [{"label": b["label"], "lam": float(b["lam"]), "beta": b.get("beta"), "tested": j in matches}
+                          for j, b in enumerate(bases)],
             "n_seeds": n_seeds, "alpha": alpha, "primary": primary, "accuracy": distances[primary]["accuracy"],
             "distances": distances}
 

@@ -128,8 +128,14 @@ def matching(ev: Evaluator, table: Table, rows: list[dict], lams: dict, n_boot: 
     baselines = [{"label": ev.baselines[arm].label, "lam": lams[arm].value, "beta": ev.baselines[arm].beta}
                  for arm in arms]
     n_seeds = len({r["seed"] for r in rows if r["arm"] == REALIGNED})
-    return match(baselines, [sample_set((REALIGNED, lams[arm].name)) for arm in arms],
-                 [sample_set((arm, lams[arm].name)) for arm in arms], n_seeds, n_boot, alpha)
+    # The aligned LoRA given as a baseline is realignment at lambda 1 exactly: a neighbour, not a test.
+    aligned = getattr(getattr(ev, "aligned", None), "file", None)
+
+    def is_aligned(arm: str) -> bool:
+        return aligned is not None and Path(ev.baselines[arm].file).resolve() == Path(aligned).resolve()
+
+    realigned = [None if is_aligned(arm) else sample_set((REALIGNED, lams[arm].name)) for arm in arms]
+    return match(baselines, realigned, [sample_set((arm, lams[arm].name)) for arm in arms], n_seeds, n_boot, alpha)
 
 
 def image_features(rows: list[dict], out: Path, judge, batch: int = 256) -> dict | None:
@@ -225,7 +231,8 @@ def search_check(record: dict, search: dict, selected: str | None = None) -> dic
             "best_lambda": None if best is None else rows[best]["lam"],
             "best_retrained": None if best is None else rows[best][metric],
             "within_best_interval": within, "passed": bool(within and meets),
-            "inside_sweep_range": min(lams) <= chosen <= max(lams)}
+            "inside_sweep_range": min(lams) <= chosen <= max(lams),
+            "at_chosen_lambda": abs(math.log(rows[pick]["lam"] / chosen)) < 0.01}
 
 
 def format_search_check(check: dict) -> str:
@@ -235,6 +242,8 @@ def format_search_check(check: dict) -> str:
     where = "" if check["inside_sweep_range"] else " (outside the sweep's lambda range, so the nearest baseline stands in)"
     who = ("the run retrained at beta0 / lambda*" if check.get("source") == "selected"
            else f"the nearest baseline, lambda {check['nearest_lambda']:g}")
+    if check.get("source") == "selected" and not check.get("at_chosen_lambda", True):
+        who += f" (trained at lambda {check['nearest_lambda']:g}, not the chosen one)"
     text = (f"search: chose lambda {check['chosen_lambda']:g}{where}" + (f" under {budgets}" if budgets else "")
             + f"; retrained {check['metric']} of {who} is {est[0]:.4g} [{est[1]:.3g}, {est[2]:.3g}]")
     if budgets:

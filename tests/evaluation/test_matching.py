@@ -122,3 +122,22 @@ def test_match_needs_two_baselines_and_reports_unresolved_sizes():
     assert not res["large_enough"] and res["width_over_spacing"] > 1.5
     assert res["needed_prompts"] == pytest.approx(len(PROMPTS) * res["width_over_spacing"] ** 2, abs=1)
     assert "NOT large enough" in format_matching(record)
+
+
+def test_a_neighbour_only_baseline_is_a_column_but_not_a_test():
+    """The aligned LoRA (lambda 1) given as a baseline: no row of its own, but the realigned model
+    at lambda 2 that only drifted as far as lambda 1 is caught by it."""
+    bases = [*BASELINES[:1], {"label": "lambda-1", "lam": 1.0, "beta": 1.0}, *BASELINES[1:]]
+    levels = {0.5: 0.0, 1.0: 0.5, 2.0: 1.0, 4.0: 2.0}
+    retrained = [sample_set(levels[b["lam"]], seed=i) for i, b in enumerate(bases)]
+    realigned = [sample_set(levels[b["lam"]] + 0.05, seed=10 + i) if b["lam"] != 1.0 else None
+                 for i, b in enumerate(bases)]
+    record = match(bases, realigned, retrained, n_seeds=len(SEEDS), n_boot=200)
+    rows = record["distances"][KID]["rows"]
+    assert [r["lam"] for r in rows] == [0.5, 2.0, 4.0] and record["accuracy"] == [3, 3]
+    assert all("lambda-1" in r["to"] for r in rows)
+    assert [b["tested"] for b in record["baselines"]] == [True, False, True, True]
+    realigned[2] = sample_set(levels[1.0] + 0.05, seed=12)  # lambda 2 drifted only as far as lambda 1
+    bad = match(bases, realigned, retrained, n_seeds=len(SEEDS), n_boot=200)
+    assert bad["accuracy"] == [2, 3] and bad["distances"][KID]["rows"][1]["nearest"] == "lambda-1"
+    assert match(bases, [None] * 4, retrained, n_seeds=3) is None

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from deradiff.errors import UserError
 from deradiff.evaluation.baselines import baseline_lambda, check_baselines, lora_run
 from deradiff.evaluation.lams import constant
-from deradiff.evaluation.results import LORA_SCALE, REALIGNED, RETRAINED
+from deradiff.evaluation.results import LORA_SCALE, REALIGNED, RETRAINED, SET_METRICS
 from deradiff.evaluation.validate import (
     compute_ratio,
     format_search_check,
@@ -204,6 +204,11 @@ class FeatureJudge:
     def features(self, images):
         return images.mean(dim=(2, 3))
 
+    def metrics(self, images, prompts, n_boot=1):  # no set metrics of its own
+        from deradiff.stats import Estimate
+
+        return {m: Estimate(float("nan"), float("nan"), float("nan")) for m in SET_METRICS}
+
 
 def _png(root, rel, value):
     import numpy as np
@@ -224,9 +229,10 @@ def test_image_features_come_from_the_stored_pngs(tmp_path):
 
 
 class ImageStubEvaluator(StubEvaluator):
-    """StubEvaluator whose rows have stored PNGs: gray level 60 + 40 * log2(lam / 0.5) + prompt and
-    seed effects for every arm, so realigned and retrained at the same lambda look alike; with
-    `swap`, the baselines' images are those of the other lambda (a baseline set that does not match)."""
+    """StubEvaluator with 2 seeds and stored PNGs: gray level 60 + 40 * log2(lam / 0.5) + prompt
+    and seed effects for every arm (+2 for realigned), so realigned and retrained at the same
+    lambda look alike; with `swap`, the baselines' images are those of the other lambda (a
+    baseline set that does not match)."""
 
     def __init__(self, tmp_path, swap=False):
         super().__init__(tmp_path)
@@ -238,14 +244,18 @@ class ImageStubEvaluator(StubEvaluator):
     def ensure(self, arm, lams, prompt_ids=None):
         import math
 
-        rows = super().ensure(arm, lams, prompt_ids)
-        for row in rows:
-            lam = float(row["lam"])
-            if self.swap and arm.startswith(RETRAINED):
-                lam = 2.5 - lam  # 0.5 <-> 2
-            level = 60 + 40 * math.log2(lam / 0.5) + 3 * (row["prompt_id"] % 4) + (2 if arm == REALIGNED else 0)
-            row["image"] = f"images/{arm.replace(':', '-')}/lam={row['lam']}/p{row['prompt_id']}.png"
-            _png(self.out, row["image"], int(level))
+        rows = []
+        for seed in (0, 1):
+            for row in super().ensure(arm, lams, prompt_ids):
+                row = {**row, "seed": seed}
+                lam = float(row["lam"])
+                if self.swap and arm.startswith(RETRAINED):
+                    lam = 2.5 - lam  # 0.5 <-> 2
+                level = 60 + 40 * math.log2(lam / 0.5) + 3 * (row["prompt_id"] % 4) + 5 * seed + 2 * (arm == REALIGNED)
+                row["image"] = f"images/{arm.replace(':', '-')}/lam={row['lam']}/p{row['prompt_id']}_s{seed}.png"
+                _png(self.out, row["image"], int(level))
+                self.rows[(arm, row["lam"], row["prompt"], seed)] = row
+                rows.append(row)
         return rows
 
 
@@ -262,3 +272,84 @@ def test_validate_matching_on_stored_images_passes_and_fails(tmp_path):
     assert "matching (kid): the nearest baseline is the matching one for 0/2 lambdas" in text
     md = "\n".join(validation_markdown(bad_record))
     assert "### Matching" in md and "accuracy 0/2" in md
+
+
+# -- the reduced end-to-end run of scripts/toy_matching.sh -----------------------------------------
+
+
+def _scaled_loras(root, strength=0.2):
+    """On the shipped toy pipeline: a random LoRA (the aligned one, beta0 = 1) and copies of it with
+    B scaled by s, saved at beta = 1 / s: weight scaling by s stands in for retraining at
+    beta0 / s (close to output mixing by s for a weak LoRA at s <= 1)."""
+    import torch
+
+    from deradiff.models import add_lora, save_lora
+    from deradiff.toy.pipeline import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    torch.manual_seed(0)
+    add_lora(pipe.unet, rank=4)
+    gen = torch.Generator().manual_seed(1)
+    b = {k: torch.randn(p.shape, generator=gen) * strength for k, p in pipe.unet.named_parameters() if "lora_B" in k}
+
+    def save(name, scale, beta):
+        with torch.no_grad():
+            for k, p in pipe.unet.named_parameters():
+                if k in b:
+                    p.copy_(b[k] * scale)
+        save_lora(pipe, root / name / "lora", metadata={"beta": beta, "base": "toy", "method": "dpo"})
+        (root / name / "summary.json").write_text(json.dumps({"wall_s": 10.0}))
+        return root / name
+
+    runs = {name: save(name, scale, beta) for name, scale, beta in [
+        ("aligned", 1.0, 1.0), ("lambda-0.25", 0.25, 4.0), ("lambda-0.75", 0.75, 4 / 3), ("lambda-0.5", 0.5, 2.0),
+        # a baseline set that does not match: each claims the other's beta
+        ("claims-0.25", 0.75, 4.0), ("claims-0.75", 0.25, 4 / 3)]}
+    return runs
+
+
+@pytest.mark.slow
+def test_matching_end_to_end_on_the_toy_world_passes_and_fails(tmp_path, one_thread):
+    """evaluate -> search under a path-KL budget -> validate (matching table, selection check) ->
+    report, on the shipped toy pipeline with 4 DDIM steps; then a baseline set whose betas are
+    swapped, on which matching FAILS."""
+    from deradiff.cli import main
+    from deradiff.evaluation.results import RESULTS, read_rows
+
+    runs = _scaled_loras(tmp_path)
+    out = tmp_path / "eval"
+    common = ["--pipeline", "toy", "--lora", str(runs["aligned"]), "--prompts", "toy:test", "--max-prompts", "8",
+              "--seeds", "0", "1", "2", "--steps", "4", "--scheduler", "ddim", "--eta", "1.0", "--reward", "toy",
+              "--n-boot", "200", "--out", str(out)]
+    assert main(["evaluate", *common, "--lam", "0.25"]) == 0
+    kl = [r["path_kl"] for r in read_rows(out / RESULTS) if r["lam"] == "0.25"]
+    budget = 6 * sum(kl) / len(kl)  # path KL ~ lambda^2: lambda 0.5 (4x) fits, 0.75 (9x) does not
+    assert main(["search", *common, "--grid", "0.25", "0.5", "0.75", "1", "--refine", "0", "--maximize", "reward/toy",
+                 "--max-path-kl", f"{budget:.6g}"]) == 0
+    search = json.loads((out / "search.json").read_text())
+    assert search["max_path_kl"] == pytest.approx(budget, rel=1e-5) and search["chosen_lambda"] in (0.25, 0.5)
+    assert all((p["objective"] == float("-inf")) == (p["path_kl"] > budget) for p in search["evaluated"])
+
+    baselines = [str(runs[n]) for n in ("aligned", "lambda-0.25", "lambda-0.75")]
+    assert main(["validate", *common, "--baselines", *baselines, "--selected", str(runs["lambda-0.5"]),
+                 "--no-lora-scale"]) == 0
+    record = json.loads((out / "validation.json").read_text())
+    matching = record["matching"]
+    assert [(b["label"], b["tested"]) for b in matching["baselines"]] == [
+        ("lambda-0.25", True), ("lambda-0.75", True), ("aligned", False)]  # the selected run is no column
+    assert matching["primary"] == "kid" and matching["accuracy"] == [2, 2]
+    check = record["search_check"]
+    assert check["source"] == "selected" and check["nearest_lambda"] == 0.5 and check["meets_budget"] is True
+    assert "lambda-0.75" not in check["feasible"] and "aligned" not in check["feasible"]
+    assert "### Matching" in (out / "validation.md").read_text()
+
+    swapped = [str(runs[n]) for n in ("aligned", "claims-0.25", "claims-0.75")]
+    assert main(["validate", *common, "--baselines", *swapped, "--no-lora-scale"]) == 0
+    failed = json.loads((out / "validation.json").read_text())["matching"]
+    assert failed["accuracy"] == [0, 2]
+    assert [r["nearest"] for r in failed["distances"]["kid"]["rows"]] == ["claims-0.75", "claims-0.25"]
+
+    assert main(["report", "--eval", str(out), "--n-boot", "100"]) == 0
+    text = (out / "report" / "report.md").read_text()
+    assert "matching (kid): the nearest baseline is the matching one for 0/2 lambdas" in text
+    assert "Path-KL budget:" in text and (out / "report" / "matching.csv").stat().st_size > 0
