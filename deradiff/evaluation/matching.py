@@ -237,14 +237,18 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _count(n: int) -> str:
+    return f"{n:.2g}" if n >= 100_000 else str(n)
+
+
 def _size(res: dict) -> str:
-    """'P prompts x S seeds' the resolution asks for (the current one when large enough)."""
+    """The size the resolution asks for: 'P prompts x S seeds' (the current one when large enough)."""
     if res["needed_prompts"] is None:
-        return "none resolves it"
+        return "no size: adjacent baselines do not differ on it"
     if res["large_enough"]:
         return f"{res['n_prompts']} prompts x {res['n_seeds']} seeds (as run)"
-    return (f"~{res['needed_prompts']} prompts x {res['n_seeds']} seeds (~{res['needed_images']} images per arm; "
-            f"now {res['n_prompts']} x {res['n_seeds']})")
+    return (f"~{_count(res['needed_prompts'])} prompts x {res['n_seeds']} seeds (~{_count(res['needed_images'])} "
+            f"images per arm; now {res['n_prompts']} x {res['n_seeds']})")
 
 
 def verdict_sentence(record: dict) -> str:
@@ -253,7 +257,7 @@ def verdict_sentence(record: dict) -> str:
     passed, total = d["accuracy"]
     res = d["resolution"]
     size = ("large enough to resolve adjacent baselines" if res["large_enough"]
-            else "NOT large enough to resolve adjacent baselines (" + _size(res) + " needed)")
+            else "NOT large enough to resolve adjacent baselines (needed: " + _size(res) + ")")
     return (f"matching ({record['primary']}): the nearest baseline is the matching one for {passed}/{total} lambdas; "
             f"the evaluation was {size}")
 
@@ -272,7 +276,7 @@ def format_matching(record: dict) -> str:
         res = dist["resolution"]
         lines.append(f"{name}: nearest is the matching baseline for {dist['accuracy'][0]}/{dist['accuracy'][1]}; "
                      f"interval width / spacing {_num(res['width_over_spacing'])}: "
-                     + ("large enough" if res["large_enough"] else "NOT large enough, needs " + _size(res)))
+                     + ("large enough" if res["large_enough"] else "NOT large enough; needed: " + _size(res)))
     lines.append(verdict_sentence(record))
     return "\n".join(lines)
 

@@ -110,7 +110,7 @@ def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: 
     matched = {arm: lam for arm, lam in lams.items() if arm != selected}
     return {"beta0": ev.beta0, "alpha": alpha,
             "baselines": [{"label": b.label, "lam": lams[arm].value, "beta": b.beta, "path": b.path, "wall_s": b.wall_s,
-                           "selected": arm == selected} for arm, b in ev.baselines.items()],
+                           "selected": arm == selected, "aligned": is_aligned(ev, arm)} for arm, b in ev.baselines.items()],
             "comparisons": comparisons, "per_metric": _per_metric(comparisons),
             "matching": matching(ev, table, rows, matched, n_boot, alpha)}
 
@@ -129,13 +129,14 @@ def matching(ev: Evaluator, table: Table, rows: list[dict], lams: dict, n_boot: 
                  for arm in arms]
     n_seeds = len({r["seed"] for r in rows if r["arm"] == REALIGNED})
     # The aligned LoRA given as a baseline is realignment at lambda 1 exactly: a neighbour, not a test.
-    aligned = getattr(getattr(ev, "aligned", None), "file", None)
-
-    def is_aligned(arm: str) -> bool:
-        return aligned is not None and Path(ev.baselines[arm].file).resolve() == Path(aligned).resolve()
-
-    realigned = [None if is_aligned(arm) else sample_set((REALIGNED, lams[arm].name)) for arm in arms]
+    realigned = [None if is_aligned(ev, arm) else sample_set((REALIGNED, lams[arm].name)) for arm in arms]
     return match(baselines, realigned, [sample_set((arm, lams[arm].name)) for arm in arms], n_seeds, n_boot, alpha)
+
+
+def is_aligned(ev: Evaluator, arm: str) -> bool:
+    """Whether baseline `arm` is the aligned LoRA itself (the same file)."""
+    aligned = getattr(getattr(ev, "aligned", None), "file", None)
+    return aligned is not None and Path(ev.baselines[arm].file).resolve() == Path(aligned).resolve()
 
 
 def image_features(rows: list[dict], out: Path, judge, batch: int = 256) -> dict | None:
@@ -171,9 +172,11 @@ def _per_metric(comparisons: list[dict]) -> dict:
 
 def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_source: str = "search.json") -> dict:
     """The sweep's training seconds against the search's sampling seconds (from the search
-    record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas)."""
-    walls = [b["wall_s"] for b in record["baselines"] if not b.get("selected")]
-    unknown = [b["label"] for b in record["baselines"] if b["wall_s"] is None and not b.get("selected")]
+    record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas).
+    The sweep is the baselines other than the aligned LoRA (trained either way) and a --selected run."""
+    sweep = [b for b in record["baselines"] if not b.get("selected") and not b.get("aligned")]
+    walls = [b["wall_s"] for b in sweep]
+    unknown = [b["label"] for b in sweep if b["wall_s"] is None]
     sweep_s = sum(w for w in walls if w is not None)
     if search is not None:
         search_s = float(search["cost"]["sample_s"])

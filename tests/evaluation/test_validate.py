@@ -342,6 +342,8 @@ def test_matching_end_to_end_on_the_toy_world_passes_and_fails(tmp_path, one_thr
     assert check["source"] == "selected" and check["nearest_lambda"] == 0.5 and check["meets_budget"] is True
     assert "lambda-0.75" not in check["feasible"] and "aligned" not in check["feasible"]
     assert "### Matching" in (out / "validation.md").read_text()
+    # the sweep is the two baselines (10 s each): not the aligned LoRA, not the --selected run
+    assert record["compute"]["sweep_train_s"] == 20.0 and record["compute"]["sweep_runs"] == 2
 
     swapped = [str(runs[n]) for n in ("aligned", "claims-0.25", "claims-0.75")]
     assert main(["validate", *common, "--baselines", *swapped, "--no-lora-scale"]) == 0
