@@ -288,8 +288,9 @@ def matching_markdown(record: dict, table: Callable[[Sequence[str], Sequence[Seq
     level = f"{1 - record['alpha']:.0%}"
     parts = ["### Matching: is the nearest baseline the one trained at beta0 / lambda?", "",
              "Rows: the realigned model at lambda; columns: every retrained baseline, on the same prompts and noise. "
-             f"Entries: the distance with its {level} bootstrap interval over prompts (KID: paired KID on the judge's "
-             "features; a metric: the paired gap realigned - retrained), **bold** the nearest. Pass: the nearest is "
+             f"Entries: the distance with its {level} bootstrap interval over prompts (KID: per prompt, between the "
+             "two models' images of its seeds on the judge's features, paired over seeds, averaged over prompts; "
+             "a metric: the paired gap realigned - retrained), **bold** the nearest. Pass: the nearest is "
              "the matching baseline. 'to match / spacing': the distance to the matching baseline over the distance "
              "between it and its nearer neighbour in lambda (KID in MMD units, sqrt(KID)); below 0.5 is nearer "
              "its own baseline than halfway to the neighbour. 'match rate': share of bootstrap resamples of the "

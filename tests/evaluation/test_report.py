@@ -102,3 +102,34 @@ def test_report_cli_and_errors(eval_dir, tmp_path, capsys):
 
 def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_report_shows_the_matching_test_and_the_path_kl_budget(eval_dir, tmp_path):
+    """A validation record with a matching table (one lambda fails) and a search under a path-KL
+    budget: the report says both, and writes matching.csv."""
+    import shutil
+
+    from deradiff.evaluation.matching import SampleSet, match
+
+    folder = tmp_path / "eval"
+    shutil.copytree(eval_dir, folder)
+    bases = [{"label": "lambda-0.5", "lam": 0.5, "beta": 2000.0}, {"label": "lambda-2", "lam": 2.0, "beta": 500.0}]
+    prompts = [f"p{i}" for i in range(6)]
+
+    def model(level):
+        return SampleSet({"reward/toy": {p: level + 0.01 * i for i, p in enumerate(prompts)}})
+
+    validation = json.loads((folder / "validation.json").read_text())
+    # realigned at lambda 2 lands on the lambda-0.5 baseline: matching fails there
+    validation["matching"] = match(bases, [model(0.5), model(0.5)], [model(0.5), model(2.0)], n_seeds=2, n_boot=50)
+    write_json(folder / "validation.json", validation)
+    search = json.loads((folder / "search.json").read_text())
+    search.update(max_path_kl=30.0, budgets=[["path_kl", "<=", 30.0]], budget_met_rate=0.9)
+    write_json(folder / "search.json", search)
+    text = build_report(folder, tmp_path / "report", n_boot=50).read_text()
+    assert "### Matching" in text and "the nearest baseline is the matching one for 1/2 lambdas" in text
+    assert "| 2 | **0 [0, 0]** | -1.5 [-1.5, -1.5] | lambda-0.5 | **no** |" in text
+    assert "Path-KL budget: 30 nats per sample; the chosen lambda's mean path KL is 22.5 nats" in text
+    with open(tmp_path / "report" / "matching.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 and {r["distance"] for r in rows} == {"reward/toy"}
