@@ -133,6 +133,7 @@ def test_path_kl_budget_is_first_class(tmp_path):
     records it: path_kl = 10 lam^2 <= 22.5 allows lambda <= 1.5 while reward grows with lambda."""
     obj = parse_objective("reward/x", [], [], max_path_kl=22.5)
     assert obj.budgets == [("path_kl", "<=", 22.5)] and obj.describe() == "maximize reward/x subject to path_kl <= 22.5"
+    assert parse_objective("reward/x", ["path_kl<=22.5"], []) == obj  # the budget grammar says the same
     record = search(StubEvaluator(tmp_path, lambda lam, i: lam + 0.01 * i), [0, 1, 2, 4], obj, refine=10, n_boot=200)
     assert 1.4 <= record["chosen_lambda"] <= 1.5 and record["max_path_kl"] == 22.5
     assert record["budgets"] == [["path_kl", "<=", 22.5]] and record["maximize"] == "reward/x"
