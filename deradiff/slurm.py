@@ -8,7 +8,8 @@
         --search-args "--grid 0 0.5 1 2 4 --maximize reward/toy"
 
 Everything a job would fail on after hours in the queue fails here in seconds: the recipe is
-loaded, validated and preflighted (data files, optional packages), the batch split over
+loaded, validated and preflighted (data files open as parquet with the Pick-a-Pic columns, prompt
+files, optional packages; recipe warnings printed), the batch split over
 nodes x processes is checked, the accelerate config must exist, and a run directory holding a
 different recipe is refused. The scripts submitted are slurm/align.sbatch, slurm/sweep.sbatch
 and slurm/search.sbatch (see them for what runs on the nodes); job ids are printed.
