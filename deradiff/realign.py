@@ -17,6 +17,16 @@ code is copied; any scheduler that consumes the model output linearly works unch
     with realigned(pipe, lam=2.0) as denoiser:
         images = pipe(prompts, generator=torch.Generator().manual_seed(0)).images
     print(path_kl(denoiser.records, pipe.scheduler, guidance_scale=7.5))
+
+Several rewards (docs/method.md section 2, "Several rewards"): LoRAs aligned once each to one
+reward, loaded as named adapters, mixed with a lambda vector
+
+    out = (1 - sum_i lam_i) * out_ref + sum_i lam_i * out_i      (out_i: adapter i alone)
+
+    pipe.load_lora_weights(color_dir, adapter_name="color")
+    pipe.load_lora_weights(contrast_dir, adapter_name="contrast")
+    with realigned(pipe, lam={"color": 1.5, "contrast": 0.5}) as denoiser:   # or "color=1.5,contrast=0.5"
+        images = pipe(prompts).images
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -140,14 +152,128 @@ def emulated_beta(beta0: float, lam: float) -> float:
     return beta0 / lam
 
 
+# -- lambda vectors: several adapters, one lambda each ---------------------------------------------
+
+# peft's mixed-batch routing reserves "__base__" for rows without any adapter.
+_RESERVED_ADAPTER = "__base__"
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+# Pairs are split at a comma followed by NAME=; commas inside a schedule ("linear:0,2") are not.
+_PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_.-]*\s*=)")
+_VECTOR_FORMAT = ("write ADAPTER=LAMBDA pairs separated by commas, e.g. color=1.5,contrast=0.5 "
+                  "(a LAMBDA may be a schedule: color=linear:0,2)")
+
+
+@dataclass(frozen=True)
+class LambdaVector:
+    """One lambda (a LambdaSchedule) per LoRA adapter name: multi-objective realignment.
+
+    The realigned output is (1 - sum_i lam_i(t)) * out_ref + sum_i lam_i(t) * out_i, where out_i
+    is the model with adapter i alone (docs/method.md section 2, "Several rewards"). `items`
+    holds (adapter name, schedule) pairs sorted by name, so equal vectors compare, hash and print
+    equal whatever order they were written in. str() is the canonical form, e.g.
+    "color=1.5,contrast=0.5" (numbers as `:g` writes them unless that loses digits), and
+    parse_lambda_vector(str(v)) == v: usable as a results-table key. Values may be negative (the
+    library accepts what parse_lambda accepts); commands that take vectors must refuse a negative
+    lambda_i, as deradiff.evaluation.lams does for scalars.
+    Adapter names: letters, digits, "_", "." and "-", not starting with a digit; "__base__" is
+    reserved by peft.
+    """
+
+    items: tuple[tuple[str, LambdaSchedule], ...]
+
+    def __post_init__(self):
+        items = tuple(sorted(((str(n), parse_lambda(v)) for n, v in self.items), key=lambda item: item[0]))
+        if not items:
+            raise UserError(f"a lambda vector needs at least one adapter: {_VECTOR_FORMAT}")
+        names = [n for n, _ in items]
+        for name in names:
+            if not _ADAPTER_NAME.fullmatch(name) or name == _RESERVED_ADAPTER:
+                raise UserError(f"adapter name {name!r} in a lambda vector: use letters, digits, '_', '.' and '-', "
+                                f"not starting with a digit, and not {_RESERVED_ADAPTER!r}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise UserError(f"adapter {duplicates[0]!r} is given twice in a lambda vector: give each adapter one lambda")
+        object.__setattr__(self, "items", items)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The adapter names, sorted."""
+        return tuple(n for n, _ in self.items)
+
+    def __getitem__(self, name: str) -> LambdaSchedule:
+        return dict(self.items)[name]
+
+    def __call__(self, t: float, num_train_timesteps: int = 1000) -> dict[str, float]:
+        """{adapter name: lam_i(t)} at a timestep on the training axis (see LambdaSchedule)."""
+        return {n: schedule(t, num_train_timesteps) for n, schedule in self.items}
+
+    def constants(self) -> dict[str, float] | None:
+        """{adapter name: lam_i} when every lambda is a constant, else None."""
+        if any(s.kind != "constant" for _, s in self.items):
+            return None
+        return {n: s.start for n, s in self.items}
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={_schedule_text(s)}" for n, s in self.items)
+
+
+def _number_text(x: float) -> str:
+    """`:g` (how lambda table keys are written) unless that loses digits; then repr."""
+    text = f"{x:g}"
+    return text if float(text) == x else repr(float(x))
+
+
+def _schedule_text(schedule: LambdaSchedule) -> str:
+    """LambdaSchedule.__str__ with every number written exactly."""
+    if schedule.kind == "constant":
+        return _number_text(schedule.start)
+    suffix = f"@{_number_text(schedule.switch_t)}" if schedule.kind == "step" else ""
+    return f"{schedule.kind}:{_number_text(schedule.start)},{_number_text(schedule.end)}{suffix}"
+
+
+def parse_lambda_vector(spec: str | Mapping[str, float | str | LambdaSchedule] | LambdaVector) -> LambdaVector:
+    """A LambdaVector from "color=1.5,contrast=linear:0,2", a dict {adapter: lambda} (values as
+    parse_lambda takes them) or a LambdaVector. UserError (one line) for an empty vector, a pair
+    without "=", a bad or repeated adapter name, or a lambda parse_lambda refuses (non-finite
+    included). Negative values are accepted here; commands must refuse them (see LambdaVector)."""
+    if isinstance(spec, LambdaVector):
+        return spec
+    if isinstance(spec, Mapping):
+        return LambdaVector(tuple(_vector_item(name, value) for name, value in spec.items()))
+    text = str(spec).strip()
+    pairs = [p.strip() for p in _PAIR_SPLIT.split(text)] if text else []
+    if not pairs or any("=" not in p for p in pairs):
+        raise UserError(f"cannot read lambda vector {text!r}: {_VECTOR_FORMAT}")
+    return LambdaVector(tuple(_vector_item(*(part.strip() for part in p.split("=", 1))) for p in pairs))
+
+
+def _vector_item(name, value) -> tuple[str, LambdaSchedule]:
+    try:
+        return str(name), parse_lambda(value)
+    except UserError as err:
+        raise UserError(f"adapter {name!r} in a lambda vector: {err}") from None
+
+
+def is_lambda_vector(spec) -> bool:
+    """Whether `spec` means a lambda vector (a LambdaVector, a mapping, or text with "=")."""
+    return isinstance(spec, (LambdaVector, Mapping)) or (isinstance(spec, str) and "=" in spec)
+
+
 @dataclass
 class StepRecord:
     """What one denoiser call saw: timestep (on the scheduler's axis, see
-    RealignedDenoiser.schedule_timestep), lam, and aligned - reference output per row."""
+    RealignedDenoiser.schedule_timestep), lam and delta, with mixed - reference = lam * delta.
+
+    Scalar lambda: lam = lam(t) and delta = aligned - reference output per row.
+    Lambda vector: lam = 1.0 and delta = sum_i lam_i(t) * (out_i - out_ref), the combined
+    shift, with the per-adapter values in `lams` ({adapter: lam_i(t)}; None for a scalar). Either
+    way path_kl reads lam^2 * ||c_t * delta||^2 / (2 sigma_t^2) and needs nothing else.
+    """
 
     timestep: float
     lam: float
-    delta: torch.Tensor  # (B, ...) aligned minus reference output, float32, on CPU
+    delta: torch.Tensor  # (B, ...) float32, on CPU: see the class docstring
+    lams: dict[str, float] | None = None
 
 
 @dataclass
@@ -161,17 +287,26 @@ class _Batch:
 
 
 class RealignedDenoiser(nn.Module):
-    """A denoiser returning (1 - lam(t)) * reference + lam(t) * aligned.
+    """A denoiser returning (1 - lam(t)) * reference + lam(t) * aligned, or with a lambda vector
+    (1 - sum_i lam_i(t)) * reference + sum_i lam_i(t) * out_i.
 
     Args:
         aligned: the adapted model (a diffusers UNet/transformer, with a peft LoRA in LoRA mode).
-        lam: float, schedule string or LambdaSchedule; lam > 1 extrapolates.
+        lam: float, schedule string or LambdaSchedule; lam > 1 extrapolates. Or a lambda vector
+            (a dict {adapter name: lambda}, "color=1.5,contrast=0.5" or a LambdaVector, see
+            parse_lambda_vector): out_i is the model with adapter i alone (at its current peft
+            scaling), whatever adapters are active; LoRA mode only. The user's active adapters and
+            enabled flags are restored after every call. Adapters whose lambda is 0 at a step are
+            not evaluated at that step.
         reference: a second full model (two-model mode); None means the aligned model with its
             adapters disabled (LoRA mode: one set of base weights in memory).
-        mode: "two_forward" (two calls) or "mixed_batch" (one call on the doubled batch with the
-            adapter active on the second half only; LoRA mode with exactly one active adapter,
-            because peft routes one adapter name per batch row).
-        record: keep a StepRecord per call for path_kl().
+        mode: "two_forward" (one call for the reference, then one per adapter) or "mixed_batch"
+            (one call on the batch repeated 1 + K times, the reference rows with no adapter and
+            each following block with one adapter, K = 1 for a scalar lambda; LoRA mode. A scalar
+            lambda needs exactly one active adapter, because peft routes one adapter name per
+            batch row).
+        record: keep a StepRecord per call for path_kl() (a lambda vector's record holds the
+            combined delta, see StepRecord).
         num_train_timesteps: length of the scheduler's training axis, which schedules over t are
             read on (see LambdaSchedule). `realigned(pipe, ...)` passes
             pipe.scheduler.config.num_train_timesteps. None: the denoiser config's value when it
@@ -184,7 +319,7 @@ class RealignedDenoiser(nn.Module):
     Call signatures: the noisy sample is the first argument, `sample=` or `hidden_states=`; the
     timestep is found by name in the wrapped model's forward signature (SD3/FLUX transformers
     take it fourth). In mixed_batch mode every tensor argument whose leading dim is the batch is
-    doubled, except FLUX's position ids (`txt_ids`, `img_ids`: 2-D, shared by all rows).
+    repeated, except FLUX's position ids (`txt_ids`, `img_ids`: 2-D, shared by all rows).
     Unknown attributes (config, dtype, device, add_embedding, cache_context, ...) are read from
     `aligned`.
     """
@@ -192,7 +327,7 @@ class RealignedDenoiser(nn.Module):
     def __init__(
         self,
         aligned: nn.Module,
-        lam: float | str | LambdaSchedule = 1.0,
+        lam: float | str | LambdaSchedule | Mapping | LambdaVector = 1.0,
         reference: nn.Module | None = None,
         mode: Mode = "two_forward",
         record: bool = True,
@@ -212,7 +347,8 @@ class RealignedDenoiser(nn.Module):
             raise UserError("mode='mixed_batch' needs LoRA mode (one model); use 'two_forward' with a reference")
         self.aligned = aligned
         self.reference = reference
-        self.schedule = parse_lambda(lam)
+        self.vector = parse_lambda_vector(lam) if is_lambda_vector(lam) else None
+        self.schedule = None if self.vector is not None else parse_lambda(lam)
         self.mode = mode
         self.record = record
         self.records: list[StepRecord] = []
@@ -224,7 +360,9 @@ class RealignedDenoiser(nn.Module):
         self._flow_grid = _FlowGrid() if _is_flow_matching(scheduler) else None
         self._arg_names = _positional_names(aligned)
         self._layers = tuner_layers(aligned) if reference is None else []
-        if mode == "mixed_batch":
+        if self.vector is not None:
+            _check_vector_adapters(self.vector, aligned, self._layers, reference)
+        elif mode == "mixed_batch":
             _single_active_adapter(self._layers)  # refuse several adapters now, before any work
 
     # -- attribute proxy: pipelines read config, dtype, device, add_embedding, ... -------------
@@ -242,8 +380,11 @@ class RealignedDenoiser(nn.Module):
     def device(self) -> torch.device:
         return self.aligned.device
 
-    def lam_at(self, timestep: float) -> float:
-        """lam at a timestep on the training axis [0, num_train_timesteps]."""
+    def lam_at(self, timestep: float) -> float | dict[str, float]:
+        """lam at a timestep on the training axis [0, num_train_timesteps]; for a lambda vector,
+        {adapter name: lam_i}."""
+        if self.vector is not None:
+            return self.vector(timestep, self.num_train_timesteps)
         return self.schedule(timestep, self.num_train_timesteps)
 
     def schedule_timestep(self, timestep: float) -> float:
@@ -266,6 +407,8 @@ class RealignedDenoiser(nn.Module):
     def forward(self, *args, **kwargs):
         batch = _read_batch(args, kwargs, self._arg_names)
         timestep = self.schedule_timestep(batch.timestep)
+        if self.vector is not None:
+            return self._vector_forward(batch, timestep)
         lam = self.lam_at(timestep)
         if lam == 0.0 and not self.record:
             return self._reference_forward(args, kwargs)
@@ -292,7 +435,7 @@ class RealignedDenoiser(nn.Module):
     def _mixed_forward(self, batch: _Batch):
         """One call on [rows; rows] with the adapter off for the first half, on for the second."""
         n = batch.size
-        args, kwargs = _double_call(batch.args, batch.kwargs, n, self._arg_names)
+        args, kwargs = _repeat_call(batch.args, batch.kwargs, n, 2, self._arg_names)
         # Checked per call too: adapters can be switched on `aligned` after construction.
         adapter = _single_active_adapter(self._layers)
         names = ["__base__"] * n + [adapter] * n
@@ -300,6 +443,58 @@ class RealignedDenoiser(nn.Module):
             out = self.aligned(*args, **kwargs)
         both = _first_tensor(out)
         return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
+
+    # -- lambda vectors ------------------------------------------------------------------------
+    def _vector_forward(self, batch: _Batch, timestep: float):
+        lams = self.vector(timestep, self.num_train_timesteps)
+        used = [name for name, value in lams.items() if value != 0.0]  # a zero lambda adds nothing
+        if self.mode == "mixed_batch" and used:
+            ref_out, outs = self._mixed_vector_forward(batch, used)
+        else:
+            ref_out = self._reference_forward(batch.args, batch.kwargs)
+            outs = {}
+            for name in used:
+                with _adapter_state(self._layers, active=[name]):
+                    outs[name] = _first_tensor(self.aligned(*batch.args, **batch.kwargs))
+        ref = _first_tensor(ref_out)
+        if self.record:
+            self.records.append(StepRecord(timestep, 1.0, mixed_delta(ref, outs, lams), dict(lams)))
+        return _replace_first_tensor(ref_out, mix_outputs(ref, outs, lams))
+
+    def _mixed_vector_forward(self, batch: _Batch, names: list[str]):
+        """One call on the rows repeated 1 + K times: no adapter, then adapter names[k] alone."""
+        n = batch.size
+        args, kwargs = _repeat_call(batch.args, batch.kwargs, n, 1 + len(names), self._arg_names)
+        rows = [_RESERVED_ADAPTER] * n + [name for name in names for _ in range(n)]
+        with _adapter_state(self._layers), _adapter_names_for_rows(self._layers, rows):
+            out = self.aligned(*args, **kwargs)
+        every = _first_tensor(out)
+        outs = {name: every[(k + 1) * n:(k + 2) * n] for k, name in enumerate(names)}
+        return _replace_first_tensor(out, every[:n]), outs
+
+
+def mix_outputs(ref: torch.Tensor, outs: Mapping[str, torch.Tensor], lams: Mapping[str, float]) -> torch.Tensor:
+    """(1 - sum_i lam_i) * ref + sum_i lam_i * outs[i]: the multi-objective mix, same shape as ref.
+
+    lams: {adapter: lam_i} for every adapter of the vector; outs: {adapter: output with that
+    adapter alone}, which may leave out adapters whose lam_i is 0. This form is exact at the
+    corners (ref + sum_i lam_i (out_i - ref) is not): all lam_i = 0 gives ref, and lam_a = 1 with
+    the rest 0 gives outs[a], bit for bit; one adapter reproduces the scalar mix's rounding.
+    """
+    mixed = (1.0 - math.fsum(lams.values())) * ref
+    for name, out in outs.items():
+        mixed = mixed + lams[name] * out
+    return mixed
+
+
+def mixed_delta(ref: torch.Tensor, outs: Mapping[str, torch.Tensor], lams: Mapping[str, float]) -> torch.Tensor:
+    """sum_i lam_i * (outs[i] - ref), float32 on CPU, shape of ref: the mixed output's shift from
+    the reference, what path_kl needs (zeros when outs is empty)."""
+    ref32 = ref.detach().float()
+    delta = torch.zeros_like(ref32)
+    for name, out in outs.items():
+        delta = delta + lams[name] * (out.detach().float() - ref32)
+    return delta.cpu()
 
 
 class _FlowGrid:
@@ -362,6 +557,53 @@ def _resolve_num_train_timesteps(value: int | None, aligned: nn.Module) -> int:
     return int(value)
 
 
+def available_adapters(model: nn.Module, layers: list[nn.Module] | None = None) -> list[str]:
+    """Every peft adapter loaded in `model`, active or not, sorted (diffusers' peft_config keys,
+    and the adapters found on its peft layers)."""
+    config = getattr(model, "peft_config", None)
+    names = set(config) if isinstance(config, Mapping) else set()
+    for layer in tuner_layers(model) if layers is None else layers:
+        for attr in getattr(layer, "adapter_layer_names", ()):
+            module = getattr(layer, attr, None)
+            if isinstance(module, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(module.keys())
+    return sorted(names)
+
+
+def _check_vector_adapters(vector: LambdaVector, model: nn.Module, layers: list[nn.Module],
+                           reference: nn.Module | None) -> None:
+    """UserError (one line) unless a lambda vector can run on `model`: LoRA mode, every named
+    adapter loaded, no adapter fused into the weights."""
+    if reference is not None:
+        raise UserError("a lambda vector mixes LoRA adapters of one model: pass reference=None and load each "
+                        "LoRA as a named adapter (pipe.load_lora_weights(dir, adapter_name=NAME))")
+    loaded = available_adapters(model, layers)
+    missing = [name for name in vector.names if name not in loaded]
+    if missing:
+        raise UserError(f"unknown adapter {missing[0]!r} in the lambda vector {str(vector)!r}; the model's "
+                        f"adapters: {loaded} (load one with pipe.load_lora_weights(dir, adapter_name={missing[0]!r}))")
+    if any(getattr(layer, "merged", False) for layer in layers):
+        raise UserError("a lambda vector runs each adapter alone, but adapters are fused into the weights: "
+                        "unfuse them first (pipe.unfuse_lora())")
+
+
+@contextmanager
+def _adapter_state(layers: list[nn.Module], active: list[str] | None = None):
+    """Adapters enabled on every peft layer for the block, with `active` as the active adapters
+    when given; each layer's own active adapters and enabled flag are put back afterwards (the
+    same objects). Sets peft's fields directly: set_adapter would change requires_grad flags."""
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = False
+        if active is not None:
+            layer._active_adapter = list(active)
+    try:
+        yield
+    finally:
+        for layer, (was_active, was_disabled) in zip(layers, saved, strict=True):
+            layer._active_adapter, layer._disable_adapters = was_active, was_disabled
+
+
 def _single_active_adapter(layers: list[nn.Module]) -> str:
     """The one active adapter of these peft layers; UserError when several are active."""
     names: list[str] = []
@@ -377,11 +619,14 @@ def _single_active_adapter(layers: list[nn.Module]) -> str:
 
 
 @contextmanager
-def realigned(pipe, lam: float | str | LambdaSchedule = 1.0, reference: nn.Module | None = None,
+def realigned(pipe, lam: float | str | LambdaSchedule | Mapping | LambdaVector = 1.0,
+              reference: nn.Module | None = None,
               mode: Mode = "two_forward", record: bool = True, num_train_timesteps: int | None = None,
               timestep_scale: float | None = None):
     """Install a RealignedDenoiser as the pipeline's unet/transformer for the `with` block.
 
+    lam: a scalar lambda or schedule, or a lambda vector over the pipeline's LoRA adapters
+    ({"color": 1.5, "contrast": 0.5}, "color=1.5,contrast=0.5"; see RealignedDenoiser).
     Restores the original module afterwards, so `pipe.set_adapters`, `pipe.save_pretrained` and
     friends keep working outside the block. Yields the denoiser (for its `records`).
     num_train_timesteps (the time axis of lambda schedules) defaults to the pipeline scheduler's
@@ -425,7 +670,9 @@ def path_kl(
 
     KL_path = sum_t lam_t^2 * ||mu_aligned - mu_ref||^2 / (2 sigma_t^2): both branches share the
     step variance, and mu is affine in the (guided) model output with the shared map
-    mu = a_t * x_t + c_t * out, so mu_aligned - mu_ref = c_t * (guided delta). With
+    mu = a_t * x_t + c_t * out, so mu_aligned - mu_ref = c_t * (guided delta). Lambda vectors:
+    the records hold lam = 1 and delta = sum_i lam_i (out_i - out_ref), so the same sum is
+    ||mu_mix - mu_ref||^2 / (2 sigma_t^2) of the mixed step, exactly (StepRecord). With
     guidance_scale > 1 the records hold [uncond; cond] rows, as the pipeline batches them.
     `eta` is the DDIM eta the pipeline was called with. Noiseless steps are left out; returns
     None for deterministic samplers (every sigma_t = 0: the path KL is not finite) and for
@@ -524,24 +771,31 @@ def _read_batch(args: tuple, kwargs: dict, names: tuple[str, ...] | None = None)
     return _Batch(args, kwargs, sample.shape[0], float(timestep if timestep is not None else 0.0))
 
 
-def _double_call(args: tuple, kwargs: dict, n: int, names: tuple[str, ...] | None) -> tuple[tuple, dict]:
-    """The call's arguments with every batched tensor doubled ([rows; rows])."""
+def _repeat_call(args: tuple, kwargs: dict, n: int, copies: int,
+                 names: tuple[str, ...] | None) -> tuple[tuple, dict]:
+    """The call's arguments with every batched tensor repeated `copies` times ([rows; rows; ...])."""
     names = names or ()
     args = tuple(
-        v if i < len(names) and names[i] in _UNBATCHED_ARGUMENTS else _double_batch(v, n) for i, v in enumerate(args)
+        v if i < len(names) and names[i] in _UNBATCHED_ARGUMENTS else _repeat_batch(v, n, copies)
+        for i, v in enumerate(args)
     )
-    kwargs = {k: v if k in _UNBATCHED_ARGUMENTS else _double_batch(v, n) for k, v in kwargs.items()}
+    kwargs = {k: v if k in _UNBATCHED_ARGUMENTS else _repeat_batch(v, n, copies) for k, v in kwargs.items()}
     return args, kwargs
 
 
-def _double_batch(obj, n: int):
-    """Concatenate every tensor whose leading dim is the batch size with itself (recursively)."""
+def _double_call(args: tuple, kwargs: dict, n: int, names: tuple[str, ...] | None) -> tuple[tuple, dict]:
+    """The call's arguments with every batched tensor doubled ([rows; rows])."""
+    return _repeat_call(args, kwargs, n, 2, names)
+
+
+def _repeat_batch(obj, n: int, copies: int):
+    """Concatenate `copies` times every tensor whose leading dim is the batch size (recursively)."""
     if isinstance(obj, torch.Tensor):
-        return torch.cat([obj, obj]) if obj.ndim > 0 and obj.shape[0] == n else obj
+        return torch.cat([obj] * copies) if obj.ndim > 0 and obj.shape[0] == n else obj
     if isinstance(obj, dict):
-        return {k: _double_batch(v, n) for k, v in obj.items()}
+        return {k: _repeat_batch(v, n, copies) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_double_batch(v, n) for v in obj)
+        return type(obj)(_repeat_batch(v, n, copies) for v in obj)
     return obj
 
 
