@@ -292,3 +292,18 @@ def _toy_unet_params(toy_world):
     from diffusers import UNet2DConditionModel
 
     return list(UNet2DConditionModel.from_pretrained(str(toy_world / "pipe"), subfolder="unet").parameters())
+
+
+def test_throughput_is_logged_per_step_and_totalled_in_the_summary(reference_run):
+    out, proc = reference_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["perf/samples_per_s"] > 0 and row["perf/sec_per_step"] > 0
+        assert 0 <= row["perf/data_wait_frac"] <= 1
+        assert row["perf/peak_mem_mib"] > 100  # torch + a pipeline: far above 100 MiB of RSS
+        assert row["perf/samples_per_s"] == pytest.approx(4 / row["perf/sec_per_step"])  # global batch 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perf/steps_timed"] == 6 and 0 < summary["perf/train_s"] <= summary["wall_s"]
+    assert 0 <= summary["perf/data_wait_s"] <= summary["perf/train_s"]
+    assert summary["perf/peak_mem_mib"] >= max(r["perf/peak_mem_mib"] for r in rows)
+    assert "samples/s=" in proc.stdout + proc.stderr  # in the progress bar

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from deradiff.errors import UserError
 from deradiff.io import atomic_write, write_json_atomic
-from deradiff.models import LORA_WEIGHT_NAME, add_lora, lora_state_dict, save_lora
+from deradiff.models import LORA_WEIGHT_NAME, add_lora, denoiser_name, lora_state_dict, save_lora
 from deradiff.training.checkpoint import (
     TrainState,
     any_rank,
@@ -61,6 +62,61 @@ class Method:
     # data_stats() -> counts of the training data so far (data/*: rows read, dropped, corrupt),
     # totals over processes; a collective, called by every rank at each logged step
     data_stats: Callable[[], dict[str, float]] | None = None
+
+
+class Throughput:
+    """Where training time goes, per logging window and over the whole invocation.
+
+    A step's time runs from asking for its first micro-batch to the end of its optimizer step
+    and metric reduction (evaluation, sample grids, checkpoints and logging are not counted);
+    its data wait is the time spent waiting for micro-batches (decoding and collation when
+    they run in the training process, the queue of DataLoader workers otherwise). Metrics:
+
+        perf/samples_per_s   global samples (pairs or images) per second of step time
+        perf/sec_per_step    seconds per optimizer step
+        perf/data_wait_frac  data wait / step time, in [0, 1]
+        perf/peak_mem_mib    peak memory so far, MiB: torch.cuda.max_memory_allocated on a CUDA
+                             device, else the process's peak resident set (getrusage ru_maxrss;
+                             DataLoader workers are other processes and not counted)
+    """
+
+    def __init__(self, global_batch: int, device: torch.device):
+        self.global_batch, self.device = global_batch, device
+        self.window = [0, 0.0, 0.0]  # steps, step seconds, data-wait seconds since the last log
+        self.total = [0, 0.0, 0.0]  # the same since the start of this invocation
+
+    def add(self, step_s: float, data_s: float) -> None:
+        for acc in (self.window, self.total):
+            acc[0] += 1
+            acc[1] += step_s
+            acc[2] += data_s
+
+    def _metrics(self, steps: int, step_s: float, data_s: float) -> dict[str, float]:
+        if steps == 0 or step_s <= 0:
+            return {"perf/peak_mem_mib": peak_memory_mib(self.device)}
+        return {"perf/samples_per_s": steps * self.global_batch / step_s, "perf/sec_per_step": step_s / steps,
+                "perf/data_wait_frac": min(1.0, data_s / step_s), "perf/peak_mem_mib": peak_memory_mib(self.device)}
+
+    def window_metrics(self) -> dict[str, float]:
+        """The perf/* metrics of the steps since the last call (then starts a new window)."""
+        out = self._metrics(*self.window)
+        self.window = [0, 0.0, 0.0]
+        return out
+
+    def totals(self) -> dict[str, float]:
+        """perf/* over every step of this invocation, plus perf/steps_timed, perf/train_s (step
+        seconds) and perf/data_wait_s, for summary.json."""
+        steps, step_s, data_s = self.total
+        return {**self._metrics(steps, step_s, data_s), "perf/steps_timed": float(steps),
+                "perf/train_s": step_s, "perf/data_wait_s": data_s}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA max allocated on a CUDA device, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def is_finished(run_dir: Path, max_steps: int) -> bool:
@@ -110,20 +166,21 @@ def prepare_pipeline(recipe, accelerator):
     m = recipe.model
     pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
     dtype = weight_dtype(accelerator)
-    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
             module.to(accelerator.device)
             if dtype != torch.float32:
                 module.to(dtype=dtype)
-    add_lora(pipe.unet, rank=recipe.lora.rank, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+    denoiser = getattr(pipe, denoiser_name(pipe))  # the UNet, or the SD3 / FLUX transformer
+    add_lora(denoiser, rank=recipe.lora.rank, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
              target_modules=list(recipe.lora.target_modules))
-    for p in pipe.unet.parameters():
+    for p in denoiser.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # LoRA weights train in fp32 under fp16/bf16 autocast
     if recipe.model.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -181,11 +238,12 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             )
     else:  # streamed: each rank reads its own shard
         order = StreamOrder(t.per_device_batch_size, accelerator.num_processes, t.gradient_accumulation)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    params = [p for p in getattr(pipe, denoiser_name(pipe)).parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps * accelerator.num_processes,
                                  num_training_steps=t.max_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(getattr(pipe, denoiser_name(pipe)), optimizer,
+                                                        lr_scheduler)
     _register_lora_only_checkpointing(accelerator, unet)
     state = TrainState()
     if accelerator.is_main_process:
@@ -214,12 +272,16 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
                dynamic_ncols=True)
     start = time.perf_counter()
     last: dict[str, float] = {}
+    perf, perf_last = Throughput(order.global_batch, accelerator.device), {}
     while state.step < t.max_steps:
         step_metrics: list[dict] = []
         unet.train()
+        step_start, data_s = time.perf_counter(), 0.0
         for micro in range(t.gradient_accumulation):
+            fetch_start = time.perf_counter()
             rows, ids, epoch = order.rows(method.dataset, state.step, micro, accelerator.process_index)
             batch = method.collate(rows, ids)
+            data_s += time.perf_counter() - fetch_start
             with accelerator.accumulate(unet):
                 loss, metrics = method.step(unet, batch, state.step, micro, epoch)
                 _check_finite(loss, state, batch, run_dir)
@@ -236,6 +298,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         state.epoch = epoch
         state.samples_seen += order.global_batch
         last = _reduce_metrics(accelerator, step_metrics)
+        perf.add(time.perf_counter() - step_start, data_s)
         last["train/lr"] = lr_scheduler.get_last_lr()[0]
         last["train/epoch"] = epoch
         if method.evaluate is not None and ((t.eval_every and state.step % t.eval_every == 0)
@@ -245,10 +308,14 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         log_now = state.step % t.log_every == 0 or state.step == t.max_steps
         if log_now and method.data_stats is not None:
             last.update(method.data_stats())
+        if log_now:
+            perf_last = perf.window_metrics()
+            last.update(perf_last)
         if accelerator.is_main_process and log_now:
             accelerator.log(last, step=state.step)
             _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
-        bar.set_postfix({short: f"{last[k]:.4g}" for k, short in _BAR_KEYS.items() if k in last})
+        shown = {**perf_last, **last}
+        bar.set_postfix({short: f"{shown[k]:.4g}" for k, short in _BAR_KEYS.items() if k in shown})
         bar.update()
         if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
             save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
@@ -265,8 +332,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     accelerator.wait_for_everyone()
     save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
     if accelerator.is_main_process:
-        pipe.unet = accelerator.unwrap_model(unet)
-        summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last}
+        setattr(pipe, denoiser_name(pipe), accelerator.unwrap_model(unet))
+        summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last, **perf.totals()}
         with writes_into(run_dir, f"the final LoRA and summary.json were not written; checkpoint "
                                   f"step-{state.step:06d} and metrics.jsonl are intact"):
             save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
@@ -280,7 +347,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
 
 # metric -> its short name in the progress bar
 _BAR_KEYS = {"dpo/loss": "loss", "dpo/implicit_acc": "acc", "eval/dpo/implicit_acc": "eval_acc",
-             "kl/loss": "loss", "kl/reward": "reward", "kl/path_kl": "kl", "eval/kl/reward": "eval_reward"}
+             "kl/loss": "loss", "kl/reward": "reward", "kl/path_kl": "kl", "eval/kl/reward": "eval_reward",
+             "perf/samples_per_s": "samples/s", "perf/data_wait_frac": "data_wait", "perf/peak_mem_mib": "peak_MiB"}
 
 
 def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
@@ -310,7 +378,7 @@ def _sample_rows(s, pipe) -> list[list]:
     for i, prompt in enumerate(s.prompts):
         kwargs = dict(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, output_type="np")
         gen = torch.Generator().manual_seed(s.seed + i)
-        with adapters_disabled(pipe.unet):
+        with adapters_disabled(getattr(pipe, denoiser_name(pipe))):
             base = pipe(prompt, generator=gen, **kwargs).images[0]
         gen = torch.Generator().manual_seed(s.seed + i)
         tuned = pipe(prompt, num_images_per_prompt=s.images_per_prompt, generator=gen, **kwargs).images

@@ -156,3 +156,26 @@ def test_a_full_disk_while_logging_keeps_whole_lines(accelerator_and_run, monkey
         trainer._append_jsonl(log, {"step": 4, "dpo/loss": 0.5})
     assert log.read_bytes() == before
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+# -- throughput reporting -----------------------------------------------------------------------
+
+
+def test_throughput_windows_and_totals():
+    from deradiff.training.trainer import Throughput
+
+    perf = Throughput(global_batch=4, device=torch.device("cpu"))
+    perf.add(0.5, 0.1)
+    perf.add(1.5, 0.3)
+    window = perf.window_metrics()
+    assert window["perf/samples_per_s"] == pytest.approx(8 / 2.0)
+    assert window["perf/sec_per_step"] == pytest.approx(1.0)
+    assert window["perf/data_wait_frac"] == pytest.approx(0.2)
+    assert window["perf/peak_mem_mib"] > 10  # this process's peak RSS: Python + torch
+    perf.add(1.0, 2.0)  # a clock quirk cannot push the fraction past 1
+    assert perf.window_metrics()["perf/data_wait_frac"] == 1.0
+    assert set(perf.window_metrics()) == {"perf/peak_mem_mib"}, "an empty window reports memory only"
+    totals = perf.totals()
+    assert totals["perf/steps_timed"] == 3 and totals["perf/train_s"] == pytest.approx(3.0)
+    assert totals["perf/samples_per_s"] == pytest.approx(12 / 3.0)
+    assert totals["perf/data_wait_s"] == pytest.approx(2.4)
