@@ -518,6 +518,19 @@ def default_problem() -> LabProblem:
 RealignFn = Callable[[nn.Module, nn.Module, float], nn.Module]
 
 
+def _exact_and_realigned(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler,
+                         realign_fn: RealignFn) -> tuple[GaussianMixture, nn.Module, nn.Module]:
+    """The target at beta0 / lam, its exact denoiser, and the base + beta0-model realigned at lam."""
+    target = tilted_target(base, reward, beta0, lam)
+    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
+    realigned = realign_fn(
+        AnalyticDenoiser.for_scheduler(base, scheduler),
+        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
+        lam,
+    )
+    return target, exact, realigned
+
+
 @single_thread()
 def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler, num_steps: int,
                   n_samples: int = 64, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
@@ -530,13 +543,7 @@ def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: floa
     """
     if base.weights.numel() != 1:
         raise ValueError("gaussian_case needs a single Gaussian (one component)")
-    target = tilted_target(base, reward, beta0, lam)
-    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
-    realigned = realign_fn(
-        AnalyticDenoiser.for_scheduler(base, scheduler),
-        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
-        lam,
-    )
+    target, exact, realigned = _exact_and_realigned(base, reward, beta0, lam, scheduler, realign_fn)
     m_r, c_r = exact_output_moments(realigned, scheduler, num_steps, seed, base.dim)
     m_e, c_e = exact_output_moments(exact, scheduler, num_steps, seed, base.dim)
     t_mean, t_cov = target.mean(), target.cov()
@@ -576,13 +583,7 @@ def mixture_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float
 
     Distances are in units of the target's RMS spread sqrt(tr(cov) / d).
     """
-    target = tilted_target(base, reward, beta0, lam)
-    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
-    realigned = realign_fn(
-        AnalyticDenoiser.for_scheduler(base, scheduler),
-        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
-        lam,
-    )
+    target, exact, realigned = _exact_and_realigned(base, reward, beta0, lam, scheduler, realign_fn)
     _, eps_rms = eps_discrepancy(realigned, exact, _spread_timesteps(scheduler, num_steps), 256, seed)
     # The same seed gives both models the same x_T and step noise: the gaps below are paired.
     x_r = draw_samples(realigned, scheduler, num_steps, n_samples, base.dim, seed)

@@ -31,6 +31,7 @@ from deradiff.evaluation.results import (
     LOWER_IS_BETTER,
     REALIGNED,
     RESULTS,
+    format_estimate,
     format_summary,
     lam_value,
     markdown_table,
@@ -45,12 +46,6 @@ from deradiff.io import atomic_write, write_text_atomic
 MAX_GRID_PROMPTS = 6
 
 
-def _fmt(value, lo=None, hi=None) -> str:
-    if value is None:
-        return "-"
-    if lo is None:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -231,11 +226,11 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
         if search.get("max_path_kl") is not None:
             kl = next((p.get("path_kl") for p in search["evaluated"] if p["lam"] == search["chosen_lambda"]), None)
             parts += [f"Path-KL budget: {search['max_path_kl']:g} nats per sample; the chosen lambda's mean path KL is "
-                      f"{_fmt(kl)} nats, and the budget held in {search.get('budget_met_rate', 0):.0%} of the "
+                      f"{format_estimate(kl)} nats, and the budget held in {search.get('budget_met_rate', 0):.0%} of the "
                       "bootstrap resamples of the prompts.", ""]
         cols = [m for m in search["evaluated"][0] if m not in ("lam", "objective")]
         parts += [markdown_table(["lambda", "objective", *cols],
-                                 [[f"{p['lam']:g}", _fmt(p["objective"]), *[_fmt(p[c]) for c in cols]]
+                                 [[f"{p['lam']:g}", format_estimate(p["objective"]), *[format_estimate(p[c]) for c in cols]]
                                   for p in search["evaluated"]]), ""]
     if validation:
         parts += validation_markdown(validation)
@@ -243,7 +238,7 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
               "Mean over prompts (each prompt's mean over seeds) [bootstrap interval over prompts]. Arms: realigned "
               "(output mixing), lora-scale (weight space), retrained:<run>.", ""]
     parts += [markdown_table(["arm", "lambda", *metrics],
-                             [[r["arm"], r["lam"], *[_fmt(r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")) for m in metrics]]
+                             [[r["arm"], r["lam"], *[format_estimate(r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")) for m in metrics]]
                               for r in summary]), ""]
     parts += ["## Plots", "", "![reward vs lambda](reward_vs_lambda.png)", ""]
     if x_metric:

@@ -211,3 +211,12 @@ def format_summary(summary: Sequence[dict], metrics: Sequence[str] | None = None
         cells = [f"{r[m]:.4g} [{r[m + '_lo']:.3g}, {r[m + '_hi']:.3g}]" if m in r else "-" for m in metrics]
         lines.append(f"{r['arm']:24s} {r['lam']:>12s}  " + "  ".join(f"{c:>28s}" for c in cells))
     return "\n".join(lines)
+
+
+def format_estimate(value, lo=None, hi=None) -> str:
+    """A table cell: "-" for None, 4 significant digits, and "[lo, hi]" when an interval is given."""
+    if value is None:
+        return "-"
+    if lo is None:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"

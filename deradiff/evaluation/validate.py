@@ -51,6 +51,7 @@ from deradiff.evaluation.results import (
     LORA_SCALE,
     REALIGNED,
     Table,
+    format_estimate,
     markdown_table,
     per_prompt_table,
     pil_to_tensor,
@@ -286,12 +287,6 @@ def format_validation(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value, lo=None, hi=None) -> str:
-    if value is None:
-        return "-"
-    if lo is None:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-    return f"{value:.4g} [{lo:.3g}, {hi:.3g}]"
 
 
 def validation_markdown(record: dict) -> list[str]:
@@ -305,10 +300,10 @@ def validation_markdown(record: dict) -> list[str]:
         ["LoRA-scale gap", "mixing closer"] if has_scale else [])
     body = []
     for c in record["comparisons"]:
-        line = [f"{c['lam']:g}", _fmt(c["beta"]), c["metric"], _fmt(*c["realigned"]), _fmt(*c["retrained"]),
-                _fmt(*c["gap"]), "yes" if c["in_baseline_ci"] else "**no**"]
+        line = [f"{c['lam']:g}", format_estimate(c["beta"]), c["metric"], format_estimate(*c["realigned"]), format_estimate(*c["retrained"]),
+                format_estimate(*c["gap"]), "yes" if c["in_baseline_ci"] else "**no**"]
         if has_scale:
-            line += [_fmt(*c["lora_scale_gap"]) if "lora_scale_gap" in c else "-", "yes" if c.get("mixing_closer") else "no"]
+            line += [format_estimate(*c["lora_scale_gap"]) if "lora_scale_gap" in c else "-", "yes" if c.get("mixing_closer") else "no"]
         body.append(line)
     parts += [markdown_table(head, body), ""]
     parts += [markdown_table(["metric", "in CI", "gap CI contains 0", "mixing closer than weight scaling"],
