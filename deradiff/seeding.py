@@ -14,6 +14,7 @@ import torch
 SALT_DPO_VAE = 1  # Diffusion-DPO: the VAE posterior draw of each image
 SALT_DPO_NOISE = 3  # Diffusion-DPO: the noise of each pair (shared by its two images)
 SALT_DPO_TIMESTEP = 4  # Diffusion-DPO: the timestep of each pair
+SALT_DPO_SIGMA = 5  # flow Diffusion-DPO (SD3, FLUX): the sigma of each pair
 SALT_ROLLOUT_INIT = 10  # rollouts: the initial latent x_T of each sample
 SALT_ROLLOUT_STEP = 11  # rollouts: sampling step i draws its noise with salt SALT_ROLLOUT_STEP + i
 SALT_KL_STEPS = 1 << 30  # kl_grad: the earlier steps re-evaluated for the KL gradient

@@ -1,20 +1,29 @@
-"""One Diffusion-DPO step on a batch of preference pairs (Wallace et al., CVPR 2024).
+"""One Diffusion-DPO step on a batch of preference pairs (Wallace et al., CVPR 2024), any family.
 
-The preferred (w) and rejected (l) images of a pair share the timestep and the noise; the
-reference is the same UNet with its LoRA disabled (no second copy in memory). The loss itself
-is the pure function `deradiff.training.losses.diffusion_dpo_loss`:
+The preferred (w) and rejected (l) images of a pair share the timestep (or flow sigma) and the
+noise; the reference is the same denoiser with its LoRA disabled (no second copy in memory).
+What the denoiser regresses depends on the family (deradiff.training.families): eps or v for
+SD1.5/SDXL UNets, the flow velocity v = eps - x0 at x_s = (1 - s) x0 + s eps for SD3/FLUX
+transformers. The loss itself is the pure function `deradiff.training.losses.diffusion_dpo_loss`:
 
     loss, metrics = diffusion_dpo_loss(*dpo_errors(unet, unet, vae, scheduler, w, l, cond, ids, seed, epoch),
                                        beta=2000, convention="official")
+
+Flow DPO uses the same loss and conventions; only the scale of beta differs in practice
+(Flow-GRPO's SD3.5-M DPO: beta 100 in the official convention, yifan123/flow_grpo config/dpo.py,
+against SD1.5's 2000 and SDXL's 5000; see recipes/sd35m-dpo-pickapic.yaml).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from deradiff.models import adapters_disabled
-from deradiff.seeding import SALT_DPO_NOISE, SALT_DPO_TIMESTEP, SALT_DPO_VAE, keyed_randint, keyed_randn
+from deradiff.seeding import SALT_DPO_NOISE, SALT_DPO_VAE, keyed_randn
 from deradiff.training.conditioning import Conditioning
+from deradiff.training.families import TimestepSampling, check_family, get_family
 from deradiff.training.losses import per_sample_mse
 
 
@@ -32,16 +41,6 @@ def encode_latents(vae, pixel_values: torch.Tensor, keys: list[int] | None = Non
     return (latents - shift) * vae.config.scaling_factor
 
 
-def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    """What the network regresses: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {kind!r} is not supported for DPO; use epsilon or v_prediction")
-
-
 def dpo_errors(
     unet,
     reference_unet,
@@ -53,34 +52,77 @@ def dpo_errors(
     pair_ids: list[int],
     seed: int,
     epoch: int,
+    sampling: TimestepSampling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair denoising errors of the model and the reference on B preference pairs.
 
     Args:
-        unet: the trainable (possibly accelerate-wrapped) UNet with its LoRA enabled.
-        reference_unet: the same UNet unwrapped; run with adapters disabled, without gradients.
+        unet: the trainable (possibly accelerate-wrapped) denoiser (UNet or transformer) with its
+            LoRA enabled.
+        reference_unet: the same denoiser unwrapped; run with adapters disabled, without gradients.
+        noise_scheduler: the pipeline's scheduler (DDPM-type, or flow matching for SD3/FLUX).
         pixel_values_w, pixel_values_l: (B, 3, H, W) in [-1, 1], preferred and rejected.
-        cond: text conditioning for the B prompts.
+        cond: text conditioning for the B prompts; its `family` picks noising, target and call.
         pair_ids, seed, epoch: key the noise, timestep and VAE draw of each pair, so results do
             not depend on how pairs are split across processes or on resuming.
+        sampling: flow families: how sigma is drawn (default logit-normal(0, 1), as SD3).
     Returns (model_err_w, model_err_l, ref_err_w, ref_err_l), each (B,) (per-sample MSE).
     """
     # Image keys: 2 * id for the preferred image of pair `id`, 2 * id + 1 for the rejected one.
     image_keys = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     latents = encode_latents(vae, torch.cat([pixel_values_w, pixel_values_l]), image_keys, seed, epoch)
+    return dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents, cond, pair_ids, seed, epoch,
+                                   sampling)
+
+
+def dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning,
+                            pair_ids: list[int], seed: int, epoch: int, sampling: TimestepSampling | None = None):
+    """`dpo_errors` from scaled latents (2B, C, h, w): the B preferred, then the B rejected."""
+    family = get_family(cond.family)
     device = latents.device
     noise = keyed_randn(latents.shape[1:], pair_ids, seed, epoch, salt=SALT_DPO_NOISE).to(device, latents.dtype)
     noise = noise.repeat(2, 1, 1, 1)
-    num_train = noise_scheduler.config.num_train_timesteps
-    timesteps = keyed_randint(num_train, pair_ids, seed, epoch, salt=SALT_DPO_TIMESTEP).to(device).repeat(2)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    kwargs = cond.repeat(2).as_kwargs()
-    model_pred = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+    timesteps = family.training_timesteps(noise_scheduler, pair_ids, seed, epoch, sampling).to(device).repeat(2)
+    noisy, target = family.noised(noise_scheduler, latents, noise, timesteps)
+    both = cond.repeat(2)
+    model_pred = family.predict(unet, noisy, timesteps, both)
     with torch.no_grad(), adapters_disabled(reference_unet):
-        ref_pred = reference_unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+        ref_pred = family.predict(reference_unet, noisy, timesteps, both)
     model_err = per_sample_mse(model_pred.float(), target.float())
     ref_err = per_sample_mse(ref_pred.float(), target.float())
     m_w, m_l = model_err.chunk(2)
     r_w, r_l = ref_err.chunk(2)
     return m_w, m_l, r_w, r_l
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """What a recipe fixes about a DPO step beyond the loss: the family (checked against the
+    pipeline), the flow sigma sampling, and FLUX.1-dev's guidance input."""
+
+    family: str
+    sampling: TimestepSampling
+    guidance: float | None
+    max_sequence_length: int | None = None
+
+    @property
+    def encode_kwargs(self) -> dict:
+        """Keyword arguments of encode_prompts for this family (guidance, T5 length)."""
+        return {"guidance": self.guidance, "max_sequence_length": self.max_sequence_length}
+
+    def describe(self) -> str:
+        if not get_family(self.family).flow:
+            return "target: eps/v of the scheduler, timesteps uniform"
+        extra = f", guidance input {self.guidance:g}" if self.guidance is not None else ""
+        return (f"flow target v = eps - x0 at x_s = (1 - s) x0 + s eps, {self.sampling.describe()} into the "
+                f"scheduler's shifted training sigmas{extra}")
+
+
+def dpo_settings(recipe, pipe) -> DPOSettings:
+    """DPOSettings of a recipe for a loaded pipeline (UserError if model.kind names another family)."""
+    check_family(recipe.model.kind, pipe)
+    m = recipe.method
+    sampling = TimestepSampling(m.sigma_sampling, m.logit_mean, m.logit_std)
+    needs_guidance = recipe.model.kind == "flux" and pipe.transformer.config.guidance_embeds
+    return DPOSettings(recipe.model.kind, sampling, m.guidance_scale if needs_guidance else None,
+                       recipe.model.max_sequence_length)

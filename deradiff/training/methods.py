@@ -17,7 +17,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     """Diffusion-DPO on Pick-a-Pic-format preference pairs; reference = LoRA disabled."""
     from deradiff.training.conditioning import encode_prompts
     from deradiff.training.data import collate_pairs, load_preference_dataset
-    from deradiff.training.dpo import dpo_errors
+    from deradiff.training.dpo import dpo_errors, dpo_settings
     from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
     from deradiff.training.recipe import prefs_hint
 
@@ -27,6 +27,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     accelerator.print(f"preference pairs: {'streamed, counted as they arrive' if recipe.data.streaming else stats}")
     m = recipe.method
     device = accelerator.device
+    settings = dpo_settings(recipe, pipe)  # family checked; flow sigma sampling
 
     def collate(rows: list[dict], ids: list[int]) -> dict:
         return {**collate_pairs(rows), "ids": ids}
@@ -34,11 +35,12 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     def errors(unet, batch: dict, epoch: int):
         reference = accelerator.unwrap_model(unet)
         cond = encode_prompts(pipe, batch["captions"], device, recipe.data.resolution,
-                              batch.get("original_sizes"), batch.get("crops_top_left"))
+                              batch.get("original_sizes"), batch.get("crops_top_left"),
+                              **settings.encode_kwargs)
         with accelerator.autocast():
             return dpo_errors(unet, reference, pipe.vae, pipe.scheduler, batch["pixel_values_w"].to(device),
                               batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
-                              seed=recipe.trainer.seed, epoch=epoch)
+                              seed=recipe.trainer.seed, epoch=epoch, sampling=settings.sampling)
 
     def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
         return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
@@ -76,7 +78,8 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
         return {f"eval/{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1].tolist(), strict=True)}
 
     describe = (f"beta={m.beta:g} ({m.beta_convention} convention: loss = -log sigmoid(-"
-                f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference))")
+                f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference)); "
+                f"{settings.describe()}")
     return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None,
                   data_stats=_pair_counts(dataset, accelerator))
 

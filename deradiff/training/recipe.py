@@ -36,6 +36,7 @@ RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the shipped recipes (source checkout)
 
 MethodName = Literal["dpo", "kl_grad", "kl_pg"]
+FLOW_KINDS = ("sd3", "flux")  # model.kind values of rectified-flow transformers
 
 
 @dataclass
@@ -46,26 +47,38 @@ class ModelSection:
         name_or_path: a model registered by a plug-in (deradiff.plugins; "toy" is the embedded
             toy world), a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5", or a
             local pipeline folder.
-        kind: "sd15" (one CLIP text encoder) or "sdxl" (two text encoders, pooled embeds and
-            time ids from original size and crop). The toy pipeline is "sd15".
+        kind: the model family (deradiff.training.families), checked against the loaded
+            pipeline: "sd15" (UNet, one CLIP text encoder; the toy pipeline), "sdxl" (UNet, two
+            text encoders, pooled embeds and time ids from original size and crop), "sd3"
+            (SD3/SD3.5 MM-DiT transformer, CLIP-L + CLIP-G + T5, rectified flow) or "flux"
+            (FLUX.1 transformer on packed latents, CLIP-L pooled + T5, rectified flow; FLUX.1-dev
+            takes method.guidance_scale as an input).
         revision: hub revision (branch, tag or commit) of the pipeline; null = main.
         variant: weight file variant to load, e.g. "fp16"; null = the full-precision files.
         vae_name_or_path: a separate VAE, e.g. "madebyollin/sdxl-vae-fp16-fix" (SDXL's own VAE
             overflows in fp16, as the official SDXL DPO launcher notes); null = the pipeline's.
         mixed_precision: "no", "fp16" or "bf16"; frozen weights run in this dtype, the LoRA
             parameters stay in fp32.
-        gradient_checkpointing: recompute UNet activations in the backward pass (less memory,
-            about 30% more time); needed for SD-scale DPO and for backpropagating through
-            sampling steps (kl_grad).
+        gradient_checkpointing: recompute UNet / transformer activations in the backward pass
+            (less memory, about 30% more time); needed for SD-scale DPO and for backpropagating
+            through sampling steps (kl_grad).
+        max_sequence_length: sd3 / flux: T5 tokens per prompt; null = the pipeline's default
+            (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128; fewer tokens, less memory.
+        drop_text_encoders: kl_grad / kl_pg: encode the training and evaluation prompts (and "")
+            once at the start, keep the embeddings on the CPU, and delete the text encoders
+            (SD3's and FLUX's T5-XXL is ~9.5 GB in bf16). Needs sample.prompts empty (sample
+            grids encode their prompts). dpo encodes each batch's captions: keep it false there.
     """
 
     name_or_path: str = "toy"
-    kind: Literal["sd15", "sdxl"] = "sd15"
+    kind: Literal["sd15", "sdxl", "sd3", "flux"] = "sd15"
     revision: str | None = None
     variant: str | None = None
     vae_name_or_path: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    max_sequence_length: int | None = None
+    drop_text_encoders: bool = False
 
 
 @dataclass
@@ -77,7 +90,9 @@ class LoraSection:
         alpha: LoRA alpha; the update is scaled by alpha / rank. null = rank (scale 1), as
             diffusers' DPO scripts do.
         dropout: dropout on the LoRA branch input, in [0, 1).
-        target_modules: module names (suffixes) that get a LoRA, peft's `target_modules`.
+        target_modules: module names (suffixes) that get a LoRA, peft's `target_modules`. SD3 /
+            FLUX joint-attention blocks: add the text stream's add_q_proj, add_k_proj,
+            add_v_proj and to_add_out (as Flow-GRPO and diffusers' SD3/FLUX LoRA scripts do).
     """
 
     rank: int = 8
@@ -146,7 +161,8 @@ class MethodSection:
             last sampling steps plus beta x per-step KL, DRaFT-K style) or "kl_pg" (DDPO-style PPO
             on per-step log-probabilities plus the per-step KL penalty; any reward).
         beta: the KL weight. Required: its scale depends on the method and, for dpo, on
-            beta_convention (official: 2000 for SD1.5 in the paper, 5000 for SDXL).
+            beta_convention (official: 2000 for SD1.5 in the paper, 5000 for SDXL; flow models
+            use much smaller values, e.g. 100 for SD3.5-M in Flow-GRPO's DPO).
         beta_convention: dpo only. "official": loss = -log sigmoid(-(beta/2) * margin diff)
             (Salesforce DiffusionDPO, diffusers' SDXL script); "diffusers": without the 1/2
             (diffusers' SD1.5 script, beta 2500). official beta 5000 == diffusers beta 2500.
@@ -156,10 +172,21 @@ class MethodSection:
             noisier estimate of whether the model ranks the pair right).
         reward: kl_*: reward name in the registry, called as reward(images, prompts) -> (B,).
         num_steps: kl_*: sampling steps of the training rollouts.
-        eta: kl_*: DDIM eta of the rollouts, > 0 (the per-step KL needs a stochastic sampler).
-            1.0 is DDPM's posterior variance, the memoryless schedule under which the
-            KL-regularized optimum is exactly p_ref * exp(r / beta); eta < 1 is not memoryless.
-        guidance_scale: kl_*: classifier-free guidance of the rollouts; 1.0 = none.
+        eta: kl_*, UNet families: DDIM eta of the rollouts, > 0 (the per-step KL needs a
+            stochastic sampler). 1.0 is DDPM's posterior variance, the memoryless schedule under
+            which the KL-regularized optimum is exactly p_ref * exp(r / beta); eta < 1 is not memoryless.
+        noise_level: kl_*, flow families (sd3, flux): noise_level of the rollouts' SDE sampler
+            (deradiff.flow.FlowMatchSDEScheduler, Flow-GRPO's SDE; 0.7 is Flow-GRPO's default),
+            > 0. sqrt(2) ~ 1.414 is the memoryless schedule (DDPM's, in flow form); below it the
+            final image keeps a correlation with the starting noise.
+        guidance_scale: kl_*: classifier-free guidance of the rollouts; 1.0 = none. flux: the
+            distilled guidance input of FLUX.1-dev in rollouts and DPO (3.5 is FLUX.1-dev's
+            default), not two branches.
+        sigma_sampling: dpo, flow families: how the training sigma of a pair is drawn, as
+            diffusers' SD3/FLUX scripts do (compute_density_for_timestep_sampling): "uniform" or
+            "logit_normal" (SD3's default), indexing the scheduler's shifted training sigmas.
+        logit_mean: mean of the logit-normal sigma sampling (SD3: 0).
+        logit_std: its std (SD3: 1), > 0.
         truncation_steps: kl_grad: K, the number of final sampling steps the reward gradient
             flows through (DRaFT-K); 1 <= K <= num_steps.
         samples_per_prompt: kl_pg: images per prompt in a rollout batch, for per-prompt
@@ -185,6 +212,10 @@ class MethodSection:
     adv_clip_max: float = 5.0
     num_inner_epochs: int = 1
     log_prob: Literal["mean", "sum"] = "mean"
+    noise_level: float = 0.7
+    sigma_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -625,6 +656,9 @@ def validation_errors(recipe: Recipe) -> list[str]:
     need(len(lo.target_modules) > 0 and all(x.strip() for x in lo.target_modules),
          "lora.target_modules is empty: name the modules to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
 
+    need(m.max_sequence_length is None or m.max_sequence_length >= 1,
+         f"model.max_sequence_length must be >= 1 or null, got {m.max_sequence_length}")
+
     need(bool(d.path.strip()), f"data.path is empty: give the parquet file/glob or the hub dataset id for source {d.source!r}")
     need(d.resolution >= 8 and d.resolution % 8 == 0, f"data.resolution must be a positive multiple of 8, got {d.resolution}")
     need(d.max_train_samples is None or d.max_train_samples >= 1, f"data.max_train_samples must be >= 1 or null, got {d.max_train_samples}")
@@ -646,8 +680,20 @@ def validation_errors(recipe: Recipe) -> list[str]:
          + f", got {me.guidance_scale}")
     if sampling:
         need(bool(me.reward.strip()), "method.reward is empty: name a reward from the registry, e.g. toy")
-        need(finite(me.eta) and 0 < me.eta <= 1,
-             f"method.eta must be in (0, 1], got {me.eta}: the per-step KL needs a stochastic sampler (1.0 = DDPM)")
+        if m.kind in FLOW_KINDS:
+            need(finite(me.noise_level) and me.noise_level > 0,
+                 f"method.noise_level must be a finite number > 0, got {me.noise_level}: the per-step KL needs the "
+                 "stochastic flow sampler (Flow-GRPO: 0.7)")
+        else:
+            need(finite(me.eta) and 0 < me.eta <= 1,
+                 f"method.eta must be in (0, 1], got {me.eta}: the per-step KL needs a stochastic sampler (1.0 = DDPM)")
+    need(finite(me.logit_mean), f"method.logit_mean must be a finite number, got {me.logit_mean}")
+    need(finite(me.logit_std) and me.logit_std > 0, f"method.logit_std must be > 0, got {me.logit_std}")
+    if m.drop_text_encoders:
+        need(sampling, f"model.drop_text_encoders applies to kl_grad / kl_pg (a fixed prompt list); method {me.name} "
+             "encodes every batch's captions: set model.drop_text_encoders=false")
+        need(not s.prompts, "model.drop_text_encoders=true leaves no text encoder for the sample grids: set "
+             "sample.prompts=[]")
     need(me.eval_draws >= 1, f"method.eval_draws must be >= 1, got {me.eval_draws}")
     if me.name == "kl_grad" and me.num_steps >= 1:
         need(1 <= me.truncation_steps <= me.num_steps,
@@ -674,6 +720,10 @@ def validation_errors(recipe: Recipe) -> list[str]:
     for name in ("eval_every", "sample_every"):
         need(getattr(t, name) >= 0, f"trainer.{name} must be >= 0 (0 = never), got {getattr(t, name)}")
 
+    flow_sampler = s.scheduler.startswith("flow_")
+    need(not s.prompts or flow_sampler == (m.kind in FLOW_KINDS),
+         f"sample.scheduler={s.scheduler} does not fit model.kind={m.kind}: use "
+         + ("flow_euler or flow_sde" if m.kind in FLOW_KINDS else "a diffusion sampler such as ddim"))
     need(s.images_per_prompt >= 1, f"sample.images_per_prompt must be >= 1, got {s.images_per_prompt}")
     need(s.num_inference_steps >= 1, f"sample.num_inference_steps must be >= 1, got {s.num_inference_steps}")
     need(finite(s.guidance_scale) and s.guidance_scale >= 0, f"sample.guidance_scale must be a number >= 0, got {s.guidance_scale}")
@@ -698,7 +748,11 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     w: list[str] = []
     if recipe.model.kind == "sdxl" and recipe.model.mixed_precision == "fp16" and not recipe.model.vae_name_or_path:
         w.append("SDXL in fp16 with its own VAE can overflow to NaN; set model.vae_name_or_path=madebyollin/sdxl-vae-fp16-fix")
-    if recipe.method.name in ("kl_grad", "kl_pg") and recipe.method.eta < 1:
+    flow = recipe.model.kind in FLOW_KINDS
+    if recipe.method.name in ("kl_grad", "kl_pg") and flow and recipe.method.noise_level < math.sqrt(2):
+        w.append(f"method.noise_level={recipe.method.noise_level} is below the memoryless sqrt(2): the KL-regularized "
+                 "optimum is then only approximately p_ref * exp(r / beta)")
+    if recipe.method.name in ("kl_grad", "kl_pg") and not flow and recipe.method.eta < 1:
         w.append(f"method.eta={recipe.method.eta} is not the memoryless (DDPM, eta=1) schedule: the KL-regularized "
                  "optimum is then only approximately p_ref * exp(r / beta)")
     return w

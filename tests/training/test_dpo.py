@@ -48,3 +48,102 @@ def test_per_pair_noise_does_not_depend_on_batch_split_and_gradient_flows(tiny_s
     base_grads = [p.grad for n, p in adapted.unet.named_parameters() if "lora" not in n]
     assert all(g is None for g in base_grads)
     adapted.unet.zero_grad(set_to_none=True)
+
+
+# -- flow families (SD3, FLUX): velocity target, keyed sigma ------------------------------------------
+
+
+class _LinearVelocity(torch.nn.Module):
+    """An SD3-shaped stand-in transformer: v = a * x + t / 1000 (no text dependence)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False):
+        return (self.a * hidden_states + timestep.view(-1, 1, 1, 1) / 1000,)
+
+
+def test_flow_dpo_loss_equals_a_hand_computation():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from deradiff.seeding import SALT_DPO_NOISE, SALT_DPO_SIGMA, keyed_generator, keyed_randn
+    from deradiff.training.conditioning import Conditioning
+    from deradiff.training.dpo import dpo_errors_from_latents
+    from deradiff.training.families import TimestepSampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    latents = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0))  # w0, w1, l0, l1
+    cond = Conditioning(torch.zeros(2, 1, 4), pooled_projections=torch.zeros(2, 4), family="sd3")
+    ids, seed, epoch, beta = [7, 9], 3, 2, 100.0
+    model, reference = _LinearVelocity(-0.5), _LinearVelocity(-0.2)
+    errors = dpo_errors_from_latents(model, reference, scheduler, latents, cond, ids, seed, epoch,
+                                     TimestepSampling("logit_normal", 0.0, 1.0))
+    loss, _ = diffusion_dpo_loss(*errors, beta=beta, convention="official")
+
+    # By hand: per pair, u = sigmoid(N(0, 1)) from the pair's keyed generator picks sigma in the
+    # shift-3 training schedule; x_s = (1 - s) x0 + s eps with the pair's noise; target eps - x0.
+    hand = []
+    for pair, key in enumerate(ids):
+        u = torch.sigmoid(torch.normal(0.0, 1.0, (1,), generator=keyed_generator(seed, epoch, SALT_DPO_SIGMA, key)))
+        index = int(u * 1000)
+        unshifted = 1 - index / 1000  # training sigmas run from 1 down to 1/1000
+        s = 3 * unshifted / (1 + 2 * unshifted)
+        eps = keyed_randn((2, 3, 3), [key], seed, epoch, salt=SALT_DPO_NOISE)[0]
+        errs = {}
+        for name, a in (("model", -0.5), ("ref", -0.2)):
+            for side, x0 in (("w", latents[pair]), ("l", latents[2 + pair])):
+                x_s = (1 - s) * x0 + s * eps
+                errs[name, side] = float(((a * x_s + s - (eps - x0)) ** 2).mean())
+        margin = (errs["model", "w"] - errs["model", "l"]) - (errs["ref", "w"] - errs["ref", "l"])
+        hand.append(-math.log(1 / (1 + math.exp(beta / 2 * margin))))
+    assert math.isclose(loss.item(), sum(hand) / 2, rel_tol=1e-4)
+
+
+def test_flow_sigmas_are_logit_normal_in_the_unshifted_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from deradiff.training.families import FAMILIES, TimestepSampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ids = list(range(4000))
+    for scheme, quartiles in (("logit_normal", (0.338, 0.5, 0.662)), ("uniform", (0.25, 0.5, 0.75))):
+        t = FAMILIES["sd3"].training_timesteps(scheduler, ids, 0, 0, TimestepSampling(scheme))
+        s = t / 1000
+        unshifted = s / (3 - 2 * s)  # undo the shift s = 3 x / (1 + 2 x)
+        q = torch.quantile(1 - unshifted, torch.tensor([0.25, 0.5, 0.75]))
+        assert torch.allclose(q, torch.tensor(quartiles), atol=0.02), (scheme, q)
+    again = FAMILIES["sd3"].training_timesteps(scheduler, [5, 6], 0, 0, TimestepSampling())
+    assert torch.equal(again, FAMILIES["sd3"].training_timesteps(scheduler, [7, 5, 6], 0, 0, TimestepSampling())[1:])
+
+
+def test_flow_dpo_on_tiny_sd3_and_flux_starts_at_log2_and_does_not_depend_on_the_split(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_flow import build_tiny_flux, build_tiny_sd3
+
+    w, lose = _pairs(4, seed=2)
+    w, lose = (torch.nn.functional.interpolate(x, size=32) for x in (w, lose))
+    prompts = ["a red circle", "b", "c", "d"]
+    for build in (build_tiny_sd3, build_tiny_flux):
+        pipe = build(tmp_path / build.__name__)
+        add_lora(pipe.transformer, rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"])
+
+        def step(ids, rows, pipe=pipe):
+            cond = encode_prompts(pipe, [prompts[i] for i in rows], "cpu", guidance=3.5, max_sequence_length=8)
+            errors = dpo_errors(pipe.transformer, pipe.transformer, pipe.vae, pipe.scheduler, w[rows], lose[rows],
+                                cond, pair_ids=ids, seed=0, epoch=1)
+            return diffusion_dpo_loss(*errors, beta=100)
+
+        loss, metrics = step([10, 11, 12, 13], [0, 1, 2, 3])
+        assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and metrics["dpo/implicit_acc"] == 0.5
+        with torch.no_grad():  # a nonzero LoRA: model != reference
+            for name, p in pipe.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+        _, full = step([10, 11, 12, 13], [0, 1, 2, 3])
+        halves = [step([10 + i, 11 + i], [i, i + 1])[1] for i in (0, 2)]
+        for key in ("dpo/model_margin", "dpo/ref_margin", "dpo/loss"):
+            assert math.isclose(full[key], (halves[0][key] + halves[1][key]) / 2, rel_tol=1e-4, abs_tol=1e-7)

@@ -187,7 +187,7 @@ def test_wrong_types_and_choices_name_key_and_expectation():
 def test_all_problems_are_reported_at_once(tmp_path):
     path = _write(tmp_path, "trainer:\n  lrr: 1\n  max_steps: many\n")
     with pytest.raises(UserError) as err:
-        load_recipe(path, ["model.kind=sd3", "method.beta=1"])
+        load_recipe(path, ["model.kind=sd4", "method.beta=1"])
     msg = str(err.value)
     assert "3 problems" in msg and "trainer.lrr" in msg and "trainer.max_steps" in msg and "model.kind" in msg
     with pytest.raises(UserError) as err:
