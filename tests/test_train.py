@@ -307,3 +307,31 @@ def test_throughput_is_logged_per_step_and_totalled_in_the_summary(reference_run
     assert 0 <= summary["perf/data_wait_s"] <= summary["perf/train_s"]
     assert summary["perf/peak_mem_mib"] >= max(r["perf/peak_mem_mib"] for r in rows)
     assert "samples/s=" in proc.stdout + proc.stderr  # in the progress bar
+
+
+def test_loader_workers_give_the_same_losses_and_a_resume_may_change_their_number(reference_run, toy_world, tmp_path):
+    """Steps 1-4 read by 2 DataLoader workers, 5-6 (resumed) in the training process: the losses
+    of the reference run (default workers), bit for bit."""
+    ref_out, _ = reference_run
+    out = tmp_path / "workers"
+    first = _run(_args(toy_world, out, **{"trainer.max_steps": 4, "data.num_workers": 2, "data.prefetch_factor": 3}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = _run(_args(toy_world, out, **{"data.num_workers": 0}))
+    assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
+    assert _losses(out) == _losses(ref_out)
+
+
+@pytest.mark.slow
+def test_streamed_data_read_ahead_resumes_identically(toy_world, tmp_path):
+    """A streamed set read ahead by a thread (data.num_workers > 0), resumed across an epoch, gives
+    the losses of reading it in the training loop."""
+    over = {"data.streaming": "true", "trainer.max_steps": 7, "trainer.per_device_batch_size": 8,
+            "trainer.checkpoint_every": 4, "trainer.log_every": 1, "sample.prompts": "[]", "data.eval_path": "null"}
+    whole = _run(_args(toy_world, tmp_path / "whole", **{**over, "data.num_workers": 0}))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = _run(_args(toy_world, tmp_path / "split", **{**over, "trainer.max_steps": 4, "data.num_workers": 2}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = _run(_args(toy_world, tmp_path / "split", **{**over, "data.num_workers": 1}))
+    assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["train/epoch"] == 1

@@ -24,7 +24,7 @@ import logging
 import math
 import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -330,6 +330,16 @@ class PreferencePairs(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def worker_report(self) -> dict:
+        """What reading taught this copy (the rows found corrupt), for `absorb` in the training
+        process when a DataLoader worker did the reading."""
+        return {"bad_rows": sorted(self._bad)}
+
+    def absorb(self, report: dict) -> None:
+        """Merge a DataLoader worker copy's `worker_report` into this dataset's counts."""
+        self._bad.update(report["bad_rows"])
+        self.stats.corrupt = self._corrupt_up_front + len(self._bad)
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -383,6 +393,23 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
         self.epoch = epoch
         if hasattr(self.stream, "set_epoch"):
             self.stream.set_epoch(epoch)  # reseeds a shuffled stream's buffer
+
+    def __copy__(self) -> StreamingPreferencePairs:
+        """A reader of the same stream with its own counts (for a background reader)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.stats = PreferenceStats(**asdict(self.stats))
+        return clone
+
+    def worker_report(self) -> dict:
+        """The counts so far (rows read up to the last item produced), for `absorb` in the
+        training process when a background reader reads the stream."""
+        return {"stats": asdict(self.stats)}
+
+    def absorb(self, report: dict) -> None:
+        """Take a background reader's counts (`worker_report`) as this dataset's."""
+        for key, value in report["stats"].items():
+            setattr(self.stats, key, value)  # in place: `stats` returned by the loader is this object
 
     def raw_pairs(self) -> Iterator[tuple[str, PILImage.Image, PILImage.Image]]:
         """(caption, preferred, rejected) for each usable row. The first pass (epoch 0) counts

@@ -10,10 +10,15 @@ StreamOrder (a streamed dataset, no length): each rank reads its own shard of th
 step s, micro-batch m takes the rank's items at positions (s*A + m)*B ... + B, starting a new
 epoch (a reshuffled pass) when the shard runs out. Resuming re-reads the shard up to the
 position (no state saved). Rows differ between 1 and 2 processes (each rank has its own shard).
+
+`batches(order, dataset, collate, start_step, rank, num_workers)` yields the collated
+micro-batches of either order from a torch DataLoader whose workers decode and augment ahead of
+training; the batches are the same for any number of workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -102,3 +107,151 @@ class StreamOrder:
         items, epochs = zip(*(self._next(dataset) for _ in range(self.per_device)), strict=True)
         ids = [(first + j) * self.processes + rank for j in range(self.per_device)]
         return list(items), ids, epochs[0]
+
+
+# -- batches from DataLoader workers ------------------------------------------------------------
+
+
+def default_num_workers() -> int:
+    """min(4, usable CPUs - 1) where worker processes can be forked (Linux), else 0."""
+    import multiprocessing
+    import os
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 0  # spawned workers would have to pickle the methods' collate closures
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
+
+
+class _IndexedBatches(torch.utils.data.Dataset):
+    """Micro-batches addressed by (step, micro): order.rows + collate, a pure function of the key."""
+
+    def __init__(self, order: DataOrder, dataset, collate, rank: int):
+        self.order, self.dataset, self.collate, self.rank = order, dataset, collate, rank
+
+    def __getitem__(self, key: tuple[int, int]):
+        rows, ids, epoch = self.order.rows(self.dataset, key[0], key[1], self.rank)
+        return self.collate(rows, ids), epoch, _report(self.dataset)
+
+
+class _Steps(torch.utils.data.Sampler):
+    """(step, micro) for every micro-batch from `start` on, without end."""
+
+    def __init__(self, start: int, accumulation: int):
+        self.start, self.accumulation = start, accumulation
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            for micro in range(self.accumulation):
+                yield step, micro
+            step += 1
+
+
+def _stream_batches(order: StreamOrder, dataset, collate, rank: int, start: int):
+    """A rank's streamed micro-batches from step `start` on, read by a fresh StreamOrder."""
+    order = StreamOrder(order.per_device, order.processes, order.accumulation)
+    step = start
+    while True:
+        for micro in range(order.accumulation):
+            rows, ids, epoch = order.rows(dataset, step, micro, rank)
+            yield collate(rows, ids), epoch, _report(dataset)
+        step += 1
+
+
+def _read_ahead(produce: Iterator, depth: int) -> Iterator:
+    """`produce`'s elements, computed by a background thread up to `depth` ahead (decoding and
+    resizing release the GIL). Its exception is re-raised here; closing stops the thread."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for element in produce:
+                while not stop.is_set():
+                    try:
+                        ready.put((element, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer, raised there
+            ready.put((None, err))
+
+    thread = threading.Thread(target=work, name="deradiff-stream-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            element, err = ready.get()
+            if err is not None:
+                raise err
+            yield element
+    finally:
+        stop.set()
+
+
+def _report(dataset) -> dict | None:
+    """What a dataset learnt while reading (corrupt rows, stream counts), for the main process."""
+    return dataset.worker_report() if hasattr(dataset, "worker_report") else None
+
+
+def _as_is(element):
+    return element
+
+
+def batches(order: DataOrder | StreamOrder, dataset, collate, start_step: int, rank: int, num_workers: int = 0,
+            prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[tuple[dict, int]]:
+    """(collated micro-batch, epoch) for every micro-batch from optimizer step `start_step` on,
+    in the order of `order.rows`, from a torch DataLoader.
+
+    With num_workers > 0, worker processes read, decode, augment and collate whole micro-batches
+    ahead of training (prefetch_factor each) while the main process trains; the batches and
+    their order are those of num_workers = 0, bit for bit, because every item is a pure function
+    of its key (augmentation keyed by pair id and epoch via deradiff.seeding.keyed_generator,
+    never by a worker's RNG). A streamed dataset is read in order by one background thread
+    instead (num_workers x prefetch_factor micro-batches ahead). What a worker's copy of the
+    dataset learns (corrupt rows found, a stream's counts) is handed to the main process's
+    dataset through its `absorb(report)`. pin_memory: page-locked batches (indexed data) for
+    faster copies to a CUDA device.
+    """
+    import copy
+    import multiprocessing
+
+    if isinstance(order, StreamOrder):
+        # A thread on a copy of the dataset, not a worker process: `datasets` shards and reseeds
+        # a stream iterated inside a DataLoader worker, which would change its order.
+        reader = copy.copy(dataset) if num_workers > 0 else dataset
+        produced = _stream_batches(order, reader, collate, rank, start_step)
+        loader = _read_ahead(produced, num_workers * prefetch_factor) if num_workers > 0 else produced
+    else:
+        extra = {}
+        if num_workers > 0:
+            extra["prefetch_factor"] = prefetch_factor
+            if "fork" in multiprocessing.get_all_start_methods():
+                extra["multiprocessing_context"] = "fork"  # the methods' collate functions are closures
+        # A private generator: creating the iterator must not draw from the global RNG (LoRA
+        # dropout draws from it, and a resumed run would see other numbers).
+        loader = torch.utils.data.DataLoader(
+            _IndexedBatches(order, dataset, collate, rank), batch_size=None, sampler=_Steps(start_step, order.accumulation),
+            collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(0), **extra)
+    try:
+        for batch, epoch, report in loader:
+            if report is not None:
+                dataset.absorb(report)
+            yield batch, epoch
+    except UserError as err:  # raised in a worker: DataLoader adds the worker's traceback
+        raise UserError(_worker_message(str(err))) from None
+
+
+def _worker_message(text: str) -> str:
+    """The UserError's own one-line message out of DataLoader's 'Caught UserError in DataLoader
+    worker process 0. Original Traceback ...' text."""
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split("UserError: ", 1)[-1]

@@ -81,7 +81,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
                 f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference)); "
                 f"{settings.describe()}")
     return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None,
-                  data_stats=_pair_counts(dataset, accelerator))
+                  data_stats=_pair_counts(dataset, accelerator), parallel_data=True)
 
 
 def _pair_counts(dataset, accelerator) -> Callable[[], dict[str, float]]:

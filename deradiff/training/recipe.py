@@ -132,6 +132,12 @@ class DataSection:
         eval_prompts: kl_grad / kl_pg: held-out prompts of the periodic evaluation (eval/kl/*),
             same forms; null = no evaluation. (dpo evaluates on eval_path / eval_split; sample
             grids use sample.prompts.)
+        num_workers: dpo: DataLoader worker processes that decode, resize, crop, flip and collate
+            preference pairs ahead of training; null = min(4, CPUs - 1) (0 where processes
+            cannot be forked); 0 = in the training process. The batches are the same for any
+            value (augmentation is keyed by pair, not by worker). A streamed set is read ahead by
+            one thread instead (datasets reorders a stream read inside worker processes).
+        prefetch_factor: micro-batches each worker prepares ahead (with num_workers > 0).
     """
 
     source: Literal["parquet", "hub", "toy"] = "parquet"
@@ -150,6 +156,8 @@ class DataSection:
     verify_images: bool = True
     prompts: str | None = None
     eval_prompts: str | None = None
+    num_workers: int | None = None
+    prefetch_factor: int = 2
 
 
 @dataclass
@@ -325,6 +333,8 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "trainer.sample_every",
     "data.max_eval_samples",
     "data.cache_dir",
+    "data.num_workers",
+    "data.prefetch_factor",
     "sample",
     "sweep",
 )
@@ -664,6 +674,8 @@ def validation_errors(recipe: Recipe) -> list[str]:
     need(d.max_train_samples is None or d.max_train_samples >= 1, f"data.max_train_samples must be >= 1 or null, got {d.max_train_samples}")
     need(d.max_eval_samples is None or d.max_eval_samples >= 1, f"data.max_eval_samples must be >= 1 or null, got {d.max_eval_samples}")
     need(not (d.eval_split and d.source != "hub"), f"data.eval_split applies to source hub; for source {d.source!r} set data.eval_path")
+    need(d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0 or null (automatic), got {d.num_workers}")
+    need(d.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {d.prefetch_factor}")
 
     if me.beta is None:
         e.append("method.beta is required: set it in the recipe or pass method.beta=... "

@@ -35,7 +35,7 @@ from deradiff.training.checkpoint import (
     write_failure,
     writes_into,
 )
-from deradiff.training.data_order import DataOrder, StreamOrder
+from deradiff.training.data_order import DataOrder, StreamOrder, batches, default_num_workers
 
 # Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
 # "try again"; slurm/*.sbatch requeues the job on it.
@@ -62,6 +62,9 @@ class Method:
     # data_stats() -> counts of the training data so far (data/*: rows read, dropped, corrupt),
     # totals over processes; a collective, called by every rank at each logged step
     data_stats: Callable[[], dict[str, float]] | None = None
+    # whether reading rows is worth DataLoader worker processes (decoding and augmenting images);
+    # False: rows are read in the training process (prompt lists)
+    parallel_data: bool = False
 
 
 class Throughput:
@@ -273,14 +276,14 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     start = time.perf_counter()
     last: dict[str, float] = {}
     perf, perf_last = Throughput(order.global_batch, accelerator.device), {}
+    micro_batches = _micro_batches(recipe, method, order, state.step, accelerator)
     while state.step < t.max_steps:
         step_metrics: list[dict] = []
         unet.train()
         step_start, data_s = time.perf_counter(), 0.0
         for micro in range(t.gradient_accumulation):
             fetch_start = time.perf_counter()
-            rows, ids, epoch = order.rows(method.dataset, state.step, micro, accelerator.process_index)
-            batch = method.collate(rows, ids)
+            batch, epoch = next(micro_batches)
             data_s += time.perf_counter() - fetch_start
             with accelerator.accumulate(unet):
                 loss, metrics = method.step(unet, batch, state.step, micro, epoch)
@@ -323,11 +326,13 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
         if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
         if stop:
+            micro_batches.close()  # stops the DataLoader workers
             bar.close()
             accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
                               f"re-run the same command to resume")
             accelerator.end_training()
             sys.exit(PREEMPTED_EXIT_CODE)
+    micro_batches.close()
     bar.close()
     accelerator.wait_for_everyone()
     save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
@@ -343,6 +348,19 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
                                               for k, v in summary.items()) + f" | LoRA: {run_dir / 'lora' / LORA_WEIGHT_NAME}")
     accelerator.end_training()
     return last
+
+
+def _micro_batches(recipe, method: Method, order, start_step: int, accelerator):
+    """(batch, epoch) per micro-batch from `start_step` on: read by data.num_workers DataLoader
+    workers (data.prefetch_factor batches ahead each, pinned when training on CUDA) for methods
+    whose rows are worth it, else in this process. The batches are the same either way."""
+    d = recipe.data
+    workers = 0
+    if method.parallel_data:
+        workers = default_num_workers() if d.num_workers is None else d.num_workers
+    return batches(order, method.dataset, method.collate, start_step, accelerator.process_index,
+                   num_workers=workers, prefetch_factor=d.prefetch_factor,
+                   pin_memory=accelerator.device.type == "cuda")
 
 
 # metric -> its short name in the progress bar

@@ -263,3 +263,54 @@ def test_resolve_parquet_files(tmp_path):
     assert resolve_parquet_files(str(tmp_path / "*.parquet")) == expected
     with pytest.raises(UserError, match="no parquet file"):
         resolve_parquet_files(str(tmp_path / "none-*.parquet"))
+
+
+# -- DataLoader workers -------------------------------------------------------------------------
+
+
+def _loaded(prefs, workers: int, start: int, n: int, streaming: bool):
+    """n (batch, epoch) from step `start` on, 2 pairs per micro-batch, 2 micro-batches per step,
+    and the dataset (its counts as the training process sees them)."""
+    from deradiff.training.data_order import DataOrder, StreamOrder, batches
+
+    pairs, _ = load_preference_dataset(replace(prefs, streaming=streaming, verify_images=False), seed=3)
+    order = StreamOrder(2, 1, 2) if streaming else DataOrder(len(pairs), 2, 1, 2, seed=3)
+    it = batches(order, pairs, lambda rows, ids: {**collate_pairs(rows), "ids": ids}, start, 0, num_workers=workers)
+    got = [next(it) for _ in range(n)]
+    it.close()
+    return got, pairs
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["indexed", "streamed"])
+def test_loader_workers_give_the_batches_of_the_training_process_from_any_step(prefs, streaming, monkeypatch):
+    """Workers (a reader thread for a stream) decode and augment (flips keyed by pair and epoch)
+    the same tensors in the same order as the training process, also when starting at a later
+    step (resume); the corrupt row a worker finds is counted in the training process."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # 5 s after each streamed pass
+    ref, ref_pairs = _loaded(prefs, 0, 0, 10, streaming)
+    for workers, start in ((2, 0), (2, 2)):
+        got, pairs = _loaded(prefs, workers, start, 6, streaming)
+        for (a, epoch_a), (b, epoch_b) in zip(ref[2 * start:], got, strict=False):
+            assert epoch_a == epoch_b and a["ids"] == b["ids"] and a["captions"] == b["captions"]
+            assert torch.equal(a["pixel_values_w"], b["pixel_values_w"])
+            assert torch.equal(a["pixel_values_l"], b["pixel_values_l"])
+        if start == 0:  # the counts of rows read up to the last batch taken, as without workers
+            counts = pairs.stats.as_metrics() if streaming else pairs.metrics()
+            assert counts == (ref_pairs.stats.as_metrics() if streaming else ref_pairs.metrics())
+            assert counts["data/corrupt"] == 1
+    assert {epoch for _, epoch in ref} == {0, 1, 2, 3, 4} if not streaming else {0, 1, 2, 3}
+    flips = {bool(b["pixel_values_w"][0, 0, :, : R // 2].mean() > b["pixel_values_w"][0, 0, :, R // 2:].mean())
+             for b, _ in ref}
+    assert flips == {True, False}, "the comparison covers flipped and unflipped pairs"
+
+
+def test_a_user_error_in_a_worker_is_one_line():
+    from deradiff.training.data_order import _worker_message
+
+    text = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    raise UserError("m")\n'
+            "deradiff.errors.UserError: parquet 'x': invalid labels in streamed row 3: label_0 = 2\n")
+    assert _worker_message(text) == "parquet 'x': invalid labels in streamed row 3: label_0 = 2"
+    assert _worker_message("plain message") == "plain message"
