@@ -14,7 +14,7 @@ module path, third-party ones from the `deradiff.plugins` entry-point group:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from deradiff.errors import UserError
 
 BUILTIN_PLUGINS = ("deradiff.toy.plugin",)
 ENTRY_POINT_GROUP = "deradiff.plugins"
+FIDELITY_PREFIX = "fidelity/"  # the namespace of judge metrics in results tables
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,35 @@ class JudgeEntry:
     """Prior-fidelity metrics for prompts of a known world (e.g. the toy classifier).
 
     accepts(prompts) -> bool: whether every prompt is one the judge can score.
-    load(weights, device) -> judge with `adherence(images, prompts)` and `metrics(...)`.
+    load(weights, device) -> judge with `adherence(images, prompts)` -> {key: (N,) tensor} and
+        `metrics(images, prompts, n_boot=...)` -> {name: Estimate}; images (N, 3, H, W) in [-1, 1].
     identity(weights) -> dict stored by resumable commands (hash of the judge's weights).
+    image_metrics: per-image columns of the results table, as {key of `adherence(...)`: column},
+        e.g. {"all": "fidelity/adherence"}; a bool per image is stored as 0.0 / 1.0.
+    set_metrics: per-prompt metrics computed from all of a prompt's images (its seeds), names
+        that `metrics(...)` returns, e.g. ("fidelity/kid",); they need >= 2 seeds.
+    Every column and set metric is namespaced "fidelity/" (how the results table finds them).
     """
 
     accepts: Callable[[Sequence[str]], bool]
     load: Callable[..., Any]
     identity: Callable[[str | None], dict]
     help: str
+    image_metrics: Mapping[str, str] = field(default_factory=dict)
+    set_metrics: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = [*self.image_metrics.values(), *self.set_metrics]
+        if not names:
+            raise ValueError("a JudgeEntry declares at least one metric (image_metrics or set_metrics)")
+        bad = [n for n in names if not n.startswith(FIDELITY_PREFIX)]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"judge metric names must be distinct and start with {FIDELITY_PREFIX!r}, got {names}")
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric the judge adds: per-image columns, then per-prompt set metrics."""
+        return [*self.image_metrics.values(), *self.set_metrics]
 
 
 MODELS: dict[str, ModelEntry] = {}

@@ -18,14 +18,11 @@ from pathlib import Path
 
 from deradiff.errors import UserError
 from deradiff.evaluation.baselines import resolve_lora
-from deradiff.evaluation.results import RESULTS, SET_METRICS
+from deradiff.evaluation.results import RESULTS
 from deradiff.io import sha256_file, write_json_atomic
 
 CONFIG = "config.json"
 DEFAULT_PIPELINE, DEFAULT_PROMPTS, DEFAULT_REWARDS = "toy", "toy:test", ("toy",)
-# per-image fidelity columns by the keys of a judge's `adherence(images, prompts)`
-ADHERENCE_COLUMNS = {"color": "fidelity/color_acc", "shape": "fidelity/shape_acc",
-                     "background": "fidelity/background_acc", "all": "fidelity/adherence"}
 
 
 @dataclass
@@ -41,7 +38,7 @@ class EvalConfig:
     scheduler: str | None = None
     eta: float = 0.0
     size: int | None = None
-    mode: str = "two_forward"
+    mode: str = "auto"  # auto | two_forward | mixed_batch (deradiff.evaluation.sampling.choose_mode)
     dtype: str = "float32"
     rewards: list[str] = field(default_factory=lambda: list(DEFAULT_REWARDS))
     fidelity: str = "auto"  # auto | none | a registered judge name
@@ -75,12 +72,17 @@ class EvalConfig:
             out.update(model.identity())
         return out
 
-    def load_judge(self, device: str = "cpu"):
-        """The fidelity judge (with `adherence` and `metrics`), or None when fidelity is off."""
+    def judge_entry(self):
+        """The fidelity judge's registry entry (its metric names), or None when fidelity is off."""
         from deradiff.plugins import judge_entry
 
         judge = self.judge
-        return None if judge is None else judge_entry(judge).load(self.classifier, device)
+        return None if judge is None else judge_entry(judge)
+
+    def load_judge(self, device: str = "cpu"):
+        """The fidelity judge (with `adherence` and `metrics`), or None when fidelity is off."""
+        entry = self.judge_entry()
+        return None if entry is None else entry.load(self.classifier, device)
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict]:
@@ -98,8 +100,9 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
 def expected_metrics(cfg: EvalConfig) -> list[str]:
     """The metric names an evaluation with `cfg` can produce (path_kl only with a stochastic sampler)."""
     names = [f"reward/{parse_reward_spec(spec)[0]}" for spec in cfg.rewards] + ["path_kl"]
-    if cfg.judge is not None:
-        names += list(ADHERENCE_COLUMNS.values()) + (list(SET_METRICS) if len(cfg.seeds) >= 2 else [])
+    judge = cfg.judge_entry()
+    if judge is not None:
+        names += list(judge.image_metrics.values()) + (list(judge.set_metrics) if len(cfg.seeds) >= 2 else [])
     return names
 
 

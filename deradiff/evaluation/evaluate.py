@@ -16,11 +16,17 @@ The output folder (`--out`) is self-describing and resumable:
                    sampler, prompts, seeds, rewards, judge); written with the first samples, and
                    once results exist a different configuration is refused with the diff
   results.jsonl    one row per image, appended as it is made: arm, lam, prompt_id, prompt,
-                   seed, image, path_kl, reward/<name>, fidelity/<name> (with a judge), time_s
+                   seed, image, path_kl, reward/<name>, fidelity/<name> (the judge's columns,
+                   deradiff.plugins.JudgeEntry), mode (two_forward | mixed_batch), time_s
   images/<arm>/lam=<lam>/p<prompt_id>_s<seed>.png
   shards/<i>-of-<n>.jsonl   rows of `--shard i/n` jobs (a contiguous prompt range each);
-                   `--merge` folds them into results.jsonl
+                   `--merge` folds them into results.jsonl; <i>-of-<n>.sampling.json: the
+                   shard's sampling throughput
+  summary.json     {"summary": one row per (arm, lam) with every metric's mean over prompts and
+                   its interval, "sampling": images/s, realignment overhead and modes of this run}
   commands.txt     every command run into the folder
+One node, several GPUs: `--devices cuda:0,cuda:1` starts one `--shard i/n` process per device
+and merges their rows (the same rows as one process would make).
 Re-running samples only what is missing; stored images that are missing or do not decode
 are sampled again and counted. Modules: sampling.py (the sampling primitive), config.py (the
 folder's identity), options.py (shared options), lams.py (lambda values); this file is the loop.
@@ -31,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -42,7 +50,6 @@ from tqdm import tqdm
 from deradiff.errors import UserError
 from deradiff.evaluation.baselines import LoraRun, baseline_lambda, check_baselines, lora_run
 from deradiff.evaluation.config import (
-    ADHERENCE_COLUMNS,
     EvalConfig,
     check_resume_config,
     config_from_args,
@@ -50,7 +57,7 @@ from deradiff.evaluation.config import (
     write_identity,
 )
 from deradiff.evaluation.lams import LAM_POLICY, Lam, constant, lambda_arg, parse_grid
-from deradiff.evaluation.options import add_eval_arguments, log_command
+from deradiff.evaluation.options import add_eval_arguments, command_words, log_command
 from deradiff.evaluation.results import (
     LORA_SCALE,
     REALIGNED,
@@ -68,7 +75,7 @@ from deradiff.evaluation.results import (
     summarize,
     write_json,
 )
-from deradiff.evaluation.sampling import image_ok, load_sampler, save_png
+from deradiff.evaluation.sampling import Throughput, image_ok, load_sampler, save_png
 from deradiff.realign import denoiser_attribute
 
 ALIGNED_ADAPTER = "aligned"
@@ -109,6 +116,7 @@ class Evaluator:
         self.resampled = 0  # stored images found missing or corrupt, sampled again
         self.sampled = 0
         self._sampler = self._rewards = self._judge = None
+        self.judge_entry = cfg.judge_entry()  # its metric names; None when fidelity is off
 
     # -- what an arm is ----------------------------------------------------------------------
     def baseline_lams(self) -> dict[str, Lam]:
@@ -196,7 +204,7 @@ class Evaluator:
         write_identity(self.out, self.cfg, self.identity)
         self.results.parent.mkdir(parents=True, exist_ok=True)
         drop_torn_tail(self.results)
-        bar = tqdm(total=len(todo), desc="evaluate", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=self._bar_name(), unit="img", dynamic_ncols=True)
         groups: dict[tuple[str, str], list[Job]] = {}
         for job in todo:
             groups.setdefault((job[0], job[1].name), []).append(job)
@@ -209,7 +217,7 @@ class Evaluator:
                             table.flush()
                             self.rows[row_key(row)] = row
                             self._verified.add(row_key(row))
-                        bar.set_postfix(arm=arm, lam=lam_name)
+                        bar.set_postfix(arm=arm, lam=lam_name, **self.throughput.postfix())
                         bar.update(min(self.cfg.batch_size, len(jobs) - start))
         bar.close()
 
@@ -218,6 +226,7 @@ class Evaluator:
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = [cfg.prompts[pid] for _, _, pid, _ in chunk]
+        mode = self._sampler.mode_for(len(chunk))
         images, kls = self._sampler.sample(prompts, [seed for *_, seed in chunk], lam)
         scores = self._score(images, prompts)
         dt = (time.perf_counter() - t0) / len(chunk)
@@ -227,7 +236,7 @@ class Evaluator:
             save_png(images[i], self.out / rel)
             row = {"arm": arm, "lam": job_lam.name, "lam_value": job_lam.value, "prompt_id": pid,
                    "prompt": cfg.prompts[pid], "seed": seed, "image": str(rel), "path_kl": kls[i],
-                   **{k: float(v[i]) for k, v in scores.items()}, "time_s": round(dt, 4)}
+                   **{k: float(v[i]) for k, v in scores.items()}, "mode": mode, "time_s": round(dt, 4)}
             if arm in self.baselines:
                 row["beta"] = self.baselines[arm].beta
             rows.append(row)
@@ -238,10 +247,19 @@ class Evaluator:
     def _score(self, images, prompts: list[str]) -> dict[str, torch.Tensor]:
         x = pil_to_tensor(images).to(self.cfg.device)
         scores = {name: r.score(x, prompts).float().cpu() for name, r in self._rewards.items()}
-        if self._judge is not None:
-            correct = self._judge.adherence(x, prompts)
-            scores.update({col: correct[k].float().cpu() for k, col in ADHERENCE_COLUMNS.items()})
+        if self._judge is not None and self.judge_entry.image_metrics:
+            per_image = self._judge.adherence(x, prompts)
+            scores.update({col: per_image[k].float().cpu() for k, col in self.judge_entry.image_metrics.items()})
         return scores
+
+    @property
+    def throughput(self) -> Throughput:
+        """This run's sampling time so far (images/s, realignment overhead, modes)."""
+        return self._sampler.throughput if self._sampler is not None else Throughput()
+
+    def _bar_name(self) -> str:
+        name = self.results.stem
+        return "evaluate" if name == "results" else f"evaluate {name}"
 
     def judge(self):
         """The fidelity judge (None when fidelity is off or no judge accepts the prompts)."""
@@ -265,7 +283,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "each is sampled once, at its lambda = beta0 / beta")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="sample only prompt range I of N (parallel jobs write OUT/shards/I-of-N.jsonl)")
+    p.add_argument("--devices", default=None, metavar="D0,D1,...",
+                   help="one process per device on this node (e.g. cuda:0,cuda:1; cpu,cpu works too), each "
+                   "sampling one shard of the prompts, then merged into OUT/results.jsonl; replaces --device")
     p.add_argument("--merge", action="store_true", help="merge OUT/shards/*.jsonl into OUT/results.jsonl and exit")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --devices process
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,24 +298,120 @@ def run(args: argparse.Namespace) -> int:
         return 0
     grid = parse_grid(args.lam)
     shard = parse_shard(args.shard)
+    devices = parse_devices(args.devices)
+    if devices and shard != (0, 1):
+        raise UserError("--devices splits the prompts into shards itself: leave out --shard")
     cfg = config_from_args(args)
     baselines = [lora_run(b) for b in args.baselines]
     ev = Evaluator(cfg, out, shard, baselines)
-    log_command(out, args)  # after every input check: only commands that ran are recorded
-    ids = shard_prompt_ids(len(cfg.prompts), shard)
+    if not args.worker:
+        log_command(out, args)  # after every input check: only commands that ran are recorded
     start = time.perf_counter()
+    throughput = None
+    if devices:
+        throughput = sample_on_devices(args, devices, out)
+        ev = Evaluator(cfg, out, shard, baselines)  # reads the merged rows
+    rows = ensure_all(ev, args, grid, shard_prompt_ids(len(cfg.prompts), shard))
+    if ev.resampled:
+        print(f"re-sampled {ev.resampled} stored images that were missing or corrupt")
+    wall = time.perf_counter() - start
+    throughput = throughput or ev.throughput
+    print(f"{len(rows)} images ({throughput.images} sampled now, {wall:.1f}s) -> {ev.results}" + _rates(throughput))
+    sampling = {**throughput.as_dict(), "wall_s": round(wall, 2), "processes": len(devices) or 1}
+    if shard != (0, 1):
+        ev.results.parent.mkdir(parents=True, exist_ok=True)
+        ev.results.touch()  # an empty shard file: this shard is done, with nothing left to sample
+        write_json(out / "shards" / f"{shard[0]}-of-{shard[1]}.sampling.json", sampling)
+        if not args.worker:
+            print(f"shard {shard[0]}/{shard[1]} done; after all shards: deradiff evaluate --merge --out {out}")
+        return 0
+    summary = summarize(per_prompt_table(rows, out, ev.judge()), args.n_boot, args.alpha)
+    write_json(out / "summary.json", {"summary": summary, "sampling": sampling})
+    print(format_summary(summary))
+    return 0
+
+
+def ensure_all(ev: Evaluator, args: argparse.Namespace, grid: Sequence[Lam], ids: Iterable[int]) -> list[dict]:
+    """The rows of every arm the command asks for (realigned, lora-scale, retrained), sampled if missing."""
+    ids = list(ids)
     rows = ev.ensure(REALIGNED, grid, ids)
     if args.baseline == LORA_SCALE:
         rows += ev.ensure(LORA_SCALE, [lam for lam in grid if lam.value is not None], ids)
     for arm, lam in ev.baseline_lams().items():
         rows += ev.ensure(arm, [lam], ids)
-    if ev.resampled:
-        print(f"re-sampled {ev.resampled} stored images that were missing or corrupt")
-    print(f"{len(rows)} images ({ev.sampled} sampled now, {time.perf_counter() - start:.1f}s) -> {ev.results}")
-    if shard != (0, 1):
-        print(f"shard {shard[0]}/{shard[1]} done; after all shards: deradiff evaluate --merge --out {out}")
-        return 0
-    summary = summarize(per_prompt_table(rows, out, ev.judge()), args.n_boot, args.alpha)
-    write_json(out / "summary.json", summary)
-    print(format_summary(summary))
-    return 0
+    return rows
+
+
+def _rates(t: Throughput) -> str:
+    if t.images_per_s is None:
+        return ""
+    overhead = "" if t.overhead is None else f", realignment x{t.overhead:.2f} the time of plain sampling"
+    return f"; {t.images_per_s:.2f} img/s per process{overhead}; modes {t.modes}"
+
+
+# -- one process per device -----------------------------------------------------------------------
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """"cuda:0,cuda:1" -> ["cuda:0", "cuda:1"] ([] for None); UserError for a device torch cannot
+    name or a CUDA device this machine does not have."""
+    if text is None:
+        return []
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise UserError(f"--devices wants a comma-separated list such as cuda:0,cuda:1, got {text!r}")
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise UserError(f"--devices: {d!r} is not a device (write cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise UserError(f"--devices: {d} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
+                            "devices); list the ones it has, or cpu")
+    return devices
+
+
+def worker_commands(args: argparse.Namespace, devices: Sequence[str]) -> list[list[str]]:
+    """`deradiff evaluate` for each device: the same options, --shard i/n and --device D_i (CPU
+    workers share the cores: --threads is split among them unless given)."""
+    n = len(devices)
+    n_cpu = sum(torch.device(d).type == "cpu" for d in devices)
+    base = command_words(args, skip=("devices", "device", "shard", "threads", "worker"))
+    commands = []
+    for i, device in enumerate(devices):
+        threads = args.threads or (max(1, (os.cpu_count() or 1) // n_cpu) if torch.device(device).type == "cpu" else 0)
+        extra = ["--shard", f"{i}/{n}", "--device", device, "--worker"] + (["--threads", str(threads)] if threads else [])
+        commands.append([sys.executable, "-m", "deradiff.cli", "evaluate", *base, *extra])
+    return commands
+
+
+def sample_on_devices(args: argparse.Namespace, devices: Sequence[str], out: Path) -> Throughput:
+    """Run one shard process per device, wait for all, merge their rows into OUT/results.jsonl
+    (then their shard files go: the rows are merged); returns their summed throughput."""
+    n = len(devices)
+    stale = sorted(p.name for p in (out / "shards").glob("*-of-*.jsonl") if not p.name.endswith(f"-of-{n}.jsonl"))
+    if stale:
+        raise UserError(f"{out / 'shards'} holds shard results of another split ({', '.join(stale)}): run "
+                        f"`deradiff evaluate --merge --out {out}`, then remove {out / 'shards'}")
+    procs = [subprocess.Popen(cmd) for cmd in worker_commands(args, devices)]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:  # Ctrl-C or a kill: the workers go too (their rows so far are kept)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    failed = [f"{i}/{n} on {devices[i]} (exit {c})" for i, c in enumerate(codes) if c != 0]
+    if failed:
+        raise UserError(f"shard {', '.join(failed)} failed (its error is above); the rows made so far are kept: "
+                        "run the same command again to finish")
+    rows = merge_shards(out)
+    throughput = Throughput()
+    for i in range(n):
+        stats = out / "shards" / f"{i}-of-{n}.sampling.json"
+        throughput.merge(json.loads(stats.read_text()))
+        stats.unlink()
+        (out / "shards" / f"{i}-of-{n}.jsonl").unlink(missing_ok=True)
+    print(f"merged {len(rows)} rows of {n} processes ({', '.join(devices)}) -> {out / RESULTS}")
+    return throughput

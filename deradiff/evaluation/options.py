@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from deradiff.evaluation.lams import LAM_POLICY
-from deradiff.realign import MODES
+from deradiff.evaluation.sampling import AUTO, MODES
 
 
 def positive_int(text: str) -> int:
@@ -70,8 +70,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:
     p.add_argument("--eta", default=default(0.0), type=float,
                    help="DDIM eta; > 0 makes DDIM stochastic so the path KL is defined (default: 0)")
     p.add_argument("--size", default=unset, type=positive_int, help="image side in pixels (default: the pipeline's)")
-    p.add_argument("--mode", default=default("two_forward"), choices=MODES,
-                   help="realignment: two forwards or one mixed batch (default: two_forward)")
+    p.add_argument("--mode", default=default(AUTO), choices=MODES,
+                   help="realignment: two forwards, one mixed batch, or auto: by a rule measured per device and "
+                   "rows per call (deradiff.evaluation.sampling.choose_mode) (default: auto)")
     p.add_argument("--dtype", default=default("float32"), choices=["float32", "float16", "bfloat16"],
                    help="pipeline dtype (default: float32)")
 
@@ -113,16 +114,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha")
 
 
-def log_command(out: Path, args: argparse.Namespace) -> None:
-    """Append the command, with every option it ran with, to out/commands.txt (a line that runs
-    as written: options left empty, unset or off are left out)."""
-    words = ["deradiff", *getattr(args, "_name", "?").split()]
+def command_words(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of a parsed command as words that parse back to it (options left empty,
+    unset or off are left out; `skip` names more to leave out)."""
+    words = []
     for key, value in vars(args).items():
-        if key.startswith("_") or key in ("command", "subcommand") or value is None or value is False or value == []:
+        if key.startswith("_") or key in ("command", "subcommand", *skip) or value is None or value is False or value == []:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:
             words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return words
+
+
+def log_command(out: Path, args: argparse.Namespace) -> None:
+    """Append the command, with every option it ran with, to out/commands.txt (a line that runs
+    as written: options left empty, unset or off are left out)."""
+    words = ["deradiff", *getattr(args, "_name", "?").split(), *command_words(args)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:
         f.write(" ".join(shlex.quote(w) for w in words) + "\n")

@@ -4,7 +4,8 @@
         --prompt "a red circle on a dark background" --seeds 0 1 --out runs/samples
 
 Writes OUT/images/lam=<lam>/p<prompt>_s<seed>.png, OUT/grid.png (rows: prompt x seed,
-columns: lambda) and OUT/samples.jsonl (one line per image with its emulated path KL). A folder
+columns: lambda) and OUT/samples.jsonl (one line per image with its emulated path KL and the
+realignment mode that made it). A folder
 that already holds samples is refused unless --overwrite (then they are replaced as a whole).
 """
 
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     keys = sorted(grid)
     save_image_grid([grid[k] for k in keys], out / "grid.png",
                     row_labels=[f"p{p} s{s}" for p, s in keys], col_labels=[f"lam={lam}" for lam in lams])
-    print(f"{len(rows)} images in {time.perf_counter() - start:.1f}s -> {out}/grid.png, {out}/samples.jsonl")
+    t = sampler.throughput
+    rate = "" if t.overhead is None else f" ({t.images_per_s:.2f} img/s, realignment x{t.overhead:.2f} plain sampling)"
+    print(f"{len(rows)} images in {time.perf_counter() - start:.1f}s{rate} -> {out}/grid.png, {out}/samples.jsonl")
     return 0
 
 
@@ -110,7 +113,8 @@ def sample_grid(sampler: Sampler, lams: list[Lam], prompts: list[str], seeds: li
                 name = Path(f"lam={lam}") / f"p{pi:03d}_s{seed}.png"
                 save_png(images[0], images_dir / name)
                 grid.setdefault((pi, seed), []).append(images[0])
-                rows.append({"lam": lam.name, "prompt": prompt, "seed": seed, "path_kl": kls[0], "image": str("images" / name)})
+                rows.append({"lam": lam.name, "prompt": prompt, "seed": seed, "path_kl": kls[0],
+                             "image": str("images" / name), "mode": sampler.mode_for(1)})
                 bar.set_postfix(lam=lam.name, kl="n/a" if kls[0] is None else f"{kls[0]:.3g}")
                 bar.update()
     bar.close()

@@ -2,19 +2,24 @@
 
     sampler = load_sampler("toy", lora="runs/toy-dpo/lora", steps=20, scheduler="ddpm")
     images, kls = sampler.sample(["a red circle on a dark background"], [0], parse_lam("2"))
+    sampler.throughput.as_dict()    # images/s and the realignment overhead so far
 
 `load_sampler` loads a pipeline (a registered model, a local folder or a hub id), optionally
 replaces its scheduler and loads a LoRA; the call keywords start from the registered model's
 `sampling_defaults` (deradiff.plugins), then --steps / --guidance / --size / --eta. `sample`
-draws realigned images, each row's noise from its own seed, and returns each image's emulated
-path KL to the reference (None for deterministic samplers).
+draws realigned images, each row's noise from its own seed (a generator per row, so an image
+does not depend on which rows share its batch), and returns each image's emulated path KL to
+the reference (None for deterministic samplers). The realignment mode "auto" picks two_forward
+or mixed_batch per call by `choose_mode`; `Sampler.throughput` sums where the time went.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,107 @@ import torch
 
 from deradiff.evaluation.lams import Lam
 from deradiff.io import atomic_write
-from deradiff.realign import LambdaSchedule, path_kl, realigned
+from deradiff.realign import MODES as REALIGN_MODES
+from deradiff.realign import LambdaSchedule, path_kl, realigned, records_guidance_scale
+
+AUTO = "auto"
+MODES = (AUTO, *REALIGN_MODES)  # --mode choices
+# choose_mode's measured rule: on CPU, mixed_batch while the denoiser sees at most this many rows
+# per call (images x 2 with classifier-free guidance); see choose_mode for the measurement.
+CPU_MIXED_BATCH_MAX_ROWS = 4
+
+
+def choose_mode(rows: int, device: str | torch.device) -> str:
+    """The realignment mode for a denoiser call of `rows` rows (images per pipeline call, x 2
+    under classifier-free guidance) on `device`: "mixed_batch" (one forward on 2 x rows) or
+    "two_forward" (two forwards on rows). Both give the same images up to float rounding.
+
+    Rule: on CPU, mixed_batch while rows <= CPU_MIXED_BATCH_MAX_ROWS (4: one or two images per
+    call with CFG), else two_forward; on CUDA and other accelerators, two_forward (not measured
+    here: `make bench-gpu` measures both modes at SD shapes).
+
+    Measured with `OMP_NUM_THREADS=2 python benchmarks/sampling.py` (-> benchmarks/results/
+    sampling.json; `--threads 1 --out benchmarks/results/sampling_1thread.json` for the second),
+    toy pipeline (1.9M-param UNet) and an 8.7M-param tiny UNet, CFG 3, 2 DDIM steps, on a
+    2-core machine shared with other jobs (absolute img/s are low; ratios within a run count).
+    Time of mixed_batch / two_forward per call:
+        rows                      2      4      8
+        toy, 2 threads          0.66   0.34     -      (larger batches cut by the time limit)
+        toy, 1 thread           0.87   0.39   0.57
+        unet8m, 2 threads       1.03   0.80     -
+        unet8m, 1 thread        0.52   0.45   0.78
+    An earlier 1-thread run of the toy with 3 steps: 0.86, 0.74, 1.10 at rows 2, 4, 8, 0.96 at
+    16 and 1.22 at 32; benchmarks/results/realign_batch4.json (8.7M UNet, 16x16 latents, rows 4,
+    no CFG) 1.10. So: the one call pays off at small rows, where per-call overhead dominates, and
+    stops paying at about 8 rows; 4 is the bound every measurement supports.
+    """
+    if torch.device(device).type != "cpu":
+        return "two_forward"
+    return "mixed_batch" if rows <= CPU_MIXED_BATCH_MAX_ROWS else "two_forward"
+
+
+@dataclass
+class Throughput:
+    """Where a Sampler's time went, summed over its calls (seconds; CUDA work synchronized).
+
+    sample_s: wall time of the pipeline calls (text encoding, denoising, decoding);
+    denoise_s: of which spent in the realigned denoiser;
+    plain_s: what those denoiser calls would have taken as one plain forward each (the aligned
+        model alone, as sampling without realignment does), timed once per input shape on a
+        call's own inputs;
+    modes: images sampled per realignment mode.
+    """
+
+    images: int = 0
+    sample_s: float = 0.0
+    denoise_s: float = 0.0
+    plain_s: float = 0.0
+    modes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.sample_s if self.images and self.sample_s > 0 else None
+
+    @property
+    def overhead(self) -> float | None:
+        """Realigned sampling time over plain sampling time (one forward per step): e.g. 1.9
+        means realignment made sampling 1.9x slower. None before any image."""
+        plain = self.sample_s - self.denoise_s + self.plain_s
+        return self.sample_s / plain if self.images and plain > 0 else None
+
+    def add(self, images: int, sample_s: float, denoise_s: float, plain_s: float, mode: str) -> None:
+        self.images += images
+        self.sample_s += sample_s
+        self.denoise_s += denoise_s
+        self.plain_s += plain_s
+        self.modes[mode] = self.modes.get(mode, 0) + images
+
+    def merge(self, other: dict) -> None:
+        """Add another sampler's `as_dict()` (e.g. a worker process's)."""
+        self.images += other["images"]
+        self.sample_s += other["sample_s"]
+        self.denoise_s += other["denoise_s"]
+        self.plain_s += other["plain_forward_s"]
+        for mode, n in other["modes"].items():
+            self.modes[mode] = self.modes.get(mode, 0) + n
+
+    def as_dict(self) -> dict:
+        """JSON-ready: images, seconds, images_per_s and realign_overhead (rounded)."""
+        def r(v):
+            return None if v is None else round(v, 4)
+
+        return {"images": self.images, "sample_s": r(self.sample_s), "denoise_s": r(self.denoise_s),
+                "plain_forward_s": r(self.plain_s), "images_per_s": r(self.images_per_s),
+                "realign_overhead": r(self.overhead), "modes": dict(self.modes)}
+
+    def postfix(self) -> dict:
+        """Short fields for a progress bar."""
+        out = {}
+        if self.images_per_s is not None:
+            out["img/s"] = f"{self.images_per_s:.2f}"
+        if self.overhead is not None:
+            out["realign"] = f"x{self.overhead:.2f}"
+        return out
 
 
 def check_prompts(pipeline: str, prompts: Sequence[str]) -> None:
@@ -62,25 +167,93 @@ class Sampler:
     pipe: Any
     call: dict
     eta: float = 0.0
-    mode: str = "two_forward"
+    mode: str = AUTO  # auto | two_forward | mixed_batch
     reference: torch.nn.Module | None = None  # two-model mode: the full reference UNet
+    throughput: Throughput = field(default_factory=Throughput)
+    _plain_call_s: dict = field(default_factory=dict, repr=False)  # input shapes -> one plain forward, s
+
+    def mode_for(self, n_images: int) -> str:
+        """The realignment mode a call with n_images prompts uses (AUTO resolved by choose_mode)."""
+        if self.mode != AUTO:
+            return self.mode
+        if self.reference is not None:  # two-model mode has no mixed batch
+            return "two_forward"
+        guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
+        cfg_rows = 2 if records_guidance_scale(self.pipe, guidance) > 1.0 else 1
+        return choose_mode(n_images * cfg_rows, self.pipe.device)
 
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], lam: Lam | LambdaSchedule):
         """Realigned images (PIL) for prompts[i] with noise from seeds[i], and their emulated path KL
         (floats, or None for deterministic samplers). Each row's noise depends only on its seed."""
         schedule = lam.schedule if isinstance(lam, Lam) else lam
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        with realigned(self.pipe, lam=schedule, reference=self.reference, mode=self.mode) as denoiser:
+        mode = self.mode_for(len(prompts))
+        device = self.pipe.device
+        timer = _CallTimer(device)
+        start = _clock(device)
+        with realigned(self.pipe, lam=schedule, reference=self.reference, mode=mode) as denoiser, timer.on(denoiser):
             images = self.pipe(list(prompts), generator=generators, **self.call).images
+        sample_s = _clock(device) - start
+        plain_s = timer.calls * self._plain_seconds(denoiser.aligned, timer.first, device)
+        self.throughput.add(len(images), sample_s, timer.seconds, plain_s, mode)
         guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
         kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=guidance, eta=self.eta)
         return images, [None] * len(images) if kl is None else [float(v) for v in kl]
+
+    @torch.no_grad()
+    def _plain_seconds(self, model: torch.nn.Module, call: tuple | None, device) -> float:
+        """Seconds of one plain forward of `model` on a recorded call's (args, kwargs), measured
+        once per input shape (the second of two runs: the first pays any warm-up)."""
+        if call is None:
+            return 0.0
+        args, kwargs = call
+        key = tuple(tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        if key not in self._plain_call_s:
+            for _ in range(2):
+                start = _clock(device)
+                model(*args, **kwargs)
+                self._plain_call_s[key] = _clock(device) - start
+        return self._plain_call_s[key]
+
+
+def _clock(device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _CallTimer:
+    """Times a module's calls (count, seconds) and keeps the first call's inputs."""
+
+    def __init__(self, device):
+        self.device, self.calls, self.seconds, self.first = device, 0, 0.0, None
+        self._start = 0.0
+
+    @contextmanager
+    def on(self, module: torch.nn.Module):
+        def before(_module, args, kwargs):
+            if self.first is None:
+                self.first = (args, kwargs)
+            self._start = _clock(self.device)
+
+        def after(_module, _args, _kwargs, _out):
+            self.calls += 1
+            self.seconds += _clock(self.device) - self._start
+
+        handles = [module.register_forward_pre_hook(before, with_kwargs=True),
+                   module.register_forward_hook(after, with_kwargs=True)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def load_sampler(pipeline: str, *, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None,
                  lora: str | os.PathLike | None = None, adapter_name: str = "default",
                  reference_unet: str | None = None, steps: int | None = None, guidance: float | None = None,
-                 size: int | None = None, eta: float = 0.0, mode: str = "two_forward") -> Sampler:
+                 size: int | None = None, eta: float = 0.0, mode: str = AUTO) -> Sampler:
     """Load the pipeline (and LoRA, and a reference UNet for two-model mode) and build its Sampler."""
     from deradiff.models import load_lora, load_pipeline, set_scheduler
 

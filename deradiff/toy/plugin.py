@@ -17,6 +17,11 @@ from deradiff.plugins import (
 )
 
 PREFS_HINT = "make the toy preference pairs with `deradiff toy make-prefs`"
+# The toy judge's columns (deradiff.toy.metrics): keys of FidelityJudge.adherence -> results column;
+# the names are those of existing result folders and committed reports, so they stay.
+JUDGE_IMAGE_METRICS = {"color": "fidelity/color_acc", "shape": "fidelity/shape_acc",
+                       "background": "fidelity/background_acc", "all": "fidelity/adherence"}
+JUDGE_SET_METRICS = ("fidelity/kid", "fidelity/diversity_rel")  # per prompt, from all its seeds' images
 
 
 def _load_pipeline(dtype=None, device: str = "cpu"):
@@ -100,6 +105,7 @@ def register() -> None:
     register_judge("toy", JudgeEntry(
         accepts=_accepts, load=_load_judge, identity=_judge_identity,
         help="toy classifier: color/shape/background adherence per image; KID and diversity per prompt",
+        image_metrics=JUDGE_IMAGE_METRICS, set_metrics=JUDGE_SET_METRICS,
     ))
     register_reward("toy", RewardEntry("deradiff.toy.reward", "ToyReward", True,
                                        "toy world: mean chroma of the blurred image (vivid, large shapes); hackable"))

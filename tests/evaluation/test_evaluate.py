@@ -117,9 +117,13 @@ def test_evaluate_arms_resume_corruption_and_config_guard(world, tmp_path, capsy
         a = Image.open(out / rows[("realigned", lam, 1, 1)]["image"])
         b = Image.open(out / rows[("lora-scale", lam, 1, 1)]["image"])
         assert a.tobytes() == b.tobytes()
-    summary = json.loads((out / "summary.json").read_text())
+    assert r0["mode"] in ("two_forward", "mixed_batch")  # --mode auto, resolved per call
+    record = json.loads((out / "summary.json").read_text())
+    summary, sampling = record["summary"], record["sampling"]
     assert {(s["arm"], s["lam"]) for s in summary} >= {("realigned", "linear:0,2"), ("lora-scale", "1")}
     assert "fidelity/kid" in summary[0]  # per-prompt set metrics, from the 2 seeds' images
+    assert sampling["images"] == len(rows) and sum(sampling["modes"].values()) == len(rows)
+    assert sampling["images_per_s"] > 0 and sampling["realign_overhead"] > 0 and sampling["processes"] == 1
 
     # resume: nothing to do; then a truncated and a missing image are sampled again and counted
     assert main(argv) == 0
@@ -157,9 +161,35 @@ def test_shards_merge_to_the_unsharded_table(world, tmp_path, capsys):
     assert "no shard results" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two worker processes start (imports, model loads): ~20 s on two busy cores
+def test_devices_run_one_shard_per_process_with_the_rows_of_one_process(world, tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = ["--lam", "0.5", "--mode", "two_forward"]
+    assert main(["evaluate", *common(world, one), *argv]) == 0
+    assert main(["evaluate", *common(world, two), *argv, "--devices", "cpu,cpu"]) == 0
+    assert "merged 4 rows of 2 processes (cpu, cpu)" in capsys.readouterr().out
+    a, b = rows_by_key(one), rows_by_key(two)
+    assert a.keys() == b.keys() and len(a) == 4
+    for key in a:
+        assert b[key]["reward/toy"] == pytest.approx(a[key]["reward/toy"], abs=1e-4)
+        assert b[key]["path_kl"] == pytest.approx(a[key]["path_kl"], rel=1e-4)
+    sampling = json.loads((two / "summary.json").read_text())["sampling"]
+    assert sampling["processes"] == 2 and sampling["images"] == 4
+    assert not list((two / "shards").iterdir())  # merged, so the shard files went
+    commands = (two / "commands.txt").read_text().splitlines()
+    assert len(commands) == 1 and "--devices cpu,cpu" in commands[0]  # the workers' lines are not logged
+    # resuming samples nothing; the workers find nothing to do and still merge
+    assert main(["evaluate", *common(world, two), *argv, "--devices", "cpu,cpu"]) == 0
+    assert "(0 sampled now" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--lam", "1", "--devices", "cpu", "--shard", "0/2"], "leave out --shard"),
+        (["--lam", "1", "--devices", "cuda:63"], "--devices: cuda:63 is not on this machine"),
+        (["--lam", "1", "--devices", "tpu-ish"], "is not a device"),
+        (["--lam", "1", "--devices", ","], "comma-separated"),
         (["--lam", "1", "--baselines", "{rank8}"], "LoRA rank 8 != aligned rank 4"),
         (["--lam", "1", "--baselines", "{otherbase}"], "base model 'stable-diffusion-v1-5"),
         (["--lam", "1", "--reward", "pickscor"], "unknown reward 'pickscor'"),
@@ -255,3 +285,58 @@ def test_threads_option_sets_torch_threads_before_any_work(tmp_path):
         assert code == 2 and torch.get_num_threads() == target
     finally:
         torch.set_num_threads(before)
+
+
+# -- the judge interface --------------------------------------------------------------------------
+
+
+class _ParityJudge:
+    """A judge of another world: per image, whether the prompt has an even number of words."""
+
+    def adherence(self, images, prompts):
+        return {"even": torch.tensor([len(p.split()) % 2 == 0 for p in prompts])}
+
+    def metrics(self, images, prompts, n_boot=1000, alpha=0.05, seed=0):
+        raise AssertionError("one seed per prompt: no set metrics")
+
+
+@pytest.fixture
+def parity_judge(monkeypatch):
+    from deradiff.plugins import JUDGES, JudgeEntry, load_plugins
+
+    load_plugins()
+    entry = JudgeEntry(accepts=lambda prompts: True, load=lambda weights=None, device="cpu": _ParityJudge(),
+                       identity=lambda weights: {"parity_version": 1}, help="parity of the word count",
+                       image_metrics={"even": "fidelity/even_words"}, set_metrics=("fidelity/spread",))
+    monkeypatch.setitem(JUDGES, "parity", entry)
+    return entry
+
+
+def test_evaluation_reads_the_judge_columns_from_its_registry_entry(world, tmp_path, parity_judge):
+    from deradiff.evaluation.config import EvalConfig, expected_metrics
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", *common(world, out), "--lam", "1", "--seeds", "0", "--fidelity", "parity"]) == 0
+    rows = read_rows(out / RESULTS)
+    assert [r["fidelity/even_words"] for r in sorted(rows, key=lambda r: r["prompt_id"])] == [0.0, 0.0]
+    assert not any(k.startswith("fidelity/") and k != "fidelity/even_words" for r in rows for k in r)
+    cfg = EvalConfig(lora="x", prompts=PROMPTS, seeds=[0, 1], fidelity="parity")
+    assert expected_metrics(cfg)[-2:] == ["fidelity/even_words", "fidelity/spread"]
+
+
+def test_toy_judge_declares_the_columns_of_existing_results():
+    from deradiff.plugins import judge_entry
+
+    toy = judge_entry("toy")
+    assert toy.image_metrics == {"color": "fidelity/color_acc", "shape": "fidelity/shape_acc",
+                                 "background": "fidelity/background_acc", "all": "fidelity/adherence"}
+    assert toy.set_metrics == ("fidelity/kid", "fidelity/diversity_rel")
+
+
+@pytest.mark.parametrize("image_metrics, set_metrics", [({}, ()), ({"all": "adherence"}, ()),
+                                                         ({"all": "fidelity/a"}, ("fidelity/a",))])
+def test_a_judge_entry_declares_distinct_fidelity_metrics(image_metrics, set_metrics):
+    from deradiff.plugins import JudgeEntry
+
+    with pytest.raises(ValueError, match="metric"):
+        JudgeEntry(accepts=bool, load=dict, identity=dict, help="", image_metrics=image_metrics, set_metrics=set_metrics)

@@ -1,0 +1,82 @@
+"""The sampling primitive: batch independence of each image, the auto mode rule, throughput."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import add_random_lora
+
+from deradiff.evaluation.lams import parse_lam
+from deradiff.evaluation.sampling import CPU_MIXED_BATCH_MAX_ROWS, Sampler, Throughput, choose_mode
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
+
+PROMPTS = ["a red circle on a dark background", "a blue square on a light background",
+           "a green triangle on a dark background", "a yellow cross on a light background"]
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    """The toy pipeline with random weights, a random LoRA and DDPM (stochastic: a path KL)."""
+    from diffusers import DDPMScheduler
+
+    from deradiff.toy.pipeline import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed=0)
+    add_random_lora(pipe.unet, rank=4, strength=0.2)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sampler(pipe, mode: str, guidance: float = 3.0) -> Sampler:
+    call = dict(num_inference_steps=3, guidance_scale=guidance, height=32, width=32, output_type="pt")
+    return Sampler(pipe, call, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["two_forward", "mixed_batch"])
+def test_an_image_does_not_depend_on_its_batch(toy_pipe, mode):
+    """8 (prompt, seed) rows in one call give the images and path KLs of 8 calls of one row:
+    each row's noise comes from its own seeded generator."""
+    prompts = [PROMPTS[i % 4] for i in range(8)]
+    seeds = [0, 1, 0, 1, 2, 3, 2, 3]
+    lam = parse_lam("linear:0,2")
+    s = sampler(toy_pipe, mode)
+    batched, kl_batched = s.sample(prompts, seeds, lam)
+    for i in range(8):
+        one, kl_one = s.sample([prompts[i]], [seeds[i]], lam)
+        assert torch.allclose(one[0], batched[i], atol=1e-5), (i, (one[0] - batched[i]).abs().max())
+        assert kl_one[0] == pytest.approx(kl_batched[i], rel=1e-4)
+    assert not torch.allclose(batched[0], batched[1])  # different seeds, different images
+
+
+def test_auto_mode_follows_the_measured_rule(toy_pipe):
+    n = CPU_MIXED_BATCH_MAX_ROWS
+    assert choose_mode(n, "cpu") == "mixed_batch" and choose_mode(n + 1, "cpu") == "two_forward"
+    assert choose_mode(1, "cuda:0") == "two_forward"  # not measured on accelerators: the safe default
+    # rows per call count classifier-free guidance: it doubles the denoiser's batch
+    with_cfg, without = sampler(toy_pipe, "auto", guidance=3.0), sampler(toy_pipe, "auto", guidance=1.0)
+    assert with_cfg.mode_for(n // 2) == "mixed_batch" and with_cfg.mode_for(n // 2 + 1) == "two_forward"
+    assert without.mode_for(n) == "mixed_batch" and without.mode_for(n + 1) == "two_forward"
+    assert sampler(toy_pipe, "two_forward").mode_for(1) == "two_forward"  # explicit modes stay
+    two_models = Sampler(toy_pipe, {"guidance_scale": 3.0}, mode="auto", reference=torch.nn.Linear(1, 1))
+    assert two_models.mode_for(1) == "two_forward"  # no mixed batch with a second model
+
+
+def test_throughput_counts_images_modes_and_the_realignment_overhead(toy_pipe):
+    s = sampler(toy_pipe, "auto")
+    big = CPU_MIXED_BATCH_MAX_ROWS  # x 2 rows with CFG: two_forward
+    s.sample(PROMPTS[:1], [0], parse_lam("1"))
+    s.sample([PROMPTS[0]] * big, list(range(big)), parse_lam("1"))
+    t = s.throughput
+    assert t.images == 1 + big and t.modes == {"mixed_batch": 1, "two_forward": big}
+    assert 0 < t.plain_s < t.denoise_s < t.sample_s  # two forwards per step cost more than one
+    assert t.overhead > 1.0 and t.images_per_s > 0
+    d = t.as_dict()
+    assert d["images"] == 1 + big and d["realign_overhead"] == round(t.overhead, 4)
+    total = Throughput()
+    total.merge(d)
+    total.merge(d)
+    assert total.images == 2 * d["images"] and total.modes == {"mixed_batch": 2, "two_forward": 2 * big}
+    assert total.overhead == pytest.approx(t.overhead, rel=1e-3)
+    assert Throughput().overhead is None and Throughput().postfix() == {}
