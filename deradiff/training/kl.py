@@ -2,8 +2,13 @@
 
 Objective (docs/method.md section 4): maximize E[r(x_0)] - beta * KL(p_theta(path) || p_ref(path)),
 where the path KL is the sum over sampling steps of ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
-(nats). Rollouts use stochastic DDIM (`deradiff.training.rollout`; eta = 1 is DDPM's posterior variance,
-the memoryless schedule); the reference is the same UNet with its LoRA disabled.
+(nats). Rollouts (`deradiff.training.rollout`) use stochastic DDIM for UNet families (eta = 1 is
+DDPM's posterior variance, the memoryless schedule) and deradiff.flow.FlowMatchSDEScheduler for
+flow families (SD3, FLUX; Flow-GRPO's SDE at method.noise_level, whose per-step KL is exact too:
+the Flow-GRPO style policy gradient is kl_pg on those log-probabilities with per-prompt group
+advantages). The reference is the same denoiser with its LoRA disabled. What differs per model
+family (prompt encoding, the denoiser call, the sampling schedule) comes from
+deradiff.training.families, keyed by model.kind.
 
 kl_grad -- reward gradient, DRaFT-K (Clark et al., 2024). `kl_grad_loss`:
     loss = -mean_b [ r(decode(x_0)) - beta * KL_hat ]
@@ -58,19 +63,29 @@ from pathlib import Path
 import torch
 
 from deradiff.errors import UserError
+from deradiff.flow import FlowMatchSDEScheduler
 from deradiff.io import atomic_write
 from deradiff.seeding import SALT_KL_STEPS, SALT_PG_TIMESTEPS, keyed_randn
-from deradiff.training.conditioning import Conditioning, encode_prompts
+from deradiff.training.conditioning import Conditioning, PromptCache, drop_text_encoders, encode_prompts
+from deradiff.training.families import check_family, get_family
 from deradiff.training.losses import kl_regularized_reward_loss, normalize_advantages_per_prompt, ppo_loss
-from deradiff.training.rollout import Trajectory, decode, sample_trajectory, step_log_prob_and_kl
+from deradiff.training.rollout import (
+    Trajectory,
+    decode,
+    sample_trajectory,
+    set_sampling_timesteps,
+    step_log_prob_and_kl,
+)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
     """How training rollouts are sampled.
 
-    latent_shape: (C, h, w) of one latent; num_steps: DDIM steps N; eta: DDIM eta (> 0);
-    guidance: classifier-free guidance scale (1 = none); seed: key of the noise.
+    latent_shape: (C, h, w) of one latent; num_steps: sampling steps N; eta: DDIM eta (> 0;
+    flow families take noise_level from their FlowMatchSDEScheduler instead); guidance:
+    classifier-free guidance scale (1 = none; FLUX.1-dev: its guidance input, carried by the
+    conditioning); seed: key of the noise.
     """
 
     latent_shape: tuple[int, int, int]
@@ -216,7 +231,7 @@ def sample_rollout(
     image_prompts = [p for p in prompts for _ in range(s)]
     image_rows = [i for i in prompt_ids for _ in range(s)]
     keys = [i * s + j for i in prompt_ids for j in range(s)]
-    cond_s, uncond_s = _repeat_each(cond, s), (None if uncond is None else _repeat_each(uncond, s))
+    cond_s, uncond_s = cond.repeat_each(s), (None if uncond is None else uncond.repeat_each(s))
     traj = sample_trajectory(unet, reference_unet, scheduler, cond_s, uncond_s, rollout.latent_shape, keys,
                              rollout.seed, step, rollout.num_steps, eta=rollout.eta, guidance=rollout.guidance)
     rewards = reward_fn(decode(vae, traj.x0), image_prompts).float()
@@ -257,7 +272,7 @@ def kl_pg_loss(
     chosen = list(range(n_steps)) if num_timesteps is None else \
         keyed_subset(n_steps, num_timesteps, rollout.seed, step, SALT_PG_TIMESTEPS)
     scale = n_steps / len(chosen)
-    scheduler.set_timesteps(n_steps)
+    set_sampling_timesteps(scheduler, n_steps, tuple(traj.latents.shape[-3:]), cond.family)
     pg = kl_term = 0.0
     per_step: list[dict[str, float]] = []
     for index in chosen:
@@ -335,14 +350,6 @@ class RolloutStore:
 # -- Method factories ------------------------------------------------------------------------------
 
 
-def _repeat_each(cond: Conditioning, n: int) -> Conditioning:
-    """Each row repeated n times in place: [a, b] -> [a, a, b, b] for n = 2."""
-    ehs = cond.encoder_hidden_states.repeat_interleave(n, dim=0)
-    added = None if cond.added_cond_kwargs is None else {
-        k: v.repeat_interleave(n, dim=0) for k, v in cond.added_cond_kwargs.items()}
-    return Conditioning(ehs, added)
-
-
 def training_prompts(recipe) -> list[str]:
     """The training prompts: data.prompts, or the model's registered default set (see
     deradiff.training.recipe.prompt_spec), read by deradiff.prompts.load_prompts."""
@@ -353,38 +360,83 @@ def training_prompts(recipe) -> list[str]:
 
 
 def _rollout_parts(recipe, pipe, accelerator):
-    """Shared setup: prompt rows, the rollout scheduler, the reward, the latent shape."""
+    """Shared setup: prompt rows, the rollout scheduler, the reward, the latent shape, the prompt
+    encoder. The family is checked against the pipeline: flow families (sd3, flux) sample with
+    FlowMatchSDEScheduler at method.noise_level, UNet families with DDIM at method.eta."""
     from diffusers import DDIMScheduler
 
     from deradiff.rewards import get_reward
 
     m = recipe.method
+    family = check_family(recipe.model.kind, pipe)
     prompts = training_prompts(recipe)
     # A scheduler of our own: set_timesteps must not disturb the pipeline's (used for sample grids).
-    scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
+    if family.flow:
+        scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=m.noise_level)
+    else:
+        scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
     side = recipe.data.resolution // pipe.vae_scale_factor
-    rollout = RolloutConfig((pipe.unet.config.in_channels, side, side), m.num_steps, m.eta, m.guidance_scale,
+    if family.flow and side % 2:
+        raise UserError(f"data.resolution={recipe.data.resolution} gives {side}x{side} latents; {family.name} "
+                        f"needs an even latent side (2x2 patches): use a multiple of {2 * pipe.vae_scale_factor}")
+    rollout = RolloutConfig((family.latent_channels(pipe), side, side), m.num_steps, m.eta, m.guidance_scale,
                             recipe.trainer.seed)
     reward = get_reward(m.reward).to(accelerator.device)
     dataset = [{"prompt": p} for p in prompts]
-    return dataset, scheduler, rollout, reward
+    encoder = RolloutPrompts(recipe, pipe, accelerator, prompts)
+    return dataset, scheduler, rollout, reward, encoder
 
 
 def _collate(rows: list[dict], ids: list[int]) -> dict:
     return {"prompts": [r["prompt"] for r in rows], "ids": list(ids)}
 
 
-def _conditioning(recipe, pipe, prompts, device, guidance):
-    cond = encode_prompts(pipe, prompts, device, recipe.data.resolution)
-    uncond = encode_prompts(pipe, [""] * len(prompts), device, recipe.data.resolution) if guidance > 1 else None
-    return cond, uncond
+class RolloutPrompts:
+    """prompts -> (cond, uncond) of the rollouts: uncond ("") only where the family batches
+    classifier-free guidance (sd15, sdxl, sd3) and method.guidance_scale > 1; FLUX.1-dev gets the
+    scale as its guidance input. With model.drop_text_encoders, every training and evaluation
+    prompt (and "") is encoded once here (a PromptCache on the CPU) and the text encoders are
+    deleted from the pipeline."""
+
+    def __init__(self, recipe, pipe, accelerator, prompts: list[str]):
+        m = recipe.method
+        self.pipe, self.device = pipe, accelerator.device
+        self.kwargs = {"resolution": recipe.data.resolution, "guidance": m.guidance_scale,
+                       "max_sequence_length": recipe.model.max_sequence_length}
+        self.cfg = get_family(recipe.model.kind).cfg and m.guidance_scale > 1
+        self.cache = None
+        if recipe.model.drop_text_encoders:
+            from deradiff.prompts import load_prompts
+
+            needed = [*prompts, *(load_prompts(recipe.data.eval_prompts) if recipe.data.eval_prompts else []), ""]
+            self.cache = PromptCache(pipe, needed, self.device, **self.kwargs)
+            freed = drop_text_encoders(pipe)
+            accelerator.print(f"text embeddings of {len(self.cache.index)} prompts kept on the CPU "
+                              f"({self.cache.nbytes / 2**20:.1f} MiB); text encoders dropped ({freed / 1e6:.1f}M params)")
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        if self.cache is not None:
+            return self.cache.encode(prompts, self.device)
+        return encode_prompts(self.pipe, prompts, self.device, **self.kwargs)
+
+    def __call__(self, prompts: list[str]) -> tuple[Conditioning, Conditioning | None]:
+        return self.encode(prompts), (self.encode([""] * len(prompts)) if self.cfg else None)
+
+
+def sampler_description(recipe) -> str:
+    """The rollout sampler in words, for the start-of-run log."""
+    m = recipe.method
+    if get_family(recipe.model.kind).flow:
+        guidance = "guidance input" if recipe.model.kind == "flux" else "guidance"
+        return f"{m.num_steps} flow SDE steps (noise_level={m.noise_level:g}, {guidance}={m.guidance_scale:g})"
+    return f"{m.num_steps} DDIM steps (eta={m.eta:g}, guidance={m.guidance_scale:g})"
 
 
 EVAL_IMAGES_PER_PROMPT = 4
 _EVAL_STEP_KEY = -1  # noise key of evaluation rollouts: the same images at every evaluation
 
 
-def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig, reward):
+def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig, reward, encoder: RolloutPrompts):
     """evaluate(unet) -> eval/kl/{reward,path_kl,objective}: EVAL_IMAGES_PER_PROMPT images per
     data.eval_prompts prompt with fixed noise, this rank's share, averaged over ranks; None
     without eval prompts."""
@@ -405,7 +457,7 @@ def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig,
         for start in range(0, len(mine), size):
             chunk = mine[start:start + size]
             chunk_prompts = [p for p, _ in chunk]
-            cond, uncond = _conditioning(recipe, pipe, chunk_prompts, device, rollout.guidance)
+            cond, uncond = encoder(chunk_prompts)
             with accelerator.autocast():
                 traj = sample_trajectory(unet, accelerator.unwrap_model(unet), scheduler, cond, uncond,
                                          rollout.latent_shape, [k for _, k in chunk], rollout.seed, _EVAL_STEP_KEY,
@@ -430,22 +482,21 @@ def make_kl_grad(recipe, pipe, accelerator):
     if not is_differentiable(m.reward):
         raise UserError(f"method.reward={m.reward!r} is not differentiable, and kl_grad backpropagates the reward: "
                         "use method.name=kl_pg (policy gradient, any reward) or a differentiable reward")
-    dataset, scheduler, rollout, reward = _rollout_parts(recipe, pipe, accelerator)
+    dataset, scheduler, rollout, reward, encoder = _rollout_parts(recipe, pipe, accelerator)
     k, n = m.truncation_steps, m.num_steps
     kl_m = default_kl_sample_steps(n, k)
-    device = accelerator.device
 
     def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
-        cond, uncond = _conditioning(recipe, pipe, batch["prompts"], device, m.guidance_scale)
+        cond, uncond = encoder(batch["prompts"])
         with accelerator.autocast():
             return kl_grad_loss(unet, accelerator.unwrap_model(unet), pipe.vae, scheduler, reward.score,
                                 batch["prompts"], cond, uncond, batch["ids"], rollout, step_index, k, m.beta, kl_m)
 
-    describe = (f"beta={m.beta:g} x path KL (nats), reward {m.reward!r} in its own units; DRaFT-{k} of {n} DDIM "
-                f"steps (eta={m.eta:g}, guidance={m.guidance_scale:g}); KL gradient of the {n - k} earlier steps "
+    describe = (f"beta={m.beta:g} x path KL (nats), reward {m.reward!r} in its own units; DRaFT-{k} of "
+                f"{sampler_description(recipe)}; KL gradient of the {n - k} earlier steps "
                 f"from {kl_m} keyed random ones x {(n - k) / max(kl_m, 1):g}; 1 image per prompt")
     return Method("kl_grad", dataset, _collate, step, describe,
-                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward))
+                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward, encoder))
 
 
 def make_kl_pg(recipe, pipe, accelerator):
@@ -453,7 +504,7 @@ def make_kl_pg(recipe, pipe, accelerator):
     from deradiff.training.trainer import Method
 
     m = recipe.method
-    dataset, scheduler, rollout, reward = _rollout_parts(recipe, pipe, accelerator)
+    dataset, scheduler, rollout, reward, encoder = _rollout_parts(recipe, pipe, accelerator)
     s = m.samples_per_prompt
     store = RolloutStore(accelerator.project_configuration.project_dir if m.num_inner_epochs > 1 else None,
                          accelerator.process_index, m.num_inner_epochs)
@@ -465,7 +516,7 @@ def make_kl_pg(recipe, pipe, accelerator):
             if step_index % m.num_inner_epochs:
                 raise RuntimeError(f"kl_pg: no stored rollout for step {step_index} (sampled at step "
                                    f"{store.rollout_step(step_index)}); was the run directory's rollouts/ removed?")
-            cond, uncond = _conditioning(recipe, pipe, batch["prompts"], device, m.guidance_scale)
+            cond, uncond = encoder(batch["prompts"])
             was_training = unet.training
             unet.eval()  # sample as DDPO does: no LoRA dropout in the behaviour policy
             with accelerator.autocast():
@@ -475,19 +526,20 @@ def make_kl_pg(recipe, pipe, accelerator):
             unet.train(was_training)
             store.put(step_index, micro, rollout_batch)
         # Conditioning of the stored prompts (one row per image), not of this step's rows.
-        cond, uncond = _conditioning(recipe, pipe, rollout_batch.prompts, device, m.guidance_scale)
+        cond, uncond = encoder(rollout_batch.prompts)
         with accelerator.autocast():
             return kl_pg_loss(unet, accelerator.unwrap_model(unet), scheduler, rollout_batch, cond, uncond, rollout,
                               m.beta, m.clip_range, m.adv_clip_max, m.log_prob, step_index)
 
     describe = (f"beta={m.beta:g} x per-step KL, in units of the per-prompt reward std (log_prob={m.log_prob}); "
                 f"PPO clip {m.clip_range:g}, advantages clamped to {m.adv_clip_max:g}; {s} images per prompt "
-                f"(per_device_batch_size counts prompts); {_schedule_desc(m)}; reward {m.reward!r}")
+                f"(per_device_batch_size counts prompts); {_schedule_desc(recipe)}; reward {m.reward!r}")
     return Method("kl_pg", dataset, _collate, step, describe,
-                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward))
+                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward, encoder))
 
 
-def _schedule_desc(m) -> str:
+def _schedule_desc(recipe) -> str:
+    m = recipe.method
     reuse = f"each rollout reused for {m.num_inner_epochs} optimizer steps" if m.num_inner_epochs > 1 else \
         "on-policy (num_inner_epochs=1: the PPO ratio is 1, REINFORCE)"
-    return f"{m.num_steps} DDIM steps (eta={m.eta:g}, guidance={m.guidance_scale:g}), all in the loss; {reuse}"
+    return f"{sampler_description(recipe)}, all in the loss; {reuse}"

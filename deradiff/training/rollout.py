@@ -1,10 +1,19 @@
 """Stochastic sampling trajectories with per-step means, log-probabilities and KL to the reference.
 
-The sampler is DDIM with eta > 0 (eta = 1 gives DDPM-like ancestral noise): each step is a
-Gaussian N(mu_theta(x_t, t), sigma_t^2 I) whose mean comes from the scheduler's own `step()`
-with zero variance noise, so no scheduler math is duplicated here. The reference branch (LoRA
-disabled) gives mu_ref at the same x_t, and the exact per-step KL between the two
-equal-variance Gaussians is ||mu_theta - mu_ref||^2 / (2 sigma_t^2) (docs/method.md section 4).
+Two samplers, both with Gaussian steps N(mu_theta(x_t, t), sigma_t^2 I) whose variance does not
+depend on the model, so the exact per-step KL between the model and the reference (LoRA
+disabled) at the same x_t is ||mu_theta - mu_ref||^2 / (2 sigma_t^2) (docs/method.md section 4):
+- UNet families (SD1.5, SDXL): DDIM with eta > 0 (eta = 1 gives DDPM-like ancestral noise);
+  the mean comes from the scheduler's own `step()` with zero variance noise, so no scheduler
+  math is duplicated here.
+- Flow families (SD3, FLUX): deradiff.flow.FlowMatchSDEScheduler (Flow-GRPO's SDE with the flow
+  ODE's marginals); the mean a x + c v and the std come from its `step_coefficients`, so the
+  per-step KL equals its `step_kl` and the log-probability its `step_log_prob`. The sampling
+  schedule is the stock pipeline's (deradiff.training.families.FlowFamily.set_timesteps).
+
+The denoiser is called through its family (deradiff.training.families, chosen by the
+Conditioning's family): classifier-free guidance batches [uncond; cond] for UNets and SD3;
+FLUX.1-dev's guidance is an input carried by the conditioning.
 
 This is the training-time rollout (gradients through chosen steps, keyed noise), not a copy of
 a pipeline's __call__: prompts are encoded by the caller and images decoded by `decode`.
@@ -17,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from deradiff.flow import FlowMatchSDEScheduler
 from deradiff.models import adapters_disabled
 from deradiff.seeding import SALT_ROLLOUT_INIT, SALT_ROLLOUT_STEP, keyed_randn
 from deradiff.training.conditioning import Conditioning
+from deradiff.training.families import get_family
 from deradiff.training.losses import gaussian_kl, gaussian_log_prob
 
 
@@ -49,20 +60,31 @@ class Trajectory:
 
 def guided_output(unet, x: torch.Tensor, t, cond: Conditioning, uncond: Conditioning | None,
                   guidance: float) -> torch.Tensor:
-    """Classifier-free guided network output for a batch (one forward on [uncond; cond])."""
+    """Classifier-free guided network output for a batch (one forward on [uncond; cond]);
+    without uncond (or at guidance 1) one plain call. t: the scheduler's timestep."""
+    family = get_family(cond.family)
     if uncond is None or guidance == 1.0:
-        return unet(x, t, **cond.as_kwargs(), return_dict=False)[0]
-    both = Conditioning(
-        torch.cat([uncond.encoder_hidden_states, cond.encoder_hidden_states]),
-        None if cond.added_cond_kwargs is None else
-        {k: torch.cat([uncond.added_cond_kwargs[k], v]) for k, v in cond.added_cond_kwargs.items()},
-    )
-    out_u, out_c = unet(torch.cat([x, x]), t, **both.as_kwargs(), return_dict=False)[0].chunk(2)
+        return family.predict(unet, x, t, cond)
+    out_u, out_c = family.predict(unet, torch.cat([x, x]), t, uncond.cat(cond)).chunk(2)
     return out_u + guidance * (out_c - out_u)
 
 
+def set_sampling_timesteps(scheduler, num_steps: int, latent_shape: tuple[int, ...], family: str) -> None:
+    """The sampling schedule of `num_steps` steps for latents of `latent_shape` (C, h, w)."""
+    fam = get_family(family)
+    if fam.flow:
+        fam.set_timesteps(scheduler, num_steps, tuple(latent_shape[-2:]))
+    else:
+        scheduler.set_timesteps(num_steps)
+
+
 def step_mean_and_sigma(scheduler, out: torch.Tensor, t, x: torch.Tensor, eta: float) -> tuple[torch.Tensor, float]:
-    """The DDIM step's Gaussian: mean via scheduler.step with zero noise, and its std."""
+    """The step's Gaussian (mean, std) at x with network output `out`. Flow SDE: mean a x + c v
+    in float32 and std from step_coefficients (eta unused). DDIM: mean via scheduler.step with
+    zero noise, std eta x sqrt(DDIM variance)."""
+    if isinstance(scheduler, FlowMatchSDEScheduler):
+        k = scheduler.step_coefficients(float(t))
+        return k.a * x.float() + k.c * out.float(), k.std
     mean = scheduler.step(out, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
     prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     sigma = eta * math.sqrt(float(scheduler._get_variance(int(t), prev_t)))
@@ -89,13 +111,17 @@ def sample_trajectory(
     grad_steps = K > 0 keeps the autograd graph through the last K steps (DRaFT-K): x0 and
     kl_grad then carry gradients w.r.t. the LoRA; the earlier steps run without gradients.
     """
-    if eta <= 0:
+    if isinstance(scheduler, FlowMatchSDEScheduler):
+        if scheduler.config.noise_level <= 0:
+            raise ValueError("the KL needs a stochastic sampler: set the FlowMatchSDEScheduler's noise_level > 0")
+    elif eta <= 0:
         raise ValueError("the KL needs a stochastic sampler: set eta > 0 (eta = 1 is DDPM-like)")
-    scheduler.set_timesteps(num_steps)
+    set_sampling_timesteps(scheduler, num_steps, latent_shape, cond.family)
     timesteps = scheduler.timesteps
     device = cond.encoder_hidden_states.device
     dtype = cond.encoder_hidden_states.dtype
-    x = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_INIT).to(device, dtype) * scheduler.init_noise_sigma
+    init_sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma = 1
+    x = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_INIT).to(device, dtype) * init_sigma
     latents, log_probs, kls, sigmas = [x.detach()], [], [], []
     kl_grad = torch.zeros(len(sample_ids), device=device)
     for i, t in enumerate(timesteps):
@@ -106,7 +132,7 @@ def sample_trajectory(
             ref_mean, _ = step_mean_and_sigma(
                 scheduler, guided_output(reference_unet, x, t, cond, uncond, guidance), t, x, eta)
         noise = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_STEP + i).to(device, dtype)
-        x_prev = mean + sigma * noise if sigma > 0 else mean
+        x_prev = (mean + sigma * noise if sigma > 0 else mean).to(dtype)  # the flow mean is float32
         kl = gaussian_kl(mean.float(), ref_mean.float(), sigma) if sigma > 0 else torch.zeros_like(kl_grad)
         if with_grad:
             kl_grad = kl_grad + kl

@@ -193,3 +193,24 @@ def test_flow_dpo_two_processes_match_one_process(sd3_world, sd3_run, tmp_path):
     single, multi = _losses(ref_out), _losses(out)
     for step in (1, 2, 3, 4):
         assert abs(single[step] - multi[step]) < 1e-5, (step, single[step], multi[step])
+
+
+def test_flow_recipe_checks_and_the_memoryless_warning():
+    from deradiff.errors import UserError
+    from deradiff.training.recipe import load_recipe, recipe_warnings
+
+    base = ["method.beta=0.01", "model.kind=sd3", "method.name=kl_grad", "sample.scheduler=flow_euler"]
+    with pytest.raises(UserError) as err:
+        load_recipe(None, [*base, "method.noise_level=0", "method.eta=0", "model.max_sequence_length=0"])
+    msg = str(err.value)
+    assert "method.noise_level must be a finite number > 0" in msg and "model.max_sequence_length" in msg
+    assert "method.eta" not in msg  # DDIM's eta is not read by flow families
+    with pytest.raises(UserError, match="sample.scheduler=ddim does not fit model.kind=flux: use flow_euler"):
+        load_recipe(None, ["method.beta=100", "model.kind=flux", "sample.prompts=[a cat]", "sample.scheduler=ddim"])
+    with pytest.raises(UserError, match="model.drop_text_encoders applies to kl_grad / kl_pg"):
+        load_recipe(None, ["method.beta=100", "model.kind=sd3", "model.drop_text_encoders=true"])
+    with pytest.raises(UserError, match="set sample.prompts=\\[\\]"):
+        load_recipe(None, [*base, "model.drop_text_encoders=true", "sample.prompts=[a cat]"])
+    warnings = recipe_warnings(load_recipe(None, [*base, "method.noise_level=0.7"]))
+    assert any("below the memoryless sqrt(2)" in w for w in warnings)
+    assert not recipe_warnings(load_recipe(None, [*base, "method.noise_level=1.5"]))

@@ -56,6 +56,9 @@ class _Accelerator:
     def autocast(self):
         return contextlib.nullcontext()
 
+    def print(self, *args):
+        print(*args)
+
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
@@ -300,3 +303,70 @@ def test_kl_pg_reuses_the_rollout_of_the_micro_batch_the_trainer_names(pipe, lor
         _, reused0 = method.step(pipe.unet, rows[1], 1, 0, 0)
     assert sampled0["kl/reward"] != sampled1["kl/reward"]
     assert reused1["kl/reward"] == sampled1["kl/reward"] and reused0["kl/reward"] == sampled0["kl/reward"]
+
+
+# -- flow families (SD3, FLUX): the same methods through the family table ------------------------------
+
+
+def _flow_pipe(tmp_path, family):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_flow import TRANSFORMER_LORA_TARGETS, build_tiny_flux, build_tiny_sd3
+
+    from deradiff.models import add_lora
+
+    p = build_tiny_sd3(tmp_path) if family == "sd3" else build_tiny_flux(tmp_path, guidance_embeds=True)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(p, name, None) is not None:
+            getattr(p, name).requires_grad_(False)
+    add_lora(p.transformer, rank=2, target_modules=TRANSFORMER_LORA_TARGETS)
+    with torch.no_grad():  # a nonzero LoRA, so the KL is not identically zero
+        for n, w in p.transformer.named_parameters():
+            if "lora_B" in n:
+                w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(len(n))) * 0.2)
+    return p
+
+
+def _flow_recipe(tmp_path, family, name, **method):
+    recipe = _recipe(tmp_path, name, "brightness", **method)
+    recipe.model.kind, recipe.model.max_sequence_length = family, 16
+    return recipe
+
+
+def test_flow_kl_grad_on_sd3_samples_with_the_sde_and_trains_the_transformer_lora(planted_rewards, tmp_path):
+    pipe = _flow_pipe(tmp_path, "sd3")
+    recipe = _flow_recipe(tmp_path, "sd3", "kl_grad", truncation_steps=1, guidance_scale=2.0, noise_level=0.7)
+    method = kl.make_kl_grad(recipe, pipe, _Accelerator())
+    assert "3 flow SDE steps (noise_level=0.7, guidance=2)" in method.describe
+    loss, metrics = method.step(pipe.transformer, method.collate([method.dataset[i] for i in (1, 0)], [1, 0]), 0, 0, 0)
+    assert torch.isfinite(loss) and metrics["kl/path_kl"] > 0
+    loss.backward()
+    grads = [p.grad for n, p in pipe.transformer.named_parameters() if "lora" in n]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for n, p in pipe.transformer.named_parameters() if "lora" not in n)
+
+
+def test_flow_kl_pg_on_flux_with_text_encoders_dropped_matches_the_encoded_run(planted_rewards, tmp_path):
+    recipe = _flow_recipe(tmp_path, "flux", "kl_pg", samples_per_prompt=2, guidance_scale=3.5)
+    pipe = _flow_pipe(tmp_path / "a", "flux")
+    batch = [{"prompt": p} for p in PROMPTS[:2]]
+    with torch.no_grad():
+        _, kept = kl.make_kl_pg(recipe, pipe, _Accelerator()).step(pipe.transformer, kl._collate(batch, [0, 1]), 0, 0, 0)
+    recipe.model.drop_text_encoders = True
+    recipe.sample.prompts = []
+    method = kl.make_kl_pg(recipe, pipe, _Accelerator())
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    assert "guidance input=3.5" in method.describe
+    loss, dropped = method.step(pipe.transformer, method.collate(batch, [0, 1]), 0, 0, 0)
+    assert dropped == pytest.approx(kept, rel=1e-5, abs=1e-7)  # the cached embeddings are the encoders'
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pipe.transformer.named_parameters()
+               if "lora" in n)
+
+
+def test_a_recipe_for_another_family_is_refused_before_sampling(planted_rewards, tmp_path):
+    pipe = _flow_pipe(tmp_path, "sd3")
+    with pytest.raises(UserError, match="model.kind=sd15 but the pipeline is a StableDiffusion3Pipeline"):
+        kl.make_kl_grad(_recipe(tmp_path, "kl_grad", "brightness"), pipe, _Accelerator())

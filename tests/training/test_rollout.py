@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from deradiff.models import set_scheduler
@@ -73,3 +77,58 @@ def test_draft_k_gradients_reach_the_lora_only_through_the_last_k_steps(tiny_sd1
     adapted.unet.zero_grad(set_to_none=True)
     no_grad = _traj(adapted, [0, 1], PROMPTS[:2], grad_steps=0)
     assert not no_grad.x0.requires_grad
+
+
+# -- flow families: FlowMatchSDEScheduler rollouts ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_pipes(tmp_path_factory):
+    """Tiny SD3 and FLUX.1-dev-shaped pipelines, each with a random nonzero transformer LoRA."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_flow import add_random_transformer_lora, build_tiny_flux, build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("flow_rollout")
+    pipes = {"sd3": build_tiny_sd3(root / "sd3"), "flux": build_tiny_flux(root / "flux", guidance_embeds=True)}
+    for pipe in pipes.values():
+        add_random_transformer_lora(pipe.transformer, rank=2, strength=0.2)
+    return pipes
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_rollout_kl_and_log_probs_are_the_sde_schedulers(flow_pipes, family):
+    from deradiff.flow import FlowMatchSDEScheduler
+    from deradiff.models import adapters_disabled
+    from deradiff.training.rollout import guided_output, set_sampling_timesteps
+
+    pipe = flow_pipes[family]
+    scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=0.7)
+    guidance = 3.0  # SD3: classifier-free guidance over [uncond; cond]; FLUX.1-dev: its guidance input
+    cond = encode_prompts(pipe, PROMPTS[:2], "cpu", guidance=guidance, max_sequence_length=16)
+    uncond = encode_prompts(pipe, ["", ""], "cpu", max_sequence_length=16) if family == "sd3" else None
+    shape = (16, 8, 8)
+    with torch.no_grad():
+        traj = sample_trajectory(pipe.transformer, pipe.transformer, scheduler, cond, uncond, shape, [0, 1], seed=0,
+                                 step=3, num_steps=4, guidance=guidance)
+    assert traj.latents.shape == (5, 2, *shape) and (traj.path_kl > 0).all()
+    for i, t in enumerate(traj.timesteps):
+        x = traj.latents[i]
+        with torch.no_grad():
+            v = guided_output(pipe.transformer, x, t, cond, uncond, guidance)
+            with adapters_disabled(pipe.transformer):
+                v_ref = guided_output(pipe.transformer, x, t, cond, uncond, guidance)
+        torch.testing.assert_close(traj.kls[i], scheduler.step_kl(v, v_ref, t, x), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(traj.log_probs[i], scheduler.step_log_prob(v, t, x, traj.latents[i + 1]),
+                                   rtol=1e-5, atol=1e-3)
+    # The schedule is the stock pipeline's for this latent size (FLUX: sigmas 1..1/N, shift mu by tokens).
+    pipe(PROMPTS[0], num_inference_steps=4, height=16, width=16, output_type="latent", max_sequence_length=16,
+         guidance_scale=guidance)
+    set_sampling_timesteps(scheduler, 4, shape, family)
+    torch.testing.assert_close(scheduler.timesteps, pipe.scheduler.timesteps, rtol=0, atol=0)
+    # DRaFT-K: the last step carries gradients to the LoRA.
+    grad_traj = sample_trajectory(pipe.transformer, pipe.transformer, scheduler, cond, uncond, shape, [0, 1], seed=0,
+                                  step=3, num_steps=4, guidance=guidance, grad_steps=1)
+    (grad_traj.x0.square().mean() + grad_traj.kl_grad.mean()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pipe.transformer.named_parameters()
+               if "lora" in n)
+    pipe.transformer.zero_grad(set_to_none=True)
