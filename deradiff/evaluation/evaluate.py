@@ -23,7 +23,9 @@ The output folder (`--out`) is self-describing and resumable:
                    `--merge` folds them into results.jsonl; <i>-of-<n>.sampling.json: the
                    shard's sampling throughput
   summary.json     {"summary": one row per (arm, lam) with every metric's mean over prompts and
-                   its interval, "sampling": images/s, realignment overhead and modes of this run}
+                   its interval, "sampling": this run's images, images_per_s (per process),
+                   realign_overhead (realigned sampling time / the time with one plain forward per
+                   step, that forward timed once per input shape), modes, wall_s, processes}
   commands.txt     every command run into the folder
 One node, several GPUs: `--devices cuda:0,cuda:1` starts one `--shard i/n` process per device
 and merges their rows (the same rows as one process would make).
@@ -200,6 +202,12 @@ class Evaluator:
                 pipe.delete_adapters(name)
 
     def _sample(self, todo: list[Job]) -> None:
+        """Sample `todo`, one pipeline call per --batch-size jobs of one (arm, lambda): a call
+        carries rows of several prompts and seeds (each row's noise from its own seed, so an image
+        does not depend on its batch). Lambdas stay separate calls: the denoiser mixes with one
+        lambda (schedule) per call and records it as one float per step for the path KL, and the
+        lora-scale and retrained arms change the adapter itself per lambda; per-row lambdas would
+        save at most the one partly filled call at the end of each lambda's jobs."""
         self._load()  # a model, LoRA or reward that fails to load leaves the folder as it was
         write_identity(self.out, self.cfg, self.identity)
         self.results.parent.mkdir(parents=True, exist_ok=True)
