@@ -191,13 +191,18 @@ class Sampler:
         device = self.pipe.device
         timer = _CallTimer(device)
         start = _clock(device)
+        if hasattr(self.pipe.scheduler, "generator"):
+            # Samplers whose step noise the pipeline cannot hand over (the flow SDE) draw it from the
+            # same per-row generators, so each image still depends only on its seed.
+            self.pipe.scheduler.generator = generators
         with realigned(self.pipe, lam=schedule, reference=self.reference, mode=mode) as denoiser, timer.on(denoiser):
             images = self.pipe(list(prompts), generator=generators, **self.call).images
         sample_s = _clock(device) - start
         plain_s = timer.calls * self._plain_seconds(denoiser.aligned, timer.first, device)
         self.throughput.add(len(images), sample_s, timer.seconds, plain_s, mode)
         guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
-        kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=guidance, eta=self.eta)
+        kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=records_guidance_scale(self.pipe, guidance),
+                     eta=self.eta)
         return images, [None] * len(images) if kl is None else [float(v) for v in kl]
 
     @torch.no_grad()

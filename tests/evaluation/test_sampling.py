@@ -80,3 +80,27 @@ def test_throughput_counts_images_modes_and_the_realignment_overhead(toy_pipe):
     assert total.images == 2 * d["images"] and total.modes == {"mixed_batch": 2, "two_forward": 2 * big}
     assert total.overhead == pytest.approx(t.overhead, rel=1e-3)
     assert Throughput().overhead is None and Throughput().postfix() == {}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_sde_sampling_is_per_seed_and_has_path_kl(tmp_path, family):
+    """Under the flow SDE (step noise drawn by the scheduler, not the pipeline) each image still
+    depends only on its seed, and every image gets a finite path KL; FLUX's guidance is a model
+    input, so its records are not split into [uncond; cond] rows."""
+    from tiny_flow import MAX_SEQUENCE_LENGTH, add_random_transformer_lora, build_tiny_flux, build_tiny_sd3
+
+    from deradiff.models import set_scheduler
+
+    pipe = build_tiny_sd3(tmp_path) if family == "sd3" else build_tiny_flux(tmp_path, guidance_embeds=True)
+    add_random_transformer_lora(pipe.transformer)
+    set_scheduler(pipe, "flow_sde", noise_level=0.7)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=3, guidance_scale=3.0, height=32, width=32, output_type="pt",
+                max_sequence_length=MAX_SEQUENCE_LENGTH)
+    s = Sampler(pipe, call, mode="two_forward")
+    lam = parse_lam("2")
+    batched, kl_batched = s.sample(["a cat", "a dog", "a cat"], [0, 1, 1], lam)
+    one, kl_one = s.sample(["a dog"], [1], lam)
+    assert torch.allclose(one[0], batched[1], atol=1e-5)
+    assert all(k is not None and k > 0 for k in kl_batched) and kl_one[0] == pytest.approx(kl_batched[1], rel=1e-4)
+    assert not torch.allclose(batched[1], batched[2], atol=1e-3)  # same seed, other prompt
