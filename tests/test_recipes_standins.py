@@ -1,5 +1,6 @@
-"""The hub recipes (SD1.5/SDXL DPO, SD1.5 KL) run their real code path on tiny stand-in
-pipelines of the same architecture: only model/data locations and sizes are overridden."""
+"""The hub recipes (SD1.5/SDXL/SD3.5-M/FLUX.1-dev DPO, SD1.5/SD3.5-M KL) run their real code path
+on tiny stand-in pipelines of the same architecture (tests/conftest.py, tests/tiny_flow.py):
+only model/data locations and sizes are overridden."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import build_tiny_sd15, build_tiny_sdxl
+from tiny_flow import MAX_SEQUENCE_LENGTH, build_tiny_flux, build_tiny_sd3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,15 @@ SMALL = {
     ("sd15-dpo-pickapic", build_tiny_sd15, {}),
     ("sdxl-dpo-pickapic", build_tiny_sdxl, {}),
     ("sd15-kl-pickscore", build_tiny_sd15, {"method.reward": "toy", "method.num_steps": 3, "data.prompts": "toy"}),
+    # Flow families: slow (about 20 s each on 2 CPU cores); CI runs them.
+    pytest.param("sd35m-dpo-pickapic", build_tiny_sd3, {"model.max_sequence_length": MAX_SEQUENCE_LENGTH},
+                 marks=pytest.mark.slow),
+    pytest.param("flux-dev-dpo-pickapic", build_tiny_flux, {"model.max_sequence_length": MAX_SEQUENCE_LENGTH},
+                 marks=pytest.mark.slow),
+    pytest.param("sd35m-kl-pickscore", build_tiny_sd3,
+                 {"model.max_sequence_length": MAX_SEQUENCE_LENGTH, "method.reward": "toy", "method.num_steps": 3,
+                  "data.prompts": "toy", "method.samples_per_prompt": 2, "model.drop_text_encoders": "true"},
+                 marks=pytest.mark.slow),
 ])
 def test_hub_recipe_runs_on_a_tiny_standin(recipe, builder, extra, toy_world, tmp_path):
     pipe = builder(tmp_path)
