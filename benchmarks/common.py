@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 
 from deradiff.io import write_text_atomic
+
+
+def parse_and_run(p: argparse.ArgumentParser, script: str, approaches: tuple[str, ...], worker: Callable,
+                  argv=None) -> tuple[Namespace, dict[str, dict] | None]:
+    """Parse the benchmark's options (adding the hidden --worker); in a worker process, run
+    `worker(approach, args)` and print its JSON (returns results None); otherwise run every
+    approach in its own process and return their results."""
+    p.add_argument("--worker", choices=approaches, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return args, None
+    return args, run_workers(script, list(approaches), args)
 
 
 def run_workers(script: str, approaches: list[str], args: Namespace) -> dict[str, dict]:

@@ -17,14 +17,13 @@ repeats; ratios are taken within this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import run_workers, write_results
+from common import parse_and_run, write_results
 
 APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "two_copies")
 
@@ -127,12 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=16, help="image side in px (latent side = size / 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/realign.json")
-    p.add_argument("--worker", choices=APPROACHES, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, results = parse_and_run(p, __file__, APPROACHES, worker, argv)
+    if results is None:  # this process was one worker
         return 0
-    results = run_workers(__file__, APPROACHES, args)
     official = results["two_copies"]
     plain = results["aligned_only"]
     print(f"UNet {plain['unet_params_m']:.1f}M params, batch {args.batch}, {args.steps} DDIM steps, "

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import statistics
 import sys
 import time
 
-from common import run_workers, write_results
+from common import parse_and_run, write_results
 
 APPROACHES = ("lora_toggle", "frozen_copy")
 
@@ -101,12 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/train.json")
-    p.add_argument("--worker", choices=APPROACHES, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, results = parse_and_run(p, __file__, APPROACHES, worker, argv)
+    if results is None:  # this process was one worker
         return 0
-    results = run_workers(__file__, APPROACHES, args)
     ours, official = results["lora_toggle"], results["frozen_copy"]
     summary = {"time_ratio": ours["sec_per_step"] / official["sec_per_step"],
                "memory_ratio": ours["peak_mib"] / official["peak_mib"],
