@@ -66,8 +66,10 @@ class ModelSection:
             (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128; fewer tokens, less memory.
         drop_text_encoders: kl_grad / kl_pg: encode the training and evaluation prompts (and "")
             once at the start, keep the embeddings on the CPU, and delete the text encoders
-            (SD3's and FLUX's T5-XXL is ~9.5 GB in bf16). Needs sample.prompts empty (sample
-            grids encode their prompts). dpo encodes each batch's captions: keep it false there.
+            (SD3's and FLUX's T5-XXL is ~9.5 GB in bf16). Every process then holds every
+            prompt's embeddings (SD3.5 at 128 T5 tokens: ~1.7 MB per prompt): for prompt lists
+            of thousands, not millions. Needs sample.prompts empty (sample grids encode their
+            prompts). dpo encodes each batch's captions: keep it false there.
     """
 
     name_or_path: str = "toy"
