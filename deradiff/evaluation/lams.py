@@ -18,7 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from deradiff.errors import UserError
-from deradiff.realign import LambdaSchedule, emulated_beta, parse_lambda
+from deradiff.realign import (
+    LambdaSchedule,
+    LambdaVector,
+    emulated_beta,
+    is_lambda_vector,
+    parse_lambda,
+    parse_lambda_vector,
+)
 
 LAM_POLICY = ("lambda >= 0: sampling at lambda emulates training at beta = beta0 / lambda "
               "(0 = reference, 1 = aligned, > 1 extrapolates); negative lambdas are refused")
@@ -26,18 +33,37 @@ LAM_POLICY = ("lambda >= 0: sampling at lambda emulates training at beta = beta0
 
 @dataclass(frozen=True)
 class Lam:
-    """A checked lambda: a constant or a schedule over t; `name` is its key in the results table."""
+    """A checked lambda: a constant or a schedule over t, or a lambda vector (one lambda per
+    named LoRA adapter, `vector`; then `schedule` is None); `name` is its key in the results
+    table (a vector's canonical string, e.g. "color=1.5,contrast=0.5")."""
 
-    schedule: LambdaSchedule
+    schedule: LambdaSchedule | None
+    vector: LambdaVector | None = None
 
     @property
     def name(self) -> str:
-        return str(self.schedule)
+        return str(self.vector) if self.vector is not None else str(self.schedule)
 
     @property
     def value(self) -> float | None:
-        """The constant lambda, or None for a schedule."""
+        """The constant lambda, or None for a schedule or a vector."""
+        if self.vector is not None:
+            return None
         return self.schedule.start if self.schedule.kind == "constant" else None
+
+    @property
+    def is_vector(self) -> bool:
+        return self.vector is not None
+
+    @property
+    def adapters(self) -> int:
+        """Adapters one realigned call mixes: K for a vector, 1 for a scalar lambda."""
+        return len(self.vector.names) if self.vector is not None else 1
+
+    @property
+    def realign_lam(self) -> LambdaSchedule | LambdaVector:
+        """What deradiff.realign.realigned takes as `lam`."""
+        return self.vector if self.vector is not None else self.schedule
 
     def __str__(self) -> str:
         return self.name
@@ -46,11 +72,14 @@ class Lam:
 
 
 def parse_lam(spec: str | float | Lam) -> Lam:
-    """A number ("2", 0.5) or schedule ("linear:0,2", "cosine:0,2", "step:1,2@500"); UserError for
-    a non-finite number, an unreadable spec or a negative lambda (see LAM_POLICY)."""
+    """A number ("2", 0.5) or schedule ("linear:0,2", "cosine:0,2", "step:1,2@500"), or a lambda
+    vector ("color=1.5,contrast=0.5"); UserError for a non-finite number, an unreadable spec or a
+    negative lambda (see LAM_POLICY; in a vector, any adapter's)."""
     if isinstance(spec, Lam):
         return spec
     text = str(spec).strip()
+    if is_lambda_vector(text):
+        return _parse_vector(text)
     try:
         number: float | None = float(text)
     except ValueError:
@@ -61,6 +90,29 @@ def parse_lam(spec: str | float | Lam) -> Lam:
     if schedule.start < 0 or schedule.end < 0:
         raise UserError(f"lambda must be >= 0 (sampling at lambda emulates beta = beta0 / lambda), got {text!r}")
     return Lam(schedule)
+
+
+def _parse_vector(text: str) -> Lam:
+    vector = parse_lambda_vector(text)  # refuses non-finite values and bad names
+    for name, schedule in vector.items:
+        if schedule.start < 0 or schedule.end < 0:
+            raise UserError(f"lambda of adapter {name!r} must be >= 0 (sampling at lambda emulates "
+                            f"beta = beta0 / lambda), got {text!r}")
+    return Lam(None, vector)
+
+
+def check_adapters(lams: Sequence[Lam], adapters: Sequence[str], flag: str = "--lam") -> None:
+    """UserError (one line) unless every vector in `lams` names only loaded adapters (the NAME of
+    each --lora NAME=PATH), and vectors come with named adapters at all."""
+    for lam in lams:
+        if lam.vector is None:
+            continue
+        if not adapters:
+            raise UserError(f"{flag} {lam.name} is a lambda vector: load named LoRAs with --lora NAME=PATH ...")
+        unknown = [n for n in lam.vector.names if n not in adapters]
+        if unknown:
+            raise UserError(f"{flag} {lam.name} names adapter {unknown[0]!r}, not loaded; the --lora names: "
+                            f"{sorted(adapters)}")
 
 
 def constant(value: float) -> Lam:

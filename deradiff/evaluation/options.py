@@ -8,12 +8,14 @@ A bad value stops at parse time with argparse's one-line error naming the flag, 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from pathlib import Path
 
 import torch
 
-from deradiff.evaluation.lams import LAM_POLICY
+from deradiff.errors import UserError
+from deradiff.evaluation.lams import LAM_POLICY, check_adapters
 from deradiff.evaluation.sampling import AUTO, MODES
 
 
@@ -52,6 +54,44 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
+
+
+_ADAPTER_ITEM = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)=(.+)")
+
+
+def parse_loras(items: str | list[str] | None) -> str | dict[str, str] | None:
+    """--lora values: one plain PATH (today's single adapter) -> that path; NAME=PATH items
+    (several named adapters, for lambda vectors) -> {name: path} in the order given. UserError
+    (one line) for several plain paths, plain and named items mixed, or a name given twice."""
+    if items is None or isinstance(items, str):
+        return items
+    named = [_ADAPTER_ITEM.fullmatch(item) for item in items]
+    if not any(named):
+        if len(items) > 1:
+            raise UserError(f"--lora got {len(items)} paths: give one PATH, or name each LoRA as NAME=PATH "
+                            "(e.g. --lora color=runs/a/lora contrast=runs/b/lora)")
+        return items[0]
+    if not all(named):
+        plain = items[named.index(None)]
+        raise UserError(f"--lora mixes a plain path ({plain!r}) with NAME=PATH items: name every LoRA")
+    loras: dict[str, str] = {}
+    for match in named:
+        if match.group(1) in loras:
+            raise UserError(f"--lora names adapter {match.group(1)!r} twice: give each name once")
+        loras[match.group(1)] = match.group(2)
+    return loras
+
+
+def check_lora_lams(loras: str | dict[str, str] | None, lams, flag: str = "--lam") -> None:
+    """UserError (one line) unless the lambdas fit the LoRAs: vectors only over named --lora
+    adapters, and scalar lambdas only with a single adapter."""
+    names = list(loras) if isinstance(loras, dict) else []
+    check_adapters(lams, names, flag)
+    if len(names) > 1:
+        scalar = next((lam for lam in lams if not lam.is_vector), None)
+        if scalar is not None:
+            raise UserError(f"{flag} {scalar.name} is one lambda but {len(names)} LoRAs are loaded: give a vector "
+                            f"per value, e.g. {','.join(f'{n}={scalar.name}' for n in names)}")
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:

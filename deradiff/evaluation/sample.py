@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from deradiff.errors import UserError
 from deradiff.evaluation.lams import LAM_POLICY, Lam, lambda_arg
-from deradiff.evaluation.options import add_sampler_arguments
+from deradiff.evaluation.options import add_sampler_arguments, check_lora_lams, parse_loras
 from deradiff.evaluation.sampling import Sampler, check_prompts, load_sampler, save_png
 from deradiff.grids import save_image_grid
 from deradiff.io import atomic_dir, write_text_atomic
@@ -31,11 +31,14 @@ OUTPUTS = ("samples.jsonl", "grid.png", "images")  # what a sample folder holds
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", default="toy", help="a registered model (e.g. toy), a local diffusers folder, or a hub id")
-    p.add_argument("--lora", help="aligned LoRA: a .safetensors file or a diffusers-format folder")
+    p.add_argument("--lora", nargs="+", metavar="[NAME=]PATH",
+                   help="aligned LoRA: a .safetensors file or a diffusers-format folder; or several named "
+                   "LoRAs (color=runs/a/lora contrast=runs/b/lora) mixed by lambda vectors in --lam")
     p.add_argument("--reference-unet", help="two-model mode: folder of a full reference UNet; "
                    "then --pipeline holds the aligned (e.g. official Diffusion-DPO) UNet")
     p.add_argument("--lam", nargs="+", type=lambda_arg, default=[lambda_arg("1.0")],
-                   help=f"lambda values or schedules: 2.0, linear:0,2, cosine:0,2, step:1,2@500; {LAM_POLICY}")
+                   help=f"lambda values or schedules: 2.0, linear:0,2, cosine:0,2, step:1,2@500; with named LoRAs, "
+                   f"lambda vectors: color=1.5,contrast=0.5; {LAM_POLICY}")
     p.add_argument("--prompt", nargs="*", default=[], help="prompts, inline")
     p.add_argument("--prompts-file", help="text file, one prompt per line (# comments ignored)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one image per prompt and seed")
@@ -74,18 +77,23 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without a model is checked first.
     lams: list[Lam] = list(args.lam)  # checked by lambda_arg
     prompts = read_prompts(args.prompt, args.prompts_file)
-    if args.lora is None and args.reference_unet is None:
+    loras = parse_loras(args.lora)
+    if loras is None and args.reference_unet is None:
         raise UserError("realignment needs --lora (LoRA mode) or --reference-unet (two-model mode)")
-    if args.lora:
+    check_lora_lams(loras, lams)
+    if isinstance(loras, dict) and args.reference_unet:
+        raise UserError("named LoRAs (--lora NAME=PATH) mix adapters of one model: drop --reference-unet")
+    if loras:
         from deradiff.models import resolve_lora_file
 
-        resolve_lora_file(args.lora)
+        for path in loras.values() if isinstance(loras, dict) else [loras]:
+            resolve_lora_file(path)
     check_prompts(args.pipeline, prompts)
     out = Path(args.out)
     check_out(out, args.overwrite)
 
     sampler = load_sampler(args.pipeline, dtype=args.dtype, device=args.device, scheduler=args.scheduler,
-                           lora=args.lora, reference_unet=args.reference_unet, steps=args.steps,
+                           lora=loras, reference_unet=args.reference_unet, steps=args.steps,
                            guidance=args.guidance, size=args.size, eta=args.eta, mode=args.mode)
     start = time.perf_counter()
     with atomic_dir(out / "images") as images_dir:  # the images replace earlier ones as a whole
@@ -114,7 +122,7 @@ def sample_grid(sampler: Sampler, lams: list[Lam], prompts: list[str], seeds: li
                 save_png(images[0], images_dir / name)
                 grid.setdefault((pi, seed), []).append(images[0])
                 rows.append({"lam": lam.name, "prompt": prompt, "seed": seed, "path_kl": kls[0],
-                             "image": str("images" / name), "mode": sampler.mode_for(1)})
+                             "image": str("images" / name), "mode": sampler.mode_for(1, lam)})
                 bar.set_postfix(lam=lam.name, kl="n/a" if kls[0] is None else f"{kls[0]:.3g}")
                 bar.update()
     bar.close()

@@ -37,7 +37,7 @@ MODES = (AUTO, *REALIGN_MODES)  # --mode choices
 CPU_MIXED_BATCH_MAX_ROWS = 4
 
 
-def choose_mode(rows: int, device: str | torch.device) -> str:
+def choose_mode(rows: int, device: str | torch.device, adapters: int = 1) -> str:
     """The realignment mode for a denoiser call of `rows` rows (images per pipeline call, x 2
     under classifier-free guidance) on `device`: "mixed_batch" (one forward on 2 x rows) or
     "two_forward" (two forwards on rows). Both give the same images up to float rounding.
@@ -60,10 +60,13 @@ def choose_mode(rows: int, device: str | torch.device) -> str:
     16 and 1.22 at 32; benchmarks/results/realign_batch4.json (8.7M UNet, 16x16 latents, rows 4,
     no CFG) 1.10. So: the one call pays off at small rows, where per-call overhead dominates, and
     stops paying at about 8 rows; 4 is the bound every measurement supports.
+
+    A lambda vector over `adapters` (K) LoRAs runs mixed_batch on (1 + K) x rows rows, so the
+    bound is on that: (1 + K) x rows <= 2 x CPU_MIXED_BATCH_MAX_ROWS (K = 1: the rule above).
     """
     if torch.device(device).type != "cpu":
         return "two_forward"
-    return "mixed_batch" if rows <= CPU_MIXED_BATCH_MAX_ROWS else "two_forward"
+    return "mixed_batch" if rows * (1 + adapters) <= 2 * CPU_MIXED_BATCH_MAX_ROWS else "two_forward"
 
 
 @dataclass
@@ -172,22 +175,24 @@ class Sampler:
     throughput: Throughput = field(default_factory=Throughput)
     _plain_call_s: dict = field(default_factory=dict, repr=False)  # input shapes -> one plain forward, s
 
-    def mode_for(self, n_images: int) -> str:
-        """The realignment mode a call with n_images prompts uses (AUTO resolved by choose_mode)."""
+    def mode_for(self, n_images: int, lam: Lam | None = None) -> str:
+        """The realignment mode a call with n_images prompts at `lam` uses (AUTO resolved by
+        choose_mode, which counts 1 + K rows per image row for a vector over K adapters)."""
         if self.mode != AUTO:
             return self.mode
         if self.reference is not None:  # two-model mode has no mixed batch
             return "two_forward"
         guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
         cfg_rows = 2 if records_guidance_scale(self.pipe, guidance) > 1.0 else 1
-        return choose_mode(n_images * cfg_rows, self.pipe.device)
+        adapters = lam.adapters if isinstance(lam, Lam) else 1
+        return choose_mode(n_images * cfg_rows, self.pipe.device, adapters)
 
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], lam: Lam | LambdaSchedule):
         """Realigned images (PIL) for prompts[i] with noise from seeds[i], and their emulated path KL
         (floats, or None for deterministic samplers). Each row's noise depends only on its seed."""
-        schedule = lam.schedule if isinstance(lam, Lam) else lam
+        schedule = lam.realign_lam if isinstance(lam, Lam) else lam
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        mode = self.mode_for(len(prompts))
+        mode = self.mode_for(len(prompts), lam if isinstance(lam, Lam) else None)
         device = self.pipe.device
         timer = _CallTimer(device)
         start = _clock(device)
@@ -256,10 +261,11 @@ class _CallTimer:
 
 
 def load_sampler(pipeline: str, *, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None,
-                 lora: str | os.PathLike | None = None, adapter_name: str = "default",
+                 lora: str | os.PathLike | dict[str, str] | None = None, adapter_name: str = "default",
                  reference_unet: str | None = None, steps: int | None = None, guidance: float | None = None,
                  size: int | None = None, eta: float = 0.0, mode: str = AUTO) -> Sampler:
-    """Load the pipeline (and LoRA, and a reference UNet for two-model mode) and build its Sampler."""
+    """Load the pipeline (and LoRA, and a reference UNet for two-model mode) and build its Sampler.
+    `lora` may be a dict {adapter name: path}: each LoRA loaded as a named adapter, for lambda vectors."""
     from deradiff.models import load_lora, load_pipeline, set_scheduler
 
     torch_dtype = getattr(torch, dtype)
@@ -273,7 +279,10 @@ def load_sampler(pipeline: str, *, dtype: str = "float32", device: str = "cpu", 
 
         reference = UNet2DConditionModel.from_pretrained(reference_unet, use_safetensors=True)
         reference.to(device, torch_dtype)
-    if lora:
+    if isinstance(lora, dict):
+        for name, path in lora.items():
+            load_lora(pipe, path, adapter_name=name)
+    elif lora:
         load_lora(pipe, lora, adapter_name=adapter_name)
     call = sampling_kwargs(pipeline, steps, guidance, size, eta)
     return Sampler(pipe, call, eta, mode, reference)
