@@ -12,8 +12,8 @@ def test_salts_keep_the_values_runs_were_made_with_and_never_collide():
     assert (seeding.SALT_DPO_VAE, seeding.SALT_DPO_NOISE, seeding.SALT_DPO_TIMESTEP) == (1, 3, 4)
     assert (seeding.SALT_ROLLOUT_INIT, seeding.SALT_ROLLOUT_STEP) == (10, 11)
     assert (seeding.SALT_KL_STEPS, seeding.SALT_PG_TIMESTEPS) == (1 << 30, (1 << 30) + 1)
-    fixed = [seeding.SALT_DPO_VAE, seeding.SALT_DPO_NOISE, seeding.SALT_DPO_TIMESTEP, seeding.SALT_ROLLOUT_INIT,
-             seeding.SALT_KL_STEPS, seeding.SALT_PG_TIMESTEPS]
+    fixed = [seeding.SALT_DPO_VAE, seeding.SALT_DPO_NOISE, seeding.SALT_DPO_TIMESTEP, seeding.SALT_DPO_SIGMA,
+             seeding.SALT_ROLLOUT_INIT, seeding.SALT_KL_STEPS, seeding.SALT_PG_TIMESTEPS]
     steps = range(seeding.SALT_ROLLOUT_STEP, seeding.SALT_ROLLOUT_STEP + 10_000)  # one salt per sampling step
     assert len(set(fixed)) == len(fixed) and not set(fixed) & set(steps)
 
