@@ -253,6 +253,10 @@ class TrainerSection:
         keep_checkpoints: how many recent checkpoints to keep.
         eval_every: evaluate on held-out data every N steps; 0 = never.
         sample_every: write a sample grid every N steps; 0 = only at the end.
+        compile: torch.compile the denoiser (inductor; the first steps compile, which takes
+            minutes at SD size and needs a C++ compiler on CPU). Same numbers to float
+            tolerance. Memory knobs live in the model section (mixed_precision,
+            gradient_checkpointing); attention is diffusers' SDPA processor by default.
     """
 
     output_dir: str = "runs/align"
@@ -274,6 +278,7 @@ class TrainerSection:
     keep_checkpoints: int = 2
     eval_every: int = 0
     sample_every: int = 0
+    compile: bool = False
 
 
 @dataclass
@@ -778,7 +783,7 @@ def preflight(recipe: Recipe) -> None:
     Prints `recipe_warnings` to stderr (on the first process only), then raises UserError for:
     missing or non-parquet data files, files lacking the Pick-a-Pic columns, missing prompt
     files, an unknown reward or sampler name, a non-differentiable reward for kl_grad, adamw8bit
-    without bitsandbytes, fp16 without a CUDA device.
+    without bitsandbytes, fp16 without a CUDA device, trainer.compile on a CPU without a C++ compiler.
     """
     from deradiff.models import SCHEDULERS
 
@@ -814,6 +819,14 @@ def preflight(recipe: Recipe) -> None:
 
         if not torch.cuda.is_available():
             e.append("model.mixed_precision=fp16 needs a CUDA device; use bf16 or no on this machine")
+    if recipe.trainer.compile:
+        import shutil
+
+        import torch
+
+        if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            e.append("trainer.compile=true on CPU needs a C++ compiler (inductor builds C++ kernels): install "
+                     "g++ or set trainer.compile=false")
     if e:
         raise UserError(_format_errors(e))
 

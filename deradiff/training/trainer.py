@@ -184,8 +184,24 @@ def prepare_pipeline(recipe, accelerator):
             p.data = p.data.float()  # LoRA weights train in fp32 under fp16/bf16 autocast
     if recipe.model.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    if recipe.trainer.compile:
+        compile_denoiser(denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def compile_denoiser(denoiser: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile the denoiser in place (nn.Module.compile: same module, same parameter names,
+    so LoRA checkpoints and peft's adapter toggling are unchanged). Lazy: the first forward
+    compiles, once for the LoRA-enabled call and once for the reference (adapters disabled)."""
+    denoiser.compile(backend=backend)
+
+
+def attention_kinds(denoiser: torch.nn.Module) -> str:
+    """The denoiser's attention processor classes, e.g. "AttnProcessor2_0" (diffusers' default
+    with torch 2: torch.nn.functional.scaled_dot_product_attention, i.e. SDPA)."""
+    processors = getattr(denoiser, "attn_processors", {})
+    return ", ".join(sorted({type(p).__name__ for p in processors.values()})) or "none"
 
 
 def make_optimizer(recipe, params):
@@ -267,7 +283,8 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     accelerator.print(
         f"{method.name}: {method.describe} | {n_trainable / 1e6:.2f}M trainable LoRA params | global batch "
         f"{order.global_batch} = {t.per_device_batch_size} per device x {accelerator.num_processes} processes x "
-        f"{t.gradient_accumulation} accumulation | {order.describe()} | {t.max_steps} steps"
+        f"{t.gradient_accumulation} accumulation | {order.describe()} | {t.max_steps} steps | attention "
+        f"{attention_kinds(accelerator.unwrap_model(unet))}"
     )
     log_path = run_dir / "metrics.jsonl"
     preempted = _install_preemption_handlers()

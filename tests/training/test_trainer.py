@@ -179,3 +179,164 @@ def test_throughput_windows_and_totals():
     assert totals["perf/steps_timed"] == 3 and totals["perf/train_s"] == pytest.approx(3.0)
     assert totals["perf/samples_per_s"] == pytest.approx(12 / 3.0)
     assert totals["perf/data_wait_s"] == pytest.approx(2.4)
+
+
+# -- memory and speed knobs ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each Accelerator below may use another mixed precision: accelerate's state is a
+    process-wide singleton that refuses a change, so reset it around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _toy_dpo_step(toy_world, tmp_path, *overrides: str, objective: str = "dpo"):
+    """The trainer's pipeline (make_accelerator + prepare_pipeline) on the toy world, a random
+    LoRA (so the model differs from the reference), and one DPO loss on 2 pairs; backward of the
+    loss (objective "dpo") or of the model's mean denoising error ("mse").
+    Returns (pipe, per-pair errors, loss, LoRA gradients by name)."""
+    from accelerate.state import AcceleratorState
+
+    from deradiff.training.conditioning import encode_prompts
+    from deradiff.training.dpo import dpo_errors
+    from deradiff.training.losses import diffusion_dpo_loss
+    from deradiff.training.trainer import make_accelerator, prepare_pipeline
+
+    AcceleratorState._reset_state(True)
+    recipe = load_recipe(ROOT / "recipes" / "toy-dpo.yaml", [f"model.name_or_path={toy_world / 'pipe'}", *overrides])
+    accelerator = make_accelerator(recipe, tmp_path)
+    torch.manual_seed(0)  # the LoRA's A matrices (as fit's set_seed)
+    pipe = prepare_pipeline(recipe, accelerator)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    pixels = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
+    pipe.unet.train()
+    cond = encode_prompts(pipe, ["a red circle on a dark background", "a blue square on a light background"],
+                          accelerator.device)
+    with accelerator.autocast():
+        errors = dpo_errors(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, pixels[:2], pixels[2:], cond,
+                            pair_ids=[0, 1], seed=0, epoch=0)
+    loss, _ = diffusion_dpo_loss(*errors, beta=2000)
+    (loss if objective == "dpo" else (errors[0] + errors[1]).mean()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    return pipe, torch.stack([e.detach().float() for e in errors]), loss.detach(), grads
+
+
+def test_bf16_autocast_freezes_weights_in_bf16_and_trains_the_lora_in_fp32(toy_world, tmp_path,
+                                                                          fresh_accelerate_state):
+    pipe, errors, loss, grads = _toy_dpo_step(toy_world, tmp_path, "model.mixed_precision=bf16", objective="mse")
+    assert pipe.unet.conv_in.weight.dtype == pipe.vae.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert next(pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    lora = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    _, errors32, loss32, grads32 = _toy_dpo_step(toy_world, tmp_path, objective="mse")
+    # bf16 keeps ~3 significant digits: the per-image errors, and the LoRA gradients of the
+    # denoising error, agree with fp32 to a few percent. The DPO loss does not: beta/2 = 1000
+    # multiplies differences of errors, so bf16 rounding moves it by O(1) at a random LoRA.
+    torch.testing.assert_close(errors, errors32, rtol=0.05, atol=1e-3)
+    assert torch.isfinite(loss) and 0 < float(loss) < 20
+    flat, flat32 = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads, grads32))
+    assert float(torch.nn.functional.cosine_similarity(flat, flat32, dim=0)) > 0.99
+    assert float((flat.norm() / flat32.norm() - 1).abs()) < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(toy_world, tmp_path, fresh_accelerate_state):
+    pipe, errors, loss, grads = _toy_dpo_step(toy_world, tmp_path, "model.gradient_checkpointing=true")
+    assert pipe.unet.is_gradient_checkpointing
+    _, errors_plain, loss_plain, grads_plain = _toy_dpo_step(toy_world, tmp_path)
+    torch.testing.assert_close(errors, errors_plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_plain.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_attention_runs_through_sdpa_processors(toy_world, tmp_path, fresh_accelerate_state, monkeypatch):
+    """diffusers' default attention with torch 2 is AttnProcessor2_0, which calls
+    F.scaled_dot_product_attention; the LoRA (peft) keeps it."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from deradiff.training.trainer import attention_kinds
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipe, *_ = _toy_dpo_step(toy_world, tmp_path)
+    processors = pipe.unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+    assert attention_kinds(pipe.unet) == "AttnProcessor2_0"
+    assert calls, "the UNet's attention called SDPA"
+
+
+def test_compile_option_compiles_the_denoiser_in_place(toy_world, tmp_path, fresh_accelerate_state, monkeypatch):
+    """trainer.compile=true: nn.Module.compile on the denoiser (lazy: compiling happens at the first
+    forward, minutes with inductor on CPU, so this test records the call and runs eagerly)."""
+    from deradiff.training import trainer
+
+    compiled = []
+    monkeypatch.setattr(trainer, "compile_denoiser", lambda module: compiled.append(module))
+    pipe, *_ = _toy_dpo_step(toy_world, tmp_path, "trainer.compile=true")
+    assert compiled == [pipe.unet]
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_gives_the_eager_loss_and_gradients(tmp_path):
+    """compile_denoiser on a tiny SD1.5-shaped UNet with a LoRA, LoRA-enabled and reference
+    (adapters disabled) calls: the eager numbers. Backend aot_eager (dynamo + autograd tracing,
+    ~30 s here); the trainer's inductor adds code generation (~6 min for this UNet on a busy CPU)."""
+    from conftest import build_tiny_sd15
+
+    from deradiff.models import adapters_disabled, add_lora
+    from deradiff.training.trainer import compile_denoiser
+
+    unet = build_tiny_sd15(tmp_path).unet
+    unet.requires_grad_(False)
+    add_lora(unet, rank=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    x, t, ehs = torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 500]), torch.randn(2, 8, 32, generator=gen)
+    unet.train()
+
+    def loss_and_grads():
+        for p in unet.parameters():
+            p.grad = None
+        out = unet(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
+        with torch.no_grad(), adapters_disabled(unet):
+            ref = unet(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
+        loss = (out - x).pow(2).mean() - (ref - x).pow(2).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in unet.parameters() if p.requires_grad]
+
+    eager_loss, eager_grads = loss_and_grads()
+    compile_denoiser(unet, backend="aot_eager")
+    loss, grads = loss_and_grads()
+    assert unet._compiled_call_impl is not None
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_loading(monkeypatch):
+    import shutil
+
+    from deradiff.errors import UserError
+    from deradiff.training.recipe import preflight
+
+    recipe = load_recipe(ROOT / "recipes" / "toy-kl-grad.yaml", ["trainer.compile=true"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"trainer.compile=true on CPU needs a C\+\+ compiler"):
+        preflight(recipe)
