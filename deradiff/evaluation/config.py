@@ -31,6 +31,9 @@ class EvalConfig:
 
     lora: str
     pipeline: str = DEFAULT_PIPELINE
+    # Named LoRAs {adapter name: path} for lambda vectors (--lora NAME=PATH ...); then `lora` is
+    # the first one's path (its beta and base stand for the run). None: the single `lora`.
+    loras: dict[str, str] | None = None
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     steps: int | None = None
@@ -61,8 +64,12 @@ class EvalConfig:
         LoRA, the judge's weights and the registered model identified by content."""
         from deradiff.plugins import judge_entry, model_entry
 
-        out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "lora", "classifier", "beta0")}
-        out["lora_sha256"] = sha256_file(resolve_lora(self.lora))
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("device", "batch_size", "lora", "loras", "classifier", "beta0")}
+        if self.loras:
+            out["lora_sha256"] = {name: sha256_file(resolve_lora(path)) for name, path in sorted(self.loras.items())}
+        else:
+            out["lora_sha256"] = sha256_file(resolve_lora(self.lora))
         judge = self.judge
         out["fidelity"] = judge  # "auto" and a name that resolve alike make the same samples
         if judge is not None:
@@ -177,6 +184,12 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     base = asdict(saved) if saved is not None else {}
     # Options left unset are absent from args (argparse.SUPPRESS): the saved config or the default applies.
     given = {k: getattr(args, k) for k in _GIVEN if hasattr(args, k)}
+    if "lora" in given:
+        from deradiff.evaluation.options import parse_loras
+
+        loras = parse_loras(given["lora"])
+        named = isinstance(loras, dict)
+        given["lora"], given["loras"] = (next(iter(loras.values())), loras) if named else (loras, None)
     if hasattr(args, "reward"):
         given["rewards"] = list(args.reward)
     if hasattr(args, "prompts") or saved is None:
@@ -195,7 +208,8 @@ def check_config(cfg: EvalConfig) -> None:
     from deradiff.plugins import judge_entry
     from deradiff.rewards import available_rewards, get_reward
 
-    resolve_lora(cfg.lora)
+    for path in cfg.loras.values() if cfg.loras else [cfg.lora]:
+        resolve_lora(path)
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"--seeds must be distinct and non-empty, got {cfg.seeds}")
     if cfg.batch_size < 1:

@@ -59,7 +59,7 @@ from deradiff.evaluation.config import (
     write_identity,
 )
 from deradiff.evaluation.lams import LAM_POLICY, Lam, constant, lambda_arg, parse_grid
-from deradiff.evaluation.options import add_eval_arguments, command_words, log_command
+from deradiff.evaluation.options import add_eval_arguments, check_lora_lams, command_words, log_command
 from deradiff.evaluation.results import (
     LORA_SCALE,
     REALIGNED,
@@ -128,6 +128,9 @@ class Evaluator:
     def _jobs(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int]) -> list[Job]:
         jobs = []
         for lam in lams:
+            if arm != REALIGNED and lam.is_vector:
+                raise UserError(f"arm {arm} scales or swaps one LoRA and cannot mix a lambda vector ({lam}): "
+                                "sample vectors with the realigned arm only")
             if arm != REALIGNED and lam.value is None:
                 raise UserError(f"arm {arm} needs constant lambdas, got schedule {lam}")
             jobs += [(arm, lam, pid, seed) for pid in prompt_ids for seed in self.cfg.seeds]
@@ -141,6 +144,8 @@ class Evaluator:
         if arm not in (REALIGNED, LORA_SCALE) and arm not in self.baselines:
             raise UserError(f"unknown arm {arm!r}; known: {[REALIGNED, LORA_SCALE, *self.baselines]}")
         prompt_ids = list(range(len(self.cfg.prompts)) if prompt_ids is None else prompt_ids)
+        if arm == REALIGNED:
+            check_lora_lams(self.cfg.loras or self.cfg.lora, lams)
         jobs = self._jobs(arm, lams, prompt_ids)
         todo = []
         for job in jobs:
@@ -171,7 +176,7 @@ class Evaluator:
             self._rewards[f"reward/{name}"] = get_reward(name, **kwargs).to(cfg.device)
         self._judge = self._judge or cfg.load_judge(cfg.device)
         self._sampler = load_sampler(cfg.pipeline, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler,
-                                     lora=self.aligned.file, adapter_name=ALIGNED_ADAPTER, steps=cfg.steps,
+                                     lora=self.cfg.loras or self.aligned.file, adapter_name=ALIGNED_ADAPTER, steps=cfg.steps,
                                      guidance=cfg.guidance, size=cfg.size, eta=cfg.eta, mode=cfg.mode)
 
     @contextmanager
@@ -180,7 +185,9 @@ class Evaluator:
         from deradiff.models import load_lora, set_lora_scale
 
         pipe = self._sampler.pipe
-        if arm == REALIGNED:
+        if arm == REALIGNED and self.cfg.loras:
+            yield lam  # named LoRAs: realign picks each vector's adapters itself (checked in ensure)
+        elif arm == REALIGNED:
             pipe.set_adapters([ALIGNED_ADAPTER])
             yield lam
         elif arm == LORA_SCALE:
@@ -234,7 +241,7 @@ class Evaluator:
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = [cfg.prompts[pid] for _, _, pid, _ in chunk]
-        mode = self._sampler.mode_for(len(chunk))
+        mode = self._sampler.mode_for(len(chunk), lam)
         images, kls = self._sampler.sample(prompts, [seed for *_, seed in chunk], lam)
         scores = self._score(images, prompts)
         dt = (time.perf_counter() - t0) / len(chunk)
@@ -283,7 +290,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
     p.add_argument("--lam", nargs="+", type=lambda_arg, default=[lambda_arg(v) for v in ("0", "0.5", "1", "2")],
                    help="lambda grid: values (0 = reference, 1 = aligned, > 1 extrapolates) or schedules "
-                   f"linear:0,2 / cosine:0,2 / step:1,2@500; {LAM_POLICY}")
+                   "linear:0,2 / cosine:0,2 / step:1,2@500; with named LoRAs (--lora NAME=PATH ...), lambda "
+                   f"vectors color=1.5,contrast=0.5 (realigned arm only); {LAM_POLICY}")
     p.add_argument("--baseline", choices=[LORA_SCALE], default=None,
                    help="also sample the weight-space baseline: the aligned LoRA scaled by lambda (constant lambdas)")
     p.add_argument("--baselines", nargs="+", default=[], metavar="RUN",
@@ -305,11 +313,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"merged {len(rows)} rows -> {out / RESULTS}")
         return 0
     grid = parse_grid(args.lam)
+    vectors = [lam.name for lam in grid if lam.is_vector]
+    if vectors and (args.baseline or args.baselines):
+        raise UserError(f"lambda vectors ({vectors[0]}, ...) are sampled with the realigned arm only: "
+                        "drop --baseline / --baselines, or evaluate them in another --out")
     shard = parse_shard(args.shard)
     devices = parse_devices(args.devices)
     if devices and shard != (0, 1):
         raise UserError("--devices splits the prompts into shards itself: leave out --shard")
     cfg = config_from_args(args)
+    check_lora_lams(cfg.loras or cfg.lora, grid)  # before the folder is touched
     baselines = [lora_run(b) for b in args.baselines]
     ev = Evaluator(cfg, out, shard, baselines)
     if not args.worker:

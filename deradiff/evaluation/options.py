@@ -126,8 +126,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    "re-running into it resumes, and options not given are read from its config.json "
                    "(once it holds results)")
     unset = argparse.SUPPRESS  # absent from args unless given: the saved config or the default applies
-    p.add_argument("--lora", default=unset,
-                   help="aligned LoRA: training run folder, LoRA folder or .safetensors file")
+    p.add_argument("--lora", default=unset, nargs="+", metavar="[NAME=]PATH",
+                   help="aligned LoRA: training run folder, LoRA folder or .safetensors file; or several named "
+                   "LoRAs (color=runs/a contrast=runs/b) mixed by lambda vectors (--lam color=1.5,contrast=0.5)")
     p.add_argument("--pipeline", default=unset,
                    help="a registered model (e.g. toy), a local diffusers folder or a hub id (default: toy)")
     p.add_argument("--prompts", default=unset, help=f"prompt set: {describe_sets()} (default: toy:test)")

@@ -18,7 +18,7 @@ import torch
 
 from deradiff.errors import UserError
 from deradiff.io import write_text_atomic
-from deradiff.realign import LambdaSchedule, parse_lambda
+from deradiff.realign import LambdaSchedule, LambdaVector, is_lambda_vector, parse_lambda, parse_lambda_vector
 
 RESULTS = "results.jsonl"
 # the arms of the table: output mixing, the LoRA scaled in weight space, retrained:<run label>
@@ -39,14 +39,26 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def lam_name(lam: float | str | LambdaSchedule) -> str:
+def lam_name(lam: float | str | LambdaSchedule | LambdaVector) -> str:
+    """The results-table key of a lambda: a schedule's str, or a vector's canonical string."""
+    if is_lambda_vector(lam):
+        return str(parse_lambda_vector(lam))
     return str(parse_lambda(lam))
 
 
 def lam_value(name: str) -> float | None:
-    """The constant lambda of a table name, None for a schedule."""
+    """The constant lambda of a table name, None for a schedule or a lambda vector (the number
+    plots and searches sort by; see lam_vector for a vector's values)."""
+    if is_lambda_vector(name):
+        return None
     schedule = parse_lambda(name)
     return schedule.start if schedule.kind == "constant" else None
+
+
+def lam_vector(name: str) -> dict[str, float] | None:
+    """{adapter: lambda} of a constant lambda-vector table name ("color=1.5,contrast=0.5"); None
+    for a scalar, a schedule, or a vector holding a schedule."""
+    return parse_lambda_vector(name).constants() if is_lambda_vector(name) else None
 
 
 def row_key(row: dict) -> tuple:

@@ -88,3 +88,42 @@ def test_mixed_batch_rule_counts_one_plus_k_rows():
     lam = parse_lam("b=1,a=linear:0,2")
     assert isinstance(lam, Lam) and lam.name == "a=linear:0,2,b=1" and lam.adapters == 2 and lam.value is None
     assert parse_lam(lam.name) == lam
+
+
+def _evaluate(loras, out, *extra):
+    return main(["evaluate", "--pipeline", "toy", "--lora", f"color={loras / 'color'}",
+                 f"contrast={loras / 'contrast'}", "--lam", "contrast=0.5,color=1", "color=0,contrast=0",
+                 "--max-prompts", "1", "--seeds", "0", "--steps", "2", "--scheduler", "ddpm", "--fidelity", "none",
+                 "--reward", "toy", "--n-boot", "20", "--out", str(out), *extra])
+
+
+def test_evaluate_writes_vector_keyed_rows_and_resumes(loras, tmp_path, capsys):
+    from deradiff.evaluation.results import RESULTS, lam_value, lam_vector, read_rows
+
+    out = tmp_path / "eval"
+    assert _evaluate(loras, out) == 0, capsys.readouterr().err
+    rows = read_rows(out / RESULTS)
+    assert sorted(r["lam"] for r in rows) == ["color=0,contrast=0", "color=1,contrast=0.5"]
+    assert all(r["arm"] == "realigned" and r["lam_value"] is None for r in rows)
+    kl = {r["lam"]: r["path_kl"] for r in rows}
+    assert kl["color=0,contrast=0"] == 0.0 and kl["color=1,contrast=0.5"] > 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert sorted(r["lam"] for r in summary) == sorted(kl) and all(r["lam_value"] is None for r in summary)
+    assert lam_value("color=1,contrast=0.5") is None and lam_vector("contrast=0.5,color=1") == {
+        "color": 1.0, "contrast": 0.5}
+    capsys.readouterr()
+    assert _evaluate(loras, out) == 0  # resumes: nothing left to sample
+    assert "(0 sampled now" in capsys.readouterr().out
+    assert len(read_rows(out / RESULTS)) == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--baseline", "lora-scale"], "realigned arm only"),
+    (["--lam", "1"], "is one lambda but 2 LoRAs are loaded"),
+    (["--lam", "color=1,tone=1"], "names adapter 'tone', not loaded"),
+])
+def test_evaluate_refuses_vectors_it_cannot_sample(loras, tmp_path, capsys, extra, message):
+    assert _evaluate(loras, tmp_path / "eval", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "eval" / "results.jsonl").exists()
