@@ -5,7 +5,10 @@
         --baselines runs/toy-sweep/lambda-0.5 runs/toy-sweep/lambda-2 --out runs/eval
 
 Arms, all on the same prompts and seeds (so every comparison is paired):
-- realigned: output mixing, (1 - lam) * reference + lam * aligned per step (any schedule);
+- realigned: output mixing, (1 - lam) * reference + lam * aligned per step (any schedule); with
+  named LoRAs (--lora color=runs/a contrast=runs/b) lambda vectors (--lam color=1.5,contrast=0.5),
+  rows keyed by the vector's canonical string (lam_value None; results.lam_vector reads it back);
+  the other arms, search and validate do not take vectors yet;
 - lora-scale: the weight-space baseline, the aligned LoRA's scale set to lam (constant lams);
 - retrained:<name>: a baseline LoRA trained at beta_k (its lam is beta0 / beta_k).
 Every image goes through `realigned(...)` so its emulated path KL to the reference is recorded
@@ -136,6 +139,17 @@ class Evaluator:
             jobs += [(arm, lam, pid, seed) for pid in prompt_ids for seed in self.cfg.seeds]
         return jobs
 
+    def _check_named(self, arm: str, lams: Sequence[Lam]) -> None:
+        """UserError (one line) for lambdas this folder's LoRAs cannot realign with; with named
+        LoRAs (lambda vectors) only the realigned arm exists: search and validate, which sample
+        scalar lambdas and retrained arms, do not handle vector grids yet."""
+        loras = self.cfg.loras
+        if loras and (arm != REALIGNED or (len(loras) > 1 and not all(lam.is_vector for lam in lams))):
+            raise UserError(f"{self.out} holds named LoRAs ({', '.join(loras)}) mixed by lambda vectors: only "
+                            "`deradiff evaluate --lam NAME=LAM,...` samples it (search, validate and baselines "
+                            "over vector grids are not supported yet)")
+        check_lora_lams(loras or self.cfg.lora, lams)
+
     def _key(self, job: Job) -> tuple:
         arm, lam, pid, seed = job
         return arm, lam.name, self.cfg.prompts[pid], seed
@@ -144,8 +158,7 @@ class Evaluator:
         if arm not in (REALIGNED, LORA_SCALE) and arm not in self.baselines:
             raise UserError(f"unknown arm {arm!r}; known: {[REALIGNED, LORA_SCALE, *self.baselines]}")
         prompt_ids = list(range(len(self.cfg.prompts)) if prompt_ids is None else prompt_ids)
-        if arm == REALIGNED:
-            check_lora_lams(self.cfg.loras or self.cfg.lora, lams)
+        self._check_named(arm, lams)
         jobs = self._jobs(arm, lams, prompt_ids)
         todo = []
         for job in jobs:

@@ -3,6 +3,12 @@
     deradiff sample --pipeline toy --lora runs/toy-dpo/lora --lam 0 0.5 1 2 \\
         --prompt "a red circle on a dark background" --seeds 0 1 --out runs/samples
 
+Several rewards: load named LoRAs and give lambda vectors (one lambda per adapter; the key in
+samples.jsonl and the image folder is the vector's canonical string, adapters sorted):
+
+    deradiff sample --pipeline toy --lora color=runs/a/lora contrast=runs/b/lora \
+        --lam color=1.5,contrast=0.5 color=0,contrast=1 --prompt "a red circle" --out runs/mix
+
 Writes OUT/images/lam=<lam>/p<prompt>_s<seed>.png, OUT/grid.png (rows: prompt x seed,
 columns: lambda) and OUT/samples.jsonl (one line per image with its emulated path KL and the
 realignment mode that made it). A folder

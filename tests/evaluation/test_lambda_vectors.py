@@ -127,3 +127,14 @@ def test_evaluate_refuses_vectors_it_cannot_sample(loras, tmp_path, capsys, extr
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+def test_search_refuses_a_folder_of_named_loras(loras, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--lora", f"color={loras / 'color'}", f"contrast={loras / 'contrast'}", "--pipeline", "toy",
+            "--max-prompts", "1", "--seeds", "0", "--fidelity", "none", "--out", str(out)]
+    assert main(["search", *argv, "--maximize", "reward/toy", "--refine", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "search, validate and baselines over vector grids are not supported yet" in err and err.count("\n") == 1
+    assert main(["search", *argv, "--grid", "color=1,contrast=1", "--maximize", "reward/toy"]) == 2
+    assert "constant lambdas only" in capsys.readouterr().err
