@@ -115,6 +115,8 @@ def test_evaluate_writes_vector_keyed_rows_and_resumes(loras, tmp_path, capsys):
     assert _evaluate(loras, out) == 0  # resumes: nothing left to sample
     assert "(0 sampled now" in capsys.readouterr().out
     assert len(read_rows(out / RESULTS)) == 2
+    assert main(["report", "--eval", str(out), "--n-boot", "20"]) == 0  # vector rows: tables, no crash
+    assert "color=1,contrast=0.5" in "".join(p.read_text() for p in (out / "report").glob("*.md"))
 
 
 @pytest.mark.parametrize("extra,message", [
