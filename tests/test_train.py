@@ -335,3 +335,28 @@ def test_streamed_data_read_ahead_resumes_identically(toy_world, tmp_path):
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     assert json.loads((tmp_path / "whole" / "summary.json").read_text())["train/epoch"] == 1
+
+
+def test_a_latent_cache_gives_the_uncached_losses_without_the_encoders(reference_run, toy_world, tmp_path):
+    """`deradiff cache` then the same recipe with data.latent_cache: the reference run's losses and
+    held-out metrics to float tolerance (the VAE ran on other batches), no VAE or text encoder
+    kept, the sample grid still drawn."""
+    ref_out, _ = reference_run
+    cache, out = tmp_path / "cache", tmp_path / "cached"
+    args = _args(toy_world, out, **{"data.latent_cache": cache})
+    made = subprocess.run([sys.executable, "-m", "deradiff.cli", "cache", *args, "--num-workers", "0"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert (cache / "manifest.json").exists() and "44 training pairs, 15 held-out" in made.stdout
+    proc = _run(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "44 from the latent cache" in log and "the VAE and text encoders are not kept" in log
+    cached, uncached = _losses(out), _losses(ref_out)
+    assert sorted(cached) == sorted(uncached)
+    for step in cached:  # beta/2 = 1000 multiplies ~1e-7 differences of the errors
+        assert abs(cached[step] - uncached[step]) < 1e-3, (step, cached[step], uncached[step])
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref_out))
+    for key in ("eval/dpo/ref_mse", "eval/dpo/model_mse", "eval/dpo/implicit_acc", "data/kept", "data/ties"):
+        assert summary[key] == pytest.approx(ref_summary[key], abs=1e-4), key
+    assert (out / "samples" / "step-000006.png").exists()

@@ -18,16 +18,16 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     from deradiff.training.conditioning import encode_prompts
     from deradiff.training.data import collate_pairs, load_preference_dataset
     from deradiff.training.dpo import dpo_errors, dpo_settings
-    from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
     from deradiff.training.recipe import prefs_hint
 
     hint = prefs_hint(recipe)
+    device = accelerator.device
+    settings = dpo_settings(recipe, pipe)  # family checked; flow sigma sampling
+    if recipe.data.latent_cache:
+        return _cached_dpo(recipe, pipe, accelerator, settings)
     dataset, stats = load_preference_dataset(recipe.data, seed=recipe.trainer.seed, rank=accelerator.process_index,
                                              world_size=accelerator.num_processes, hint=hint)
     accelerator.print(f"preference pairs: {'streamed, counted as they arrive' if recipe.data.streaming else stats}")
-    m = recipe.method
-    device = accelerator.device
-    settings = dpo_settings(recipe, pipe)  # family checked; flow sigma sampling
 
     def collate(rows: list[dict], ids: list[int]) -> dict:
         return {**collate_pairs(rows), "ids": ids}
@@ -42,15 +42,50 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
                               batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
                               seed=recipe.trainer.seed, epoch=epoch, sampling=settings.sampling)
 
-    def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
-        return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
-
     eval_set = None
     if recipe.data.eval_path or recipe.data.eval_split:
         eval_set, eval_stats = load_preference_dataset(recipe.data, which="eval", seed=recipe.trainer.seed, hint=hint)
         if not hasattr(eval_set, "__len__"):
             eval_set = list(eval_set)  # held-out pairs are few (data.max_eval_samples): read them once
         accelerator.print(f"held-out pairs: {eval_stats}")
+    return _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set)
+
+
+def _cached_dpo(recipe, pipe, accelerator, settings) -> Method:
+    """Diffusion-DPO from a latent cache (deradiff.training.cache): the pairs' VAE posteriors and
+    caption embeddings are read, not computed; the losses are the uncached run's to float tolerance."""
+    from deradiff.training.cache import cached_conditioning, cached_latents, collate_cached, open_cache
+    from deradiff.training.dpo import dpo_errors_from_latents
+
+    cache = open_cache(recipe)
+    seed, device = recipe.trainer.seed, accelerator.device
+    dataset = cache.pairs("train", seed, recipe.data.random_flip)
+    eval_set = cache.pairs("eval", seed, False) if (recipe.data.eval_path or recipe.data.eval_split) else None
+    accelerator.print(f"preference pairs: {len(dataset)} from the latent cache {cache.folder}"
+                      + (f", {len(eval_set)} held-out" if eval_set is not None else ""))
+
+    def collate(rows: list[dict], ids: list[int]) -> dict:
+        return {**collate_cached(rows), "ids": ids}
+
+    def errors(unet, batch: dict, epoch: int):
+        latents = cached_latents(batch, batch["ids"], seed, epoch, cache.scaling_factor, cache.shift_factor, device)
+        cond = cached_conditioning(batch, recipe.model.kind, recipe.data.resolution, device)
+        with accelerator.autocast():
+            return dpo_errors_from_latents(unet, accelerator.unwrap_model(unet), pipe.scheduler, latents, cond,
+                                           pair_ids=batch["ids"], seed=seed, epoch=epoch, sampling=settings.sampling)
+
+    return _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set)
+
+
+def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set) -> Method:
+    """The DPO Method around a pair dataset and an `errors(unet, batch, epoch)` function."""
+    from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
+
+    m = recipe.method
+    device = accelerator.device
+
+    def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
+        return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
 
     @torch.no_grad()
     def evaluate(unet) -> dict[str, float]:

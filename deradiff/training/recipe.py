@@ -140,6 +140,11 @@ class DataSection:
             value (augmentation is keyed by pair, not by worker). A streamed set is read ahead by
             one thread instead (datasets reorders a stream read inside worker processes).
         prefetch_factor: micro-batches each worker prepares ahead (with num_workers > 0).
+        latent_cache: dpo: a folder written by `deradiff cache` (this recipe's VAE posteriors of
+            both flips and text embeddings, see deradiff.training.cache): training reads it
+            instead of decoding images and running the VAE and text encoders, which are then not
+            kept in memory. Refused when made for other data, model, resolution or augmentation.
+            Needs data.random_crop=false and data.streaming=false. null = no cache.
     """
 
     source: Literal["parquet", "hub", "toy"] = "parquet"
@@ -160,6 +165,7 @@ class DataSection:
     eval_prompts: str | None = None
     num_workers: int | None = None
     prefetch_factor: int = 2
+    latent_cache: str | None = None
 
 
 @dataclass
@@ -342,6 +348,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "data.cache_dir",
     "data.num_workers",
     "data.prefetch_factor",
+    "data.latent_cache",  # checked against the recipe by its identity, wherever it lies
     "sample",
     "sweep",
 )
@@ -683,6 +690,10 @@ def validation_errors(recipe: Recipe) -> list[str]:
     need(not (d.eval_split and d.source != "hub"), f"data.eval_split applies to source hub; for source {d.source!r} set data.eval_path")
     need(d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0 or null (automatic), got {d.num_workers}")
     need(d.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {d.prefetch_factor}")
+    if d.latent_cache:
+        from deradiff.training.cache import cache_problems
+
+        e.extend(cache_problems(recipe))
 
     if me.beta is None:
         e.append("method.beta is required: set it in the recipe or pass method.beta=... "
@@ -777,13 +788,15 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     return w
 
 
-def preflight(recipe: Recipe) -> None:
+def preflight(recipe: Recipe, check_cache: bool = True) -> None:
     """Checks of the machine and the files a recipe names (cheap; run before loading models).
 
     Prints `recipe_warnings` to stderr (on the first process only), then raises UserError for:
     missing or non-parquet data files, files lacking the Pick-a-Pic columns, missing prompt
     files, an unknown reward or sampler name, a non-differentiable reward for kl_grad, adamw8bit
-    without bitsandbytes, fp16 without a CUDA device, trainer.compile on a CPU without a C++ compiler.
+    without bitsandbytes, fp16 without a CUDA device, trainer.compile on a CPU without a C++ compiler,
+    a data.latent_cache that is missing or made for another recipe (deradiff.training.cache;
+    check_cache=False for `deradiff cache`, which makes it).
     """
     from deradiff.models import SCHEDULERS
 
@@ -819,6 +832,13 @@ def preflight(recipe: Recipe) -> None:
 
         if not torch.cuda.is_available():
             e.append("model.mixed_precision=fp16 needs a CUDA device; use bf16 or no on this machine")
+    if check_cache and d.latent_cache and not e:  # the data files are there: is the cache made for this recipe?
+        from deradiff.training.cache import open_cache
+
+        try:
+            open_cache(recipe)
+        except UserError as err:
+            e.append(str(err))
     if recipe.trainer.compile:
         import shutil
 

@@ -15,7 +15,8 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def prepare_pipeline(recipe, accelerator):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
+            if recipe.data.latent_cache and name in FROZEN_ENCODERS:
+                continue  # the cache holds their outputs: never on the device, dropped after setup
             module.to(accelerator.device)
             if dtype != torch.float32:
                 module.to(dtype=dtype)
@@ -188,6 +191,26 @@ def prepare_pipeline(recipe, accelerator):
         compile_denoiser(denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+FROZEN_ENCODERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def drop_frozen_encoders(pipe) -> int:
+    """Remove the VAE and the text encoders from the pipeline (set to None): with a latent cache
+    training never calls them (prepare_pipeline left them on the CPU; the method factory has seen
+    the whole pipeline); sample grids load them again for their duration. Returns the number of
+    parameters freed."""
+    import gc
+
+    freed = 0
+    for name in FROZEN_ENCODERS:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            freed += sum(p.numel() for p in module.parameters())
+            setattr(pipe, name, None)
+    gc.collect()
+    return freed
 
 
 def compile_denoiser(denoiser: torch.nn.Module, backend: str = "inductor") -> None:
@@ -247,6 +270,10 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
     pipe = prepare_pipeline(recipe, accelerator)
     method: Method = method_factory(recipe, pipe, accelerator)
+    if recipe.data.latent_cache:
+        freed = drop_frozen_encoders(pipe)
+        accelerator.print(f"latent cache {recipe.data.latent_cache}: the VAE and text encoders are not kept "
+                          f"({freed / 1e6:.2f}M parameters freed)")
     if hasattr(method.dataset, "__len__"):
         order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
                           t.gradient_accumulation, t.seed)
@@ -396,10 +423,31 @@ def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
         accelerator.state.deepspeed_plugin.zero_stage == 3
     if not s.prompts or not accelerator.is_main_process or zero3:  # ZeRO-3 shards weights over ranks
         return
-    rows = _sample_rows(s, pipe)
+    with _complete_pipeline(recipe, pipe, accelerator) as full:
+        rows = _sample_rows(s, full)
     with writes_into(path.parent, f"sample grid {path.name} was not written"):
         save_image_grid(rows, path, row_labels=[p[:28] for p in s.prompts],
                         col_labels=["base"] + [f"lora #{j}" for j in range(s.images_per_prompt)])
+
+
+@contextmanager
+def _complete_pipeline(recipe, pipe, accelerator) -> Iterator:
+    """`pipe` when it has its VAE and text encoders; else (a latent cache dropped them) a freshly
+    loaded pipeline around the trained denoiser, freed when the block ends."""
+    if all(getattr(pipe, name, None) is not None for name in FROZEN_ENCODERS if name in pipe.config):
+        yield pipe
+        return
+    from deradiff.models import load_pipeline
+
+    m = recipe.model
+    full = load_pipeline(m.name_or_path, dtype=weight_dtype(accelerator), device=str(accelerator.device),
+                         revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
+    name = denoiser_name(full)
+    setattr(full, name, getattr(pipe, name))  # the trained one; the loaded copy is freed
+    try:
+        yield full
+    finally:
+        del full
 
 
 @torch.no_grad()
