@@ -360,3 +360,21 @@ def test_a_latent_cache_gives_the_uncached_losses_without_the_encoders(reference
     for key in ("eval/dpo/ref_mse", "eval/dpo/model_mse", "eval/dpo/implicit_acc", "data/kept", "data/ties"):
         assert summary[key] == pytest.approx(ref_summary[key], abs=1e-4), key
     assert (out / "samples" / "step-000006.png").exists()
+
+
+@pytest.mark.slow
+def test_the_step_breakdown_benchmark_runs_at_toy_size(tmp_path):
+    """benchmarks/train_breakdown.py --tiny: the code the SD1.5-shape figures come from runs, and
+    its table is consistent (steps = sums of parts, the cache removes the encoding)."""
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_breakdown.py"), "--tiny", "--pairs", "2",
+                           "--busy", "0.1", "--threads", "1", "--out", str(out)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    configs = result["results"]["configs"]
+    assert {"uncached, 0 workers", "cached, 0 workers"} <= set(configs)  # + the default worker count, if > 0
+    for name, c in configs.items():
+        assert c["step"] == pytest.approx(c["data"] + c["encode"] + c["unet"] + c["optimizer"])
+        assert 0 <= c["data_wait_frac"] <= 1 and (c["encode"] == 0) == name.startswith("cached")
+    assert result["summary"]["cached_step_vs_uncached"] < 1

@@ -239,6 +239,9 @@ class LatentCache:
         if not self.has(split):
             raise UserError(f"latent cache {self.folder} holds no {split} pairs: rebuild it with `deradiff cache` "
                             "for this recipe")
+        if random_flip and self.manifest["splits"][split]["flips"] < 2:
+            raise UserError(f"latent cache {self.folder} holds unflipped {split} pairs only: set data.random_flip=false "
+                            "or rebuild it with data.random_flip=true")
         return CachedPairs(self.folder, self.manifest["splits"][split], seed, random_flip)
 
 
@@ -493,10 +496,12 @@ def _write_split(out: Path, split: str, encoded: dict, text: dict, shard_pairs: 
 
 
 def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str = "float32",
-                device: str | None = None, num_workers: int | None = None, log=print, command: str = "") -> Path:
+                device: str | None = None, num_workers: int | None = None, log=print, command: str = "",
+                pipe=None) -> Path:
     """Encode the recipe's training (and held-out) pairs into data.latent_cache; returns the
     folder. A folder already holding this recipe's cache is kept as it is; one holding another
-    cache is refused (choose another folder)."""
+    cache is refused (choose another folder). pipe: an already loaded pipeline of the recipe's
+    model (benchmarks build one in memory); None = load model.name_or_path."""
     from deradiff.models import load_pipeline
     from deradiff.training.data import load_preference_dataset
     from deradiff.training.data_order import default_num_workers
@@ -523,7 +528,9 @@ def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = default_num_workers() if num_workers is None else num_workers
     m, d, start = recipe.model, recipe.data, time.perf_counter()
-    pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path, device=device)
+    if pipe is None:
+        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
+                             device=device)
     flips = [False, True] if d.random_flip else [False]
     splits = {"train": flips}
     if d.eval_path or d.eval_split:
