@@ -309,6 +309,7 @@ def test_throughput_is_logged_per_step_and_totalled_in_the_summary(reference_run
     assert "samples/s=" in proc.stdout + proc.stderr  # in the progress bar
 
 
+@pytest.mark.slow  # the batches themselves: tests/training/test_data.py (fast)
 def test_loader_workers_give_the_same_losses_and_a_resume_may_change_their_number(reference_run, toy_world, tmp_path):
     """Steps 1-4 read by 2 DataLoader workers, 5-6 (resumed) in the training process: the losses
     of the reference run (default workers), bit for bit."""

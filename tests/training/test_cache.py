@@ -126,3 +126,35 @@ def test_building_refuses_what_it_cannot_cache_and_keeps_a_finished_cache(toy_wo
     lines = []
     build_cache(_recipe(toy_world, cache), log=lines.append)
     assert "nothing to do" in lines[0] and before == {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+
+def test_sdxl_cached_conditioning_is_the_encoded_one_with_per_pair_time_ids(tmp_path):
+    """SDXL: pooled text embeds come from the cache's table, time ids from each pair's original
+    size and crop, as encode_prompts builds them for the uncached batch."""
+    from conftest import build_tiny_sdxl, write_pick_a_pic_parquet
+
+    from deradiff.training.cache import cached_conditioning, collate_cached
+    from deradiff.training.conditioning import encode_prompts
+    from deradiff.training.data import collate_pairs, load_preference_dataset
+
+    pipe = build_tiny_sdxl(tmp_path)
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_pick_a_pic_parquet(tmp_path / "train.parquet", 12, seed=0, size=40)  # 40 px -> resized and cropped
+    recipe = load_recipe(ROOT / "recipes" / "sdxl-dpo-pickapic.yaml", [
+        f"model.name_or_path={tmp_path / 'pipe'}", "model.vae_name_or_path=null", "model.mixed_precision=no",
+        "data.source=parquet", f"data.path={tmp_path / 'train.parquet'}", "data.eval_path=null", "data.eval_split=null",
+        "data.resolution=32", f"data.latent_cache={tmp_path / 'cache'}", "data.max_train_samples=null"])
+    build_cache(recipe, batch_size=4, num_workers=0, pipe=pipe, log=lambda _: None)
+    pairs = open_cache(recipe).pairs("train", seed=0, random_flip=True)
+    plain, _ = load_preference_dataset(recipe.data, seed=0)
+    ids = [0, 5, 9]
+    got = cached_conditioning(collate_cached([pairs.item(i, 1) for i in ids]), "sdxl", 32, "cpu")
+    plain.set_epoch(1)
+    batch = collate_pairs([plain[i] for i in ids])
+    want = encode_prompts(pipe, batch["captions"], "cpu", 32, batch["original_sizes"], batch["crops_top_left"])
+    assert got.family == want.family == "sdxl"
+    torch.testing.assert_close(got.encoder_hidden_states, want.encoder_hidden_states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.added_cond_kwargs["text_embeds"], want.added_cond_kwargs["text_embeds"],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.added_cond_kwargs["time_ids"], want.added_cond_kwargs["time_ids"])
+    assert want.added_cond_kwargs["time_ids"][:, :2].eq(40).all()  # original 40 x 40, not the target 32
