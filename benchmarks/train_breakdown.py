@@ -32,6 +32,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -244,6 +245,7 @@ def measure(args) -> dict:
         for w in sorted({0, workers}):
             out[f"{name}_workers{w}"] = loader_wait(dataset, coll, w, args.busy, steps)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
