@@ -238,7 +238,8 @@ def batches(order: DataOrder | StreamOrder, dataset, collate, start_step: int, r
         loader = torch.utils.data.DataLoader(
             _IndexedBatches(order, dataset, collate, rank), batch_size=None, sampler=_Steps(start_step, order.accumulation),
             collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
-            generator=torch.Generator().manual_seed(0), **extra)
+            generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals if num_workers else None,
+            **extra)
     try:
         for batch, epoch, report in loader:
             if report is not None:
@@ -255,3 +256,13 @@ def _worker_message(text: str) -> str:
         return text
     last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
     return last.split("UserError: ", 1)[-1]
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the training process: SLURM's requeue and
+    time-limit signals reach every process of the job, and a worker killed by them would crash the
+    step the trainer is finishing before it checkpoints (the trainer shuts its workers down)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
