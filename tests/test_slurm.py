@@ -526,7 +526,8 @@ def test_search_of_the_trained_lora_through_the_helper(cluster, jobs, toy_world)
     assert all(s["JobState"] == "COMPLETED" for s in _wait(shard_job, cluster, timeout=240)), _logs(logs)
     (merge_state,) = _wait(merge_job, cluster, timeout=240)
     assert merge_state["JobState"] == "COMPLETED", _logs(logs)
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0-of-2.jsonl", "1-of-2.jsonl"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "0-of-2.jsonl", "0-of-2.sampling.json", "1-of-2.jsonl", "1-of-2.sampling.json"]  # rows, throughput
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {(r["prompt_id"], r["seed"]) for r in rows if r["lam"] in (0, 0.0, "0")} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     search = json.loads((out / "search.json").read_text())

@@ -179,8 +179,13 @@ def _read_ahead(produce: Iterator, depth: int) -> Iterator:
                         continue
                 if stop.is_set():
                     return
-        except BaseException as err:  # handed to the consumer, raised there
-            ready.put((None, err))
+        except BaseException as err:  # handed to the consumer, raised there, unless it has stopped
+            while not stop.is_set():
+                try:
+                    ready.put((None, err), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     thread = threading.Thread(target=work, name="deradiff-stream-reader", daemon=True)
     thread.start()
@@ -238,7 +243,7 @@ def batches(order: DataOrder | StreamOrder, dataset, collate, start_step: int, r
         loader = torch.utils.data.DataLoader(
             _IndexedBatches(order, dataset, collate, rank), batch_size=None, sampler=_Steps(start_step, order.accumulation),
             collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
-            generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals if num_workers else None,
+            generator=torch.Generator().manual_seed(0), worker_init_fn=_outlive_stop_signals if num_workers else None,
             **extra)
     try:
         for batch, epoch, report in loader:
@@ -258,11 +263,30 @@ def _worker_message(text: str) -> str:
     return last.split("UserError: ", 1)[-1]
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the training process: SLURM's requeue and
-    time-limit signals reach every process of the job, and a worker killed by them would crash the
-    step the trainer is finishing before it checkpoints (the trainer shuts its workers down)."""
-    import signal
+# SLURM's default KillWait: after it, SIGKILL ends every process of the step anyway.
+STOP_GRACE_S = 30.0
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+
+def _outlive_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker outlives SIGTERM/SIGINT by STOP_GRACE_S and ignores SIGUSR1.
+
+    SLURM's preemption and time-limit signals reach every process of the job, and a worker
+    killed by them would crash the step the trainer finishes before it checkpoints. Ignoring
+    them for good would hang the exit instead: at interpreter exit multiprocessing terminates
+    (SIGTERM) and then joins any worker still alive. So a stop signal starts a timer that
+    exits the worker with status 0 (which the training process does not treat as a crash);
+    the trainer shuts its workers down itself well before that on every way out.
+    """
+    import os
+    import signal
+    import threading
+
+    def exit_later(signum, _frame):
+        signal.signal(signum, signal.SIG_IGN)
+        timer = threading.Timer(STOP_GRACE_S, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, exit_later)

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,63 +320,63 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     start = time.perf_counter()
     last: dict[str, float] = {}
     perf, perf_last = Throughput(order.global_batch, accelerator.device), {}
-    micro_batches = _micro_batches(recipe, method, order, state.step, accelerator)
-    while state.step < t.max_steps:
-        step_metrics: list[dict] = []
-        unet.train()
-        step_start, data_s = time.perf_counter(), 0.0
-        for micro in range(t.gradient_accumulation):
-            fetch_start = time.perf_counter()
-            batch, epoch = next(micro_batches)
-            data_s += time.perf_counter() - fetch_start
-            with accelerator.accumulate(unet):
-                loss, metrics = method.step(unet, batch, state.step, micro, epoch)
-                _check_finite(loss, state, batch, run_dir)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    if norm is not None:  # DeepSpeed clips inside its engine and returns None
-                        metrics["train/grad_norm"] = float(norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_metrics.append(metrics)
-        state.step += 1
-        state.epoch = epoch
-        state.samples_seen += order.global_batch
-        last = _reduce_metrics(accelerator, step_metrics)
-        perf.add(time.perf_counter() - step_start, data_s)
-        last["train/lr"] = lr_scheduler.get_last_lr()[0]
-        last["train/epoch"] = epoch
-        if method.evaluate is not None and ((t.eval_every and state.step % t.eval_every == 0)
-                                            or state.step == t.max_steps):
-            unet.eval()
-            last.update(method.evaluate(unet))
-        log_now = state.step % t.log_every == 0 or state.step == t.max_steps
-        if log_now and method.data_stats is not None:
-            last.update(method.data_stats())
-        if log_now:
-            perf_last = perf.window_metrics()
-            last.update(perf_last)
-        if accelerator.is_main_process and log_now:
-            accelerator.log(last, step=state.step)
-            _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
-        shown = {**perf_last, **last}
-        bar.set_postfix({short: f"{shown[k]:.4g}" for k, short in _BAR_KEYS.items() if k in shown})
-        bar.update()
-        if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
-            save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
-        stop = any_rank(accelerator, preempted["flag"])
-        if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
-            save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
-        if stop:
-            micro_batches.close()  # stops the DataLoader workers
-            bar.close()
-            accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
-                              f"re-run the same command to resume")
-            accelerator.end_training()
-            sys.exit(PREEMPTED_EXIT_CODE)
-    micro_batches.close()
+    # Closed on every way out (an error too): a DataLoader worker left running at interpreter exit
+    # is terminated by multiprocessing and joined, and workers outlive SIGTERM for a grace period.
+    with closing(_micro_batches(recipe, method, order, state.step, accelerator)) as micro_batches:
+        while state.step < t.max_steps:
+            step_metrics: list[dict] = []
+            unet.train()
+            step_start, data_s = time.perf_counter(), 0.0
+            for micro in range(t.gradient_accumulation):
+                fetch_start = time.perf_counter()
+                batch, epoch = next(micro_batches)
+                data_s += time.perf_counter() - fetch_start
+                with accelerator.accumulate(unet):
+                    loss, metrics = method.step(unet, batch, state.step, micro, epoch)
+                    _check_finite(loss, state, batch, run_dir)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                        if norm is not None:  # DeepSpeed clips inside its engine and returns None
+                            metrics["train/grad_norm"] = float(norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_metrics.append(metrics)
+            state.step += 1
+            state.epoch = epoch
+            state.samples_seen += order.global_batch
+            last = _reduce_metrics(accelerator, step_metrics)
+            perf.add(time.perf_counter() - step_start, data_s)
+            last["train/lr"] = lr_scheduler.get_last_lr()[0]
+            last["train/epoch"] = epoch
+            if method.evaluate is not None and ((t.eval_every and state.step % t.eval_every == 0)
+                                                or state.step == t.max_steps):
+                unet.eval()
+                last.update(method.evaluate(unet))
+            log_now = state.step % t.log_every == 0 or state.step == t.max_steps
+            if log_now and method.data_stats is not None:
+                last.update(method.data_stats())
+            if log_now:
+                perf_last = perf.window_metrics()
+                last.update(perf_last)
+            if accelerator.is_main_process and log_now:
+                accelerator.log(last, step=state.step)
+                _append_jsonl(log_path, {"step": state.step, **last, "time_s": round(time.perf_counter() - start, 3)})
+            shown = {**perf_last, **last}
+            bar.set_postfix({short: f"{shown[k]:.4g}" for k, short in _BAR_KEYS.items() if k in shown})
+            bar.update()
+            if t.sample_every and state.step % t.sample_every == 0 and state.step < t.max_steps:
+                save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
+            stop = any_rank(accelerator, preempted["flag"])
+            if stop or state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
+                save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
+            if stop:
+                bar.close()
+                accelerator.print(f"preempted ({preempted['name']}): checkpoint at step {state.step} saved; "
+                                  f"re-run the same command to resume")
+                accelerator.end_training()
+                sys.exit(PREEMPTED_EXIT_CODE)
     bar.close()
     accelerator.wait_for_everyone()
     save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")

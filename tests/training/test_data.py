@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -314,3 +315,33 @@ def test_a_user_error_in_a_worker_is_one_line():
             "deradiff.errors.UserError: parquet 'x': invalid labels in streamed row 3: label_0 = 2\n")
     assert _worker_message(text) == "parquet 'x': invalid labels in streamed row 3: label_0 = 2"
     assert _worker_message("plain message") == "plain message"
+
+
+def test_a_worker_outlives_a_stop_signal_then_exits_cleanly(prefs, monkeypatch):
+    """SLURM's SIGTERM reaches DataLoader workers too: a worker keeps serving batches (the trainer
+    finishes its step and checkpoints), exits with status 0 after the grace period (so the exit of
+    a process that leaves workers behind cannot hang on multiprocessing's terminate-and-join),
+    and ignores SIGUSR1."""
+    import multiprocessing
+    import signal
+    import time
+
+    from deradiff.training import data_order
+
+    monkeypatch.setattr(data_order, "STOP_GRACE_S", 5.0)
+    ref, _ = _loaded(prefs, 0, 0, 6, streaming=False)
+    pairs, _ = load_preference_dataset(replace(prefs, verify_images=False), seed=3)
+    it = data_order.batches(data_order.DataOrder(len(pairs), 2, 1, 2, seed=3), pairs,
+                            lambda rows, ids: {**collate_pairs(rows), "ids": ids}, 0, 0, num_workers=1,
+                            prefetch_factor=1)
+    got = [next(it)]
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGUSR1)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    got += [next(it) for _ in range(3)]
+    assert worker.is_alive(), "the worker died of the stop signal instead of finishing the step"
+    assert [b["ids"] for b, _ in got] == [b["ids"] for b, _ in ref[:4]]
+    worker.join(timeout=30)
+    assert worker.exitcode == 0, f"the worker did not leave cleanly after the grace period: {worker.exitcode}"
+    it.close()
