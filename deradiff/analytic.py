@@ -38,6 +38,7 @@ printed as not resolved.
 
     deradiff lab                          # Gaussian and GMM tables, DDIM (50) and DDPM (1000)
     deradiff lab --scheduler euler --lambdas 0 0.5 1 2 4 --out lab.json
+    deradiff lab --family flow            # the same for rectified flow (deradiff/analytic_flow.py)
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ from deradiff.io import write_json_atomic
 DTYPE = torch.float64
 # deradiff.models.SCHEDULERS names that run the VP (epsilon) diffusion; flow matching is not VP.
 LAB_SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp", "unipc", "pndm", "lms")
+# ... and those of the rectified-flow family (`deradiff lab --family flow`, deradiff/analytic_flow.py).
+FLOW_LAB_SCHEDULERS = ("flow_euler", "flow_sde")
+FAMILIES = {
+    "vp": "VP diffusion (DDPM/DDIM-type schedulers, epsilon prediction)",
+    "flow": "rectified flow (flow-matching schedulers, velocity prediction)",
+}
 DEFAULT_STEPS = {"ddpm": 1000}  # every other scheduler: 50
 # Mixture samples per (scheduler, lambda). At 40k the weakest realigned-minus-exact gap of the
 # default problem (DDPM 1000, lambda 2, weights) lay 6.4 SE from zero (3 SE needs ~9k, 5 SE ~24k);
@@ -239,9 +246,25 @@ class AnalyticDenoiser(nn.Module):
             return self._eps(x, float(ts[0]) if ts.numel() else 0.0)
         return torch.stack([self._eps(x[i : i + 1], float(t))[0] for i, t in enumerate(ts)])
 
+    def marginal(self, timestep: float) -> GaussianMixture:
+        """The noised data distribution p_t at `timestep` (what x_t is drawn from)."""
+        return self.data.noised(self.abar(timestep))
+
     def _eps(self, x: Tensor, t: float) -> Tensor:
         abar = self.abar(t)
         return -math.sqrt(1.0 - abar) * self.data.noised_score(x, abar)
+
+
+def analytic_model(data: GaussianMixture, scheduler) -> nn.Module:
+    """The closed-form model of `data` for `scheduler`'s family: the velocity of
+    deradiff.analytic_flow under a flow-matching scheduler, else the VP AnalyticDenoiser."""
+    from deradiff.realign import _is_flow_matching
+
+    if _is_flow_matching(scheduler):
+        from deradiff.analytic_flow import AnalyticVelocity
+
+        return AnalyticVelocity.for_scheduler(data, scheduler)
+    return AnalyticDenoiser.for_scheduler(data, scheduler)
 
 
 def realign(reference: nn.Module, aligned: nn.Module, lam: float) -> nn.Module:
@@ -275,14 +298,16 @@ def run_sampler(
     model: nn.Module, scheduler, num_steps: int, x_T: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """Denoise x_T (N, d) standard normal draws, scaled by init_noise_sigma, with a fresh copy of
-    `scheduler` over `num_steps` steps; step noise comes from `generator`. Returns x_0 (N, d)."""
+    `scheduler` over `num_steps` steps; step noise comes from `generator`. Returns x_0 (N, d).
+    Flow-matching schedulers have neither init_noise_sigma nor scale_model_input: x_T as it is."""
     sched = type(scheduler).from_config(scheduler.config)
     sched.set_timesteps(num_steps)
-    x = x_T.to(DTYPE) * sched.init_noise_sigma
+    x = x_T.to(DTYPE) * getattr(sched, "init_noise_sigma", 1.0)
+    scale = getattr(sched, "scale_model_input", lambda x, t: x)
     # Deterministic multistep schedulers (UniPC, PNDM, LMS) take no generator.
     extra = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     for t in sched.timesteps:
-        eps = model(sched.scale_model_input(x, t), t)
+        eps = model(scale(x, t), t)
         x = sched.step(eps, t, x, **extra).prev_sample
     return x
 
@@ -328,7 +353,7 @@ def _count_noise_draws(scheduler, num_steps: int, dim: int) -> int:
 
 
 def exact_output_moments(
-    model: nn.Module, scheduler, num_steps: int, seed: int = 0, dim: int | None = None
+    model: nn.Module, scheduler, num_steps: int, seed: int = 0, dim: int | None = None, rtol: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
     """Exact mean (d,) and covariance (d, d) of the sampler's output, for a model whose eps is
     affine in x_t (Gaussian data, or a lambda-mix of Gaussian models).
@@ -337,8 +362,8 @@ def exact_output_moments(
     batched run reads b (row x_T = 0, no noise), A (rows x_T = e_i) and every S_m (rows with
     z_m = e_i) off the real scheduler, multistep history included; mean = b and
     cov = A A^T + sum_m S_m S_m^T. `dim` defaults to model.config.in_channels. An extra row with
-    random x_T and noise checks the affine claim and raises ValueError when it fails
-    (non-Gaussian data, clipping).
+    random x_T and noise checks the affine claim to `rtol` (relative to the largest output) and
+    raises ValueError when it fails (non-Gaussian data, clipping).
     """
     d = dim or model.config.in_channels
     n_draws = _count_noise_draws(scheduler, num_steps, d)
@@ -365,7 +390,7 @@ def exact_output_moments(
     S = (out[1 + d : -1] - b).reshape(n_draws, d, d).transpose(1, 2)  # (M, d, d)
     predicted = b + A @ check_x + torch.einsum("mij,mj->i", S, check_z[:n_draws])
     scale = out.abs().max().clamp_min(1.0)
-    if (predicted - out[-1]).abs().max() > 1e-6 * scale:
+    if (predicted - out[-1]).abs().max() > rtol * scale:
         raise ValueError(
             "the sampler is not affine in (x_T, noise) for this model: exact moments need Gaussian "
             "data, an epsilon-linear scheduler and no clipping (clip_sample=False)"
@@ -464,14 +489,16 @@ def _spread_timesteps(scheduler, num_steps: int, at_most: int = 100) -> list[flo
 
 
 def eps_discrepancy(
-    model: nn.Module, exact: AnalyticDenoiser, timesteps: Sequence[float], n: int, seed: int
+    model: nn.Module, exact: nn.Module, timesteps: Sequence[float], n: int, seed: int
 ) -> tuple[float, float]:
     """Difference of eps between `model` and `exact` at n draws x_t ~ p_t of exact's data per
-    timestep: (largest difference norm relative to exact's RMS eps norm, RMS per coordinate)."""
+    timestep: (largest difference norm relative to exact's RMS eps norm, RMS per coordinate).
+    `exact`: an AnalyticDenoiser or AnalyticVelocity (any model with `marginal(t)`); for the
+    latter the outputs compared are velocities."""
     gen = torch.Generator().manual_seed(seed)
     worst, sq, count = 0.0, 0.0, 0
     for t in timesteps:
-        x = exact.data.noised(exact.abar(float(t))).sample(n, gen)
+        x = exact.marginal(float(t)).sample(n, gen)
         e_model, e_exact = model(x, t), exact(x, t)
         diff = (e_model - e_exact).norm(dim=1)
         worst = max(worst, float(diff.max() / e_exact.norm(dim=1).pow(2).mean().sqrt()))
@@ -522,30 +549,28 @@ def _exact_and_realigned(base: GaussianMixture, reward: Tensor, beta0: float, la
                          realign_fn: RealignFn) -> tuple[GaussianMixture, nn.Module, nn.Module]:
     """The target at beta0 / lam, its exact denoiser, and the base + beta0-model realigned at lam."""
     target = tilted_target(base, reward, beta0, lam)
-    exact = AnalyticDenoiser.for_scheduler(target, scheduler)
+    exact = analytic_model(target, scheduler)
     realigned = realign_fn(
-        AnalyticDenoiser.for_scheduler(base, scheduler),
-        AnalyticDenoiser.for_scheduler(tilted_target(base, reward, beta0, 1.0), scheduler),
-        lam,
+        analytic_model(base, scheduler), analytic_model(tilted_target(base, reward, beta0, 1.0), scheduler), lam
     )
     return target, exact, realigned
 
 
 @single_thread()
 def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: float, scheduler, num_steps: int,
-                  n_samples: int = 64, seed: int = 0, realign_fn: RealignFn = realign) -> dict:
+                  n_samples: int = 64, seed: int = 0, realign_fn: RealignFn = realign, affine_rtol: float = 1e-6) -> dict:
     """Errors of realignment at lam on Gaussian data, with exact sampler-output moments.
 
     realign_*: realigned vs exact model at beta0 / lam through the same sampler (should be ~0);
     sampler_*: exact model's output vs the tilted target (finite-step error, same for both);
     eps_max_rel: largest eps difference at x_t ~ p_t; traj_max: largest sample difference under
-    the same noise, in units of the target's spread.
+    the same noise, in units of the target's spread. affine_rtol: exact_output_moments' check.
     """
     if base.weights.numel() != 1:
         raise ValueError("gaussian_case needs a single Gaussian (one component)")
     target, exact, realigned = _exact_and_realigned(base, reward, beta0, lam, scheduler, realign_fn)
-    m_r, c_r = exact_output_moments(realigned, scheduler, num_steps, seed, base.dim)
-    m_e, c_e = exact_output_moments(exact, scheduler, num_steps, seed, base.dim)
+    m_r, c_r = exact_output_moments(realigned, scheduler, num_steps, seed, base.dim, affine_rtol)
+    m_e, c_e = exact_output_moments(exact, scheduler, num_steps, seed, base.dim, affine_rtol)
     t_mean, t_cov = target.mean(), target.cov()
     eps_max, _ = eps_discrepancy(realigned, exact, _spread_timesteps(scheduler, num_steps), 64, seed)
     x_r = draw_samples(realigned, scheduler, num_steps, n_samples, base.dim, seed)
@@ -560,6 +585,7 @@ def gaussian_case(base: GaussianMixture, reward: Tensor, beta0: float, lam: floa
         "traj_max": float((x_r - x_e).abs().max()) / spread,
         "sampler_mean_err": mean_error(m_e, t_mean, t_cov),
         "sampler_cov_err": cov_error(c_e, t_cov),
+        "realigned_vs_target_mean_err": mean_error(m_r, t_mean, t_cov),
         "realigned_vs_target_cov_err": cov_error(c_r, t_cov),
     }
 
@@ -686,16 +712,7 @@ def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, s
     from tqdm import tqdm
 
     problem = problem or default_problem()
-    result = {
-        "config": {
-            "schedulers": list(schedulers), "lambdas": list(lambdas), "beta0": beta0, "samples": n_samples,
-            "seed": seed, "resolve_z": RESOLVE_Z, "reward": problem.reward.tolist(),
-            "gaussian": {"mean": problem.gaussian.means[0].tolist(), "cov": problem.gaussian.covs[0].tolist()},
-            "mixture": {"weights": problem.mixture.weights.tolist(), "means": problem.mixture.means.tolist(),
-                        "covs": problem.mixture.covs.tolist()},
-        },
-        "gaussian": [], "mixture": [],
-    }
+    result = {"config": lab_config(schedulers, lambdas, beta0, n_samples, seed, problem), "gaussian": [], "mixture": []}
     jobs = [(s, case, lam) for s in schedulers for case in ("gaussian", "mixture") for lam in lambdas]
     for name, case, lam in tqdm(jobs, desc="lab", disable=not progress, leave=False):
         scheduler = make_scheduler(name)
@@ -706,6 +723,18 @@ def run_lab(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, s
             row = mixture_case(problem.mixture, problem.reward, beta0, lam, scheduler, n_steps, n_samples, seed)
         result[case].append({"scheduler": name, "steps": n_steps, **row})
     return result
+
+
+def lab_config(schedulers: Sequence[str], lambdas: Sequence[float], beta0: float, n_samples: int, seed: int,
+               problem: LabProblem) -> dict:
+    """The "config" entry of a lab result: the run's settings and the problem's distributions."""
+    return {
+        "schedulers": list(schedulers), "lambdas": list(lambdas), "beta0": beta0, "samples": n_samples,
+        "seed": seed, "resolve_z": RESOLVE_Z, "reward": problem.reward.tolist(),
+        "gaussian": {"mean": problem.gaussian.means[0].tolist(), "cov": problem.gaussian.covs[0].tolist()},
+        "mixture": {"weights": problem.mixture.weights.tolist(), "means": problem.mixture.means.tolist(),
+                    "covs": problem.mixture.covs.tolist()},
+    }
 
 
 def render_lab(result: dict) -> str:
@@ -734,11 +763,11 @@ def render_lab(result: dict) -> str:
     return "\n\n".join(parts)
 
 
-def _render_mixture(name: str, steps: int, rows: list[dict], samples: int) -> str:
+def _render_mixture(name: str, steps: int, rows: list[dict], samples: int, columns: list[tuple] = MIXTURE_COLUMNS) -> str:
     head = f"== {name}, {steps} steps: {len(rows[0]['target_weights'])}-component mixture, {samples} samples"
     lines = [
         f"{head}, common noise (r = realigned, e = exact model at beta0/lam, t = target) ==",
-        format_table(rows, MIXTURE_COLUMNS), "",
+        format_table(rows, columns), "",
         f"{head}: realigned minus exact model, same x_T and step noise, ± paired SE ==",
         format_table(rows, gap_columns(rows, REALIGN_GAPS, "r-e")), "",
         f"{head}: exact model minus target (the sampler's own error), ± SE ==",
@@ -764,9 +793,19 @@ def _gaussian_verdict(rows: list[dict]) -> str:
 # -- CLI --------------------------------------------------------------------------------------------
 
 
+DEFAULT_LAB_SCHEDULERS = {"vp": ["ddim", "ddpm"], "flow": list(FLOW_LAB_SCHEDULERS)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", nargs="+", default=["ddim", "ddpm"], choices=LAB_SCHEDULERS, metavar="NAME",
-                   help=f"diffusers schedulers to run, from {list(LAB_SCHEDULERS)}")
+    p.add_argument("--family", choices=list(FAMILIES), default="vp",
+                   help="vp: " + FAMILIES["vp"] + "; flow: " + FAMILIES["flow"] + ", x_s = (1 - s) x0 + s eps, "
+                   "v = eps - x0, the same Gaussian and mixture problems (deradiff/analytic_flow.py)")
+    p.add_argument("--scheduler", nargs="+", default=None, choices=LAB_SCHEDULERS + FLOW_LAB_SCHEDULERS, metavar="NAME",
+                   help=f"schedulers to run; vp: from {list(LAB_SCHEDULERS)} (default ddim ddpm); flow: "
+                   f"{list(FLOW_LAB_SCHEDULERS)} (diffusers' Euler ODE; deradiff.flow's SDE, see --noise-level; "
+                   "default both)")
+    p.add_argument("--noise-level", type=float, default=0.7,
+                   help="flow_sde only: the SDE's noise scale (0 = the Euler ODE; sqrt(2) = memoryless)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps for every scheduler; unset: 1000 for ddpm, 50 for the others")
     p.add_argument("--samples", type=int, default=MIXTURE_SAMPLES,
@@ -790,14 +829,31 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; give a file path such as {args.out}/lab.json")
+    allowed = FLOW_LAB_SCHEDULERS if args.family == "flow" else LAB_SCHEDULERS
+    wrong = [name for name in args.scheduler or [] if name not in allowed]
+    if wrong:
+        raise UserError(f"--scheduler {' '.join(wrong)} is not of --family {args.family}; choose from {list(allowed)}"
+                        + ("" if args.family == "flow" else " or pass --family flow"))
+    if not math.isfinite(args.noise_level) or args.noise_level < 0:
+        raise UserError(f"--noise-level must be a finite number >= 0, got {args.noise_level}")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    schedulers = args.scheduler or DEFAULT_LAB_SCHEDULERS[args.family]
     start = time.perf_counter()
-    result = run_lab(args.scheduler, args.lambdas, args.beta, args.steps, args.samples, args.seed, progress=True)
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    print(render_lab(result))
+    if args.family == "flow":
+        from deradiff.analytic_flow import render_flow_lab, run_flow_lab
+
+        result = run_flow_lab(schedulers, args.lambdas, args.beta, args.steps, args.samples, args.seed,
+                              noise_level=args.noise_level, progress=True)
+        text = render_flow_lab(result)
+    else:
+        result = run_lab(schedulers, args.lambdas, args.beta, args.steps, args.samples, args.seed, progress=True)
+        text = render_lab(result)
+    result = {"family": args.family, **result, "seconds": round(time.perf_counter() - start, 2)}
+    print(f"deradiff lab, family {args.family}: {FAMILIES[args.family]}\n")
+    print(text)
     print(f"\n({result['seconds']} s)")
     if args.out:
         # inf (lambda = 0 means beta = inf) is written as null to keep the file valid JSON.

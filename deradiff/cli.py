@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("deradiff.evaluation.validate", "realigned vs baselines retrained at beta0/lambda: per-metric gaps with intervals, compute saved"),
     "report": ("deradiff.evaluation.report", "report.md + CSV/JSON tables + plots (reward vs lambda, frontier, image grid) of an evaluation folder"),
     "cache": ("deradiff.training.cache", "encode a DPO recipe's preference pairs once (VAE latents of both flips + caption embeddings) into data.latent_cache"),
-    "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions"),
+    "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions and rectified flows (--family flow)"),
     "toy pretrain": ("deradiff.toy.pretrain", "rebuild the shipped toy pipeline + classifier from scratch (deterministic)"),
     "toy sample-check": ("deradiff.toy.quality", "measure the toy quality bar (classifier color/shape accuracy) of a toy pipeline"),
     "toy hack": ("deradiff.toy.hack", "plot the toy reward vs prior fidelity as a pixel leash weakens (reward hacking)"),
