@@ -21,8 +21,10 @@ system-test-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null) \
 	  || echo "could not install slurm packages: the SLURM tests will skip"; fi
 
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in this process); the SLURM tests share one.
+TEST_WORKERS ?= 2
 test: $(PY) system-test-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(PY)
 	$(VENV)/bin/ruff check deradiff train tests benchmarks

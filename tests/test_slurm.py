@@ -20,6 +20,9 @@ import pytest
 from deradiff import slurm
 from deradiff.errors import UserError
 
+# One pytest-xdist worker runs this file: the local cluster and its jobs are session fixtures.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
