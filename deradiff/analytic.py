@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from deradiff.errors import UserError
+from deradiff.flow import DEFAULT_NOISE_LEVEL
 from deradiff.io import write_json_atomic
 
 DTYPE = torch.float64
@@ -804,7 +805,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"schedulers to run; vp: from {list(LAB_SCHEDULERS)} (default ddim ddpm); flow: "
                    f"{list(FLOW_LAB_SCHEDULERS)} (diffusers' Euler ODE; deradiff.flow's SDE, see --noise-level; "
                    "default both)")
-    p.add_argument("--noise-level", type=float, default=0.7,
+    p.add_argument("--noise-level", type=float, default=DEFAULT_NOISE_LEVEL,
                    help="flow_sde only: the SDE's noise scale (0 = the Euler ODE; sqrt(2) = memoryless)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps for every scheduler; unset: 1000 for ddpm, 50 for the others")

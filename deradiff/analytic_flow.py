@@ -81,8 +81,8 @@ from deradiff.analytic import (
     single_thread,
 )
 from deradiff.errors import UserError
+from deradiff.flow import DEFAULT_NOISE_LEVEL
 
-DEFAULT_NOISE_LEVEL = 0.7  # deradiff.flow.FlowMatchSDEScheduler's (Flow-GRPO's) default
 DEFAULT_STEPS = 50
 # Steps S of the continuum check (S and 2S, extrapolated): the Euler ODE's is 1.8e-5 at 400.
 LIMIT_STEPS = 400

@@ -40,6 +40,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from deradiff.errors import UserError
 
+# Flow-GRPO's default noise scale a of the SDE step (see FlowMatchSDEScheduler).
+DEFAULT_NOISE_LEVEL = 0.7
+
 
 @dataclass(frozen=True)
 class StepCoefficients:
@@ -103,7 +106,7 @@ class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
         use_beta_sigmas: bool = False,
         time_shift_type: Literal["exponential", "linear"] = "exponential",
         stochastic_sampling: bool = False,
-        noise_level: float = 0.7,
+        noise_level: float = DEFAULT_NOISE_LEVEL,
     ):
         if not (math.isfinite(noise_level) and noise_level >= 0):
             raise UserError(f"noise_level must be a finite number >= 0, got {noise_level}")
