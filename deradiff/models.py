@@ -121,11 +121,15 @@ def lora_state_dict(denoiser: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def denoiser_name(pipe) -> str:
-    """The pipeline attribute holding the denoiser: "unet" (SD1.x/2.x/XL) or "transformer" (SD3, Flux)."""
+    """The pipeline attribute holding the denoiser module: "unet" (SD1.x/2.x/XL) or "transformer"
+    (SD3, Flux). The one place that knows it, for LoRA loading, training and realignment."""
     for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
+        if isinstance(getattr(pipe, name, None), nn.Module):
             return name
-    raise UserError(f"{type(pipe).__name__} has neither a unet nor a transformer to carry a LoRA")
+    raise UserError(
+        f"{type(pipe).__name__} has no `unet` or `transformer` module; "
+        "deradiff needs a diffusion pipeline with a denoiser (UNet or transformer)"
+    )
 
 
 def lora_adapter_config(denoiser: nn.Module, adapter_name: str = "default") -> dict:

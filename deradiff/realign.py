@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from deradiff.errors import UserError
-from deradiff.models import adapters_disabled, lora_adapter_names, tuner_layers
+from deradiff.models import adapters_disabled, denoiser_name, lora_adapter_names, tuner_layers
 
 Mode = Literal["two_forward", "mixed_batch"]
 MODES = ("two_forward", "mixed_batch")
@@ -633,7 +633,7 @@ def realigned(pipe, lam: float | str | LambdaSchedule | Mapping | LambdaVector =
     config.num_train_timesteps; the denoiser gets the scheduler (pipe.scheduler when the block
     starts: set the scheduler before it) to map the calls' timesteps onto that axis.
     """
-    attr = denoiser_attribute(pipe)
+    attr = denoiser_name(pipe)
     original = getattr(pipe, attr)
     scheduler = getattr(pipe, "scheduler", None)
     if num_train_timesteps is None:
@@ -647,17 +647,6 @@ def realigned(pipe, lam: float | str | LambdaSchedule | Mapping | LambdaVector =
         yield denoiser
     finally:
         object.__setattr__(pipe, attr, original)
-
-
-def denoiser_attribute(pipe) -> str:
-    """'unet' or 'transformer': the pipeline attribute holding the denoiser."""
-    for attr in ("unet", "transformer"):
-        if isinstance(getattr(pipe, attr, None), nn.Module):
-            return attr
-    raise UserError(
-        f"{type(pipe).__name__} has no `unet` or `transformer` module to realign; "
-        "realignment needs a diffusion pipeline with a denoiser"
-    )
 
 
 # -- path KL -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from deradiff.errors import UserError
 from deradiff.models import (
     adapters_disabled,
     check_lora_matches,
+    denoiser_name,
     load_lora,
     load_pipeline,
     lora_adapter_names,
@@ -99,6 +100,19 @@ def test_set_scheduler_turns_off_x0_clipping(sd15):
 def test_missing_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cannot load pipeline"):
         load_pipeline(str(tmp_path / "nothing-here"))
+
+
+def test_denoiser_name_picks_the_module_attribute():
+    class Flux:  # a transformer pipeline whose `unet` slot holds something other than a module
+        unet = "not a module"
+        transformer = torch.nn.Linear(1, 1)
+
+    class NoDenoiser:
+        text_encoder = torch.nn.Linear(1, 1)
+
+    assert denoiser_name(Flux()) == "transformer"
+    with pytest.raises(UserError, match="no `unet` or `transformer` module"):
+        denoiser_name(NoDenoiser())
 
 
 # -- damaged or mismatched LoRA files: one-line UserErrors, before anything is loaded ---------------

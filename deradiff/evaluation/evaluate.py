@@ -81,7 +81,6 @@ from deradiff.evaluation.results import (
     write_json,
 )
 from deradiff.evaluation.sampling import Throughput, image_ok, load_sampler, save_png
-from deradiff.realign import denoiser_attribute
 
 ALIGNED_ADAPTER = "aligned"
 ONE = constant(1.0)  # a baseline arm samples its own adapter as the aligned model
@@ -195,7 +194,7 @@ class Evaluator:
     @contextmanager
     def _arm(self, arm: str, lam: Lam):
         """Activate an arm's adapter; yields the lambda to realign with."""
-        from deradiff.models import load_lora, set_lora_scale
+        from deradiff.models import denoiser_name, load_lora, set_lora_scale
 
         pipe = self._sampler.pipe
         if arm == REALIGNED and self.cfg.loras:
@@ -205,7 +204,7 @@ class Evaluator:
             yield lam
         elif arm == LORA_SCALE:
             pipe.set_adapters([ALIGNED_ADAPTER])
-            denoiser = getattr(pipe, denoiser_attribute(pipe))
+            denoiser = getattr(pipe, denoiser_name(pipe))
             set_lora_scale(denoiser, lam.value)
             try:
                 yield ONE
