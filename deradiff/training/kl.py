@@ -70,29 +70,12 @@ from deradiff.training.conditioning import Conditioning, PromptCache, drop_text_
 from deradiff.training.families import check_family, get_family
 from deradiff.training.losses import kl_regularized_reward_loss, normalize_advantages_per_prompt, ppo_loss
 from deradiff.training.rollout import (
+    RolloutSpec,
     Trajectory,
-    decode,
     sample_trajectory,
     set_sampling_timesteps,
     step_log_prob_and_kl,
 )
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """How training rollouts are sampled.
-
-    latent_shape: (C, h, w) of one latent; num_steps: sampling steps N; eta: DDIM eta (> 0;
-    flow families take noise_level from their FlowMatchSDEScheduler instead); guidance:
-    classifier-free guidance scale (1 = none; FLUX.1-dev: its guidance input, carried by the
-    conditioning); seed: key of the noise.
-    """
-
-    latent_shape: tuple[int, int, int]
-    num_steps: int
-    eta: float = 1.0
-    guidance: float = 1.0
-    seed: int = 0
 
 
 def keyed_subset(n: int, k: int, seed: int, step: int, salt: int) -> list[int]:
@@ -115,14 +98,11 @@ def default_kl_sample_steps(num_steps: int, truncation_steps: int) -> int:
 def kl_grad_loss(
     unet,
     reference_unet,
-    vae,
-    scheduler,
-    reward_fn,
+    spec: RolloutSpec,
     prompts: list[str],
     cond: Conditioning,
     uncond: Conditioning | None,
     sample_ids: list[int],
-    rollout: RolloutConfig,
     step: int,
     truncation_steps: int,
     beta: float,
@@ -133,27 +113,25 @@ def kl_grad_loss(
     Args:
         unet: the trainable UNet (LoRA enabled; accelerate-wrapped is fine).
         reference_unet: the plain module; run with adapters disabled, without gradients.
-        scheduler: a DDIMScheduler (mutated: set_timesteps).
-        reward_fn: (images (B, 3, H, W) in [-1, 1], prompts) -> (B,), differentiable.
+        spec: the rollouts' scheduler (mutated: set_timesteps), sampling settings, VAE and reward
+            (differentiable: (images (B, 3, H, W) in [-1, 1], prompts) -> (B,)).
         sample_ids: B keys of the initial and per-step noise.
         truncation_steps: K, the final sampling steps the gradients flow through.
         kl_sample_steps: m earlier steps re-evaluated for the KL gradient; None = min(K, N - K).
     Returns the loss and metrics kl/reward, kl/reward_std, kl/path_kl (exact path KL of the
     sampled paths, detached), kl/objective (reward - beta * path_kl), kl/loss.
     """
-    n, k = rollout.num_steps, truncation_steps
+    n, k = spec.num_steps, truncation_steps
     if not 1 <= k <= n:
         raise ValueError(f"truncation_steps must be in [1, {n}], got {k}")
     m = default_kl_sample_steps(n, k) if kl_sample_steps is None else kl_sample_steps
-    traj = sample_trajectory(unet, reference_unet, scheduler, cond, uncond, rollout.latent_shape, sample_ids,
-                             rollout.seed, step, n, eta=rollout.eta, guidance=rollout.guidance, grad_steps=k)
+    traj = sample_trajectory(unet, reference_unet, spec, cond, uncond, sample_ids, step, grad_steps=k)
     kl_hat = traj.kl_grad
     if m > 0:
-        for index in keyed_subset(n - k, m, rollout.seed, step, SALT_KL_STEPS):
-            _, kl = step_log_prob_and_kl(unet, reference_unet, scheduler, traj, index, cond, uncond,
-                                         rollout.guidance, rollout.eta)
+        for index in keyed_subset(n - k, m, spec.seed, step, SALT_KL_STEPS):
+            _, kl = step_log_prob_and_kl(unet, reference_unet, spec, traj, index, cond, uncond)
             kl_hat = kl_hat + kl * ((n - k) / m)
-    reward = reward_fn(decode(vae, traj.x0), prompts).float()
+    reward = spec.score(traj.x0, prompts)
     loss, metrics = kl_regularized_reward_loss(reward, kl_hat, beta)
     path_kl = traj.path_kl.float()
     metrics["kl/path_kl"] = float(path_kl.mean())
@@ -213,14 +191,11 @@ class Rollout:
 def sample_rollout(
     unet,
     reference_unet,
-    vae,
-    scheduler,
-    reward_fn,
+    spec: RolloutSpec,
     prompts: list[str],
     prompt_ids: list[int],
     cond: Conditioning,
     uncond: Conditioning | None,
-    rollout: RolloutConfig,
     step: int,
     samples_per_prompt: int,
 ) -> Rollout:
@@ -232,9 +207,8 @@ def sample_rollout(
     image_rows = [i for i in prompt_ids for _ in range(s)]
     keys = [i * s + j for i in prompt_ids for j in range(s)]
     cond_s, uncond_s = cond.repeat_each(s), (None if uncond is None else uncond.repeat_each(s))
-    traj = sample_trajectory(unet, reference_unet, scheduler, cond_s, uncond_s, rollout.latent_shape, keys,
-                             rollout.seed, step, rollout.num_steps, eta=rollout.eta, guidance=rollout.guidance)
-    rewards = reward_fn(decode(vae, traj.x0), image_prompts).float()
+    traj = sample_trajectory(unet, reference_unet, spec, cond_s, uncond_s, keys, step)
+    rewards = spec.score(traj.x0, image_prompts)
     advantages = normalize_advantages_per_prompt(rewards, image_rows)
     return Rollout(image_prompts, image_rows, traj.latents, traj.timesteps, traj.sigmas, traj.log_probs, traj.kls,
                    rewards, advantages)
@@ -243,11 +217,10 @@ def sample_rollout(
 def kl_pg_loss(
     unet,
     reference_unet,
-    scheduler,
+    spec: RolloutSpec,
     batch: Rollout,
     cond: Conditioning,
     uncond: Conditioning | None,
-    rollout: RolloutConfig,
     beta: float,
     clip_range: float,
     adv_clip_max: float,
@@ -270,14 +243,13 @@ def kl_pg_loss(
     n_steps = traj.timesteps.shape[0]
     dims = traj.latents[0, 0].numel() if log_prob == "mean" else 1
     chosen = list(range(n_steps)) if num_timesteps is None else \
-        keyed_subset(n_steps, num_timesteps, rollout.seed, step, SALT_PG_TIMESTEPS)
+        keyed_subset(n_steps, num_timesteps, spec.seed, step, SALT_PG_TIMESTEPS)
     scale = n_steps / len(chosen)
-    set_sampling_timesteps(scheduler, n_steps, tuple(traj.latents.shape[-3:]), cond.family)
+    set_sampling_timesteps(spec.scheduler, n_steps, tuple(traj.latents.shape[-3:]), cond.family)
     pg = kl_term = 0.0
     per_step: list[dict[str, float]] = []
     for index in chosen:
-        lp, kl = step_log_prob_and_kl(unet, reference_unet, scheduler, traj, index, cond, uncond,
-                                      rollout.guidance, rollout.eta)
+        lp, kl = step_log_prob_and_kl(unet, reference_unet, spec, traj, index, cond, uncond)
         step_pg, m = ppo_loss(lp / dims, traj.log_probs[index].float() / dims, batch.advantages, clip_range,
                               adv_clip_max)
         pg = pg + step_pg * scale
@@ -360,9 +332,10 @@ def training_prompts(recipe) -> list[str]:
 
 
 def _rollout_parts(recipe, pipe, accelerator):
-    """Shared setup: prompt rows, the rollout scheduler, the reward, the latent shape, the prompt
-    encoder. The family is checked against the pipeline: flow families (sd3, flux) sample with
-    FlowMatchSDEScheduler at method.noise_level, UNet families with DDIM at method.eta."""
+    """Shared setup: prompt rows, the RolloutSpec (the rollouts' own scheduler, latent shape,
+    sampling settings, VAE and reward), the prompt encoder. The family is checked against the
+    pipeline: flow families (sd3, flux) sample with FlowMatchSDEScheduler at method.noise_level,
+    UNet families with DDIM at method.eta."""
     from diffusers import DDIMScheduler
 
     from deradiff.rewards import get_reward
@@ -379,12 +352,12 @@ def _rollout_parts(recipe, pipe, accelerator):
     if family.flow and side % 2:
         raise UserError(f"data.resolution={recipe.data.resolution} gives {side}x{side} latents; {family.name} "
                         f"needs an even latent side (2x2 patches): use a multiple of {2 * pipe.vae_scale_factor}")
-    rollout = RolloutConfig((family.latent_channels(pipe), side, side), m.num_steps, m.eta, m.guidance_scale,
-                            recipe.trainer.seed)
     reward = get_reward(m.reward).to(accelerator.device)
+    spec = RolloutSpec(scheduler, (family.latent_channels(pipe), side, side), m.num_steps, m.eta, m.guidance_scale,
+                       recipe.trainer.seed, vae=pipe.vae, reward_fn=reward.score)
     dataset = [{"prompt": p} for p in prompts]
     encoder = RolloutPrompts(recipe, pipe, accelerator, prompts)
-    return dataset, scheduler, rollout, reward, encoder
+    return dataset, spec, encoder
 
 
 def _collate(rows: list[dict], ids: list[int]) -> dict:
@@ -436,7 +409,7 @@ EVAL_IMAGES_PER_PROMPT = 4
 _EVAL_STEP_KEY = -1  # noise key of evaluation rollouts: the same images at every evaluation
 
 
-def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig, reward, encoder: RolloutPrompts):
+def _make_evaluate(recipe, accelerator, spec: RolloutSpec, encoder: RolloutPrompts):
     """evaluate(unet) -> eval/kl/{reward,path_kl,objective}: EVAL_IMAGES_PER_PROMPT images per
     data.eval_prompts prompt with fixed noise, this rank's share, averaged over ranks; None
     without eval prompts."""
@@ -459,10 +432,9 @@ def _make_evaluate(recipe, pipe, accelerator, scheduler, rollout: RolloutConfig,
             chunk_prompts = [p for p, _ in chunk]
             cond, uncond = encoder(chunk_prompts)
             with accelerator.autocast():
-                traj = sample_trajectory(unet, accelerator.unwrap_model(unet), scheduler, cond, uncond,
-                                         rollout.latent_shape, [k for _, k in chunk], rollout.seed, _EVAL_STEP_KEY,
-                                         rollout.num_steps, eta=rollout.eta, guidance=rollout.guidance)
-                r = reward.score(decode(pipe.vae, traj.x0), chunk_prompts).float()
+                traj = sample_trajectory(unet, accelerator.unwrap_model(unet), spec, cond, uncond,
+                                         [k for _, k in chunk], _EVAL_STEP_KEY)
+                r = spec.score(traj.x0, chunk_prompts)
             totals += torch.stack([r.sum(), traj.path_kl.float().sum(), torch.tensor(float(len(chunk)))]).to(totals)
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, reduction="sum")
@@ -482,21 +454,21 @@ def make_kl_grad(recipe, pipe, accelerator):
     if not is_differentiable(m.reward):
         raise UserError(f"method.reward={m.reward!r} is not differentiable, and kl_grad backpropagates the reward: "
                         "use method.name=kl_pg (policy gradient, any reward) or a differentiable reward")
-    dataset, scheduler, rollout, reward, encoder = _rollout_parts(recipe, pipe, accelerator)
+    dataset, spec, encoder = _rollout_parts(recipe, pipe, accelerator)
     k, n = m.truncation_steps, m.num_steps
     kl_m = default_kl_sample_steps(n, k)
 
     def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
         cond, uncond = encoder(batch["prompts"])
         with accelerator.autocast():
-            return kl_grad_loss(unet, accelerator.unwrap_model(unet), pipe.vae, scheduler, reward.score,
-                                batch["prompts"], cond, uncond, batch["ids"], rollout, step_index, k, m.beta, kl_m)
+            return kl_grad_loss(unet, accelerator.unwrap_model(unet), spec, batch["prompts"], cond, uncond,
+                                batch["ids"], step_index, k, m.beta, kl_m)
 
     describe = (f"beta={m.beta:g} x path KL (nats), reward {m.reward!r} in its own units; DRaFT-{k} of "
                 f"{sampler_description(recipe)}; KL gradient of the {n - k} earlier steps "
                 f"from {kl_m} keyed random ones x {(n - k) / max(kl_m, 1):g}; 1 image per prompt")
     return Method("kl_grad", dataset, _collate, step, describe,
-                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward, encoder))
+                  evaluate=_make_evaluate(recipe, accelerator, spec, encoder))
 
 
 def make_kl_pg(recipe, pipe, accelerator):
@@ -504,7 +476,7 @@ def make_kl_pg(recipe, pipe, accelerator):
     from deradiff.training.trainer import Method
 
     m = recipe.method
-    dataset, scheduler, rollout, reward, encoder = _rollout_parts(recipe, pipe, accelerator)
+    dataset, spec, encoder = _rollout_parts(recipe, pipe, accelerator)
     s = m.samples_per_prompt
     store = RolloutStore(accelerator.project_configuration.project_dir if m.num_inner_epochs > 1 else None,
                          accelerator.process_index, m.num_inner_epochs)
@@ -520,22 +492,21 @@ def make_kl_pg(recipe, pipe, accelerator):
             was_training = unet.training
             unet.eval()  # sample as DDPO does: no LoRA dropout in the behaviour policy
             with accelerator.autocast():
-                rollout_batch = sample_rollout(unet, accelerator.unwrap_model(unet), pipe.vae, scheduler,
-                                               reward.score, batch["prompts"], batch["ids"], cond, uncond, rollout,
-                                               step_index, s)
+                rollout_batch = sample_rollout(unet, accelerator.unwrap_model(unet), spec, batch["prompts"],
+                                               batch["ids"], cond, uncond, step_index, s)
             unet.train(was_training)
             store.put(step_index, micro, rollout_batch)
         # Conditioning of the stored prompts (one row per image), not of this step's rows.
         cond, uncond = encoder(rollout_batch.prompts)
         with accelerator.autocast():
-            return kl_pg_loss(unet, accelerator.unwrap_model(unet), scheduler, rollout_batch, cond, uncond, rollout,
-                              m.beta, m.clip_range, m.adv_clip_max, m.log_prob, step_index)
+            return kl_pg_loss(unet, accelerator.unwrap_model(unet), spec, rollout_batch, cond, uncond, m.beta,
+                              m.clip_range, m.adv_clip_max, m.log_prob, step_index)
 
     describe = (f"beta={m.beta:g} x per-step KL, in units of the per-prompt reward std (log_prob={m.log_prob}); "
                 f"PPO clip {m.clip_range:g}, advantages clamped to {m.adv_clip_max:g}; {s} images per prompt "
                 f"(per_device_batch_size counts prompts); {_schedule_desc(recipe)}; reward {m.reward!r}")
     return Method("kl_pg", dataset, _collate, step, describe,
-                  evaluate=_make_evaluate(recipe, pipe, accelerator, scheduler, rollout, reward, encoder))
+                  evaluate=_make_evaluate(recipe, accelerator, spec, encoder))
 
 
 def _schedule_desc(recipe) -> str:

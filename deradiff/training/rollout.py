@@ -22,7 +22,9 @@ a pipeline's __call__: prompts are encoded by the caller and images decoded by `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +34,35 @@ from deradiff.seeding import SALT_ROLLOUT_INIT, SALT_ROLLOUT_STEP, keyed_randn
 from deradiff.training.conditioning import Conditioning
 from deradiff.training.families import get_family
 from deradiff.training.losses import gaussian_kl, gaussian_log_prob
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How training rollouts are sampled and scored; built once when a method is set up.
+
+    scheduler: DDIMScheduler (UNet families) or deradiff.flow.FlowMatchSDEScheduler (flow
+    families), the rollouts' own (mutated: set_timesteps); latent_shape: (C, h, w) of one latent;
+    num_steps: sampling steps N; eta: DDIM eta (> 0; flow families take noise_level from their
+    scheduler instead); guidance: classifier-free guidance scale (1 = none; FLUX.1-dev: its
+    guidance input, carried by the conditioning); seed: key of the noise.
+    vae and reward_fn (images (B, 3, H, W) in [-1, 1], prompts) -> (B,): what `score` decodes
+    and scores final latents with; sampling alone does not need them.
+    """
+
+    scheduler: Any
+    latent_shape: tuple[int, int, int]
+    num_steps: int
+    eta: float = 1.0
+    guidance: float = 1.0
+    seed: int = 0
+    vae: Any = None
+    reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None
+
+    def score(self, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B,) float32 rewards of final latents x0 (B, C, h, w); gradients flow when they carry them."""
+        if self.vae is None or self.reward_fn is None:
+            raise ValueError("this RolloutSpec has no vae and reward_fn to score with")
+        return self.reward_fn(decode(self.vae, x0), prompts).float()
 
 
 @dataclass
@@ -94,27 +125,23 @@ def step_mean_and_sigma(scheduler, out: torch.Tensor, t, x: torch.Tensor, eta: f
 def sample_trajectory(
     unet,
     reference_unet,
-    scheduler,
+    spec: RolloutSpec,
     cond: Conditioning,
     uncond: Conditioning | None,
-    latent_shape: tuple[int, ...],
     sample_ids: list[int],
-    seed: int,
     step: int,
-    num_steps: int,
-    eta: float = 1.0,
-    guidance: float = 1.0,
     grad_steps: int = 0,
 ) -> Trajectory:
-    """Sample B = len(sample_ids) paths; noise is keyed by (seed, step, sample id).
+    """Sample B = len(sample_ids) paths as `spec` says; noise is keyed by (spec.seed, step, sample id).
 
     grad_steps = K > 0 keeps the autograd graph through the last K steps (DRaFT-K): x0 and
     kl_grad then carry gradients w.r.t. the LoRA; the earlier steps run without gradients.
     """
+    scheduler, latent_shape, num_steps, seed = spec.scheduler, spec.latent_shape, spec.num_steps, spec.seed
     if isinstance(scheduler, FlowMatchSDEScheduler):
         if scheduler.config.noise_level <= 0:
             raise ValueError("the KL needs a stochastic sampler: set the FlowMatchSDEScheduler's noise_level > 0")
-    elif eta <= 0:
+    elif spec.eta <= 0:
         raise ValueError("the KL needs a stochastic sampler: set eta > 0 (eta = 1 is DDPM-like)")
     set_sampling_timesteps(scheduler, num_steps, latent_shape, cond.family)
     timesteps = scheduler.timesteps
@@ -127,10 +154,9 @@ def sample_trajectory(
     for i, t in enumerate(timesteps):
         with_grad = torch.is_grad_enabled() and i >= num_steps - grad_steps
         with torch.set_grad_enabled(with_grad):
-            mean, sigma = step_mean_and_sigma(scheduler, guided_output(unet, x, t, cond, uncond, guidance), t, x, eta)
+            mean, sigma = _step_gaussian(unet, spec, x, t, cond, uncond)
         with torch.no_grad(), adapters_disabled(reference_unet):
-            ref_mean, _ = step_mean_and_sigma(
-                scheduler, guided_output(reference_unet, x, t, cond, uncond, guidance), t, x, eta)
+            ref_mean, _ = _step_gaussian(reference_unet, spec, x, t, cond, uncond)
         noise = keyed_randn(latent_shape, sample_ids, seed, step, salt=SALT_ROLLOUT_STEP + i).to(device, dtype)
         x_prev = (mean + sigma * noise if sigma > 0 else mean).to(dtype)  # the flow mean is float32
         kl = gaussian_kl(mean.float(), ref_mean.float(), sigma) if sigma > 0 else torch.zeros_like(kl_grad)
@@ -146,14 +172,21 @@ def sample_trajectory(
                       torch.stack(kls), x, kl_grad)
 
 
-def step_log_prob_and_kl(unet, reference_unet, scheduler, traj: Trajectory, index: int, cond: Conditioning,
-                         uncond: Conditioning | None, guidance: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _step_gaussian(unet, spec: RolloutSpec, x: torch.Tensor, t, cond: Conditioning,
+                   uncond: Conditioning | None) -> tuple[torch.Tensor, float]:
+    """(mean, std) of `unet`'s sampling step from x at timestep t under `spec`."""
+    out = guided_output(unet, x, t, cond, uncond, spec.guidance)
+    return step_mean_and_sigma(spec.scheduler, out, t, x, spec.eta)
+
+
+def step_log_prob_and_kl(unet, reference_unet, spec: RolloutSpec, traj: Trajectory, index: int, cond: Conditioning,
+                         uncond: Conditioning | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) log p_theta(x_{t-1} | x_t) of the stored transition `index`, with gradients, and its KL
     to the reference (with gradients): the per-step quantities PPO/DDPO re-evaluates."""
     x, x_prev, t = traj.latents[index], traj.latents[index + 1], traj.timesteps[index]
-    mean, sigma = step_mean_and_sigma(scheduler, guided_output(unet, x, t, cond, uncond, guidance), t, x, eta)
+    mean, sigma = _step_gaussian(unet, spec, x, t, cond, uncond)
     with torch.no_grad(), adapters_disabled(reference_unet):
-        ref_mean, _ = step_mean_and_sigma(scheduler, guided_output(reference_unet, x, t, cond, uncond, guidance), t, x, eta)
+        ref_mean, _ = _step_gaussian(reference_unet, spec, x, t, cond, uncond)
     return gaussian_log_prob(x_prev.float(), mean.float(), sigma), gaussian_kl(mean.float(), ref_mean.float(), sigma)
 
 

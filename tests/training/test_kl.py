@@ -16,10 +16,9 @@ from deradiff.seeding import SALT_KL_STEPS, SALT_PG_TIMESTEPS
 from deradiff.training import kl
 from deradiff.training.conditioning import encode_prompts
 from deradiff.training.recipe import Recipe
-from deradiff.training.rollout import sample_trajectory, step_log_prob_and_kl
+from deradiff.training.rollout import RolloutSpec, sample_trajectory, step_log_prob_and_kl
 
 PROMPTS = ["a red circle", "a blue square", "a green cross"]
-ROLLOUT = kl.RolloutConfig(latent_shape=(4, 8, 8), num_steps=4, eta=1.0, guidance=1.0, seed=0)
 
 
 class Brightness(Reward):
@@ -92,16 +91,19 @@ def _cond(pipe, prompts):
     return encode_prompts(pipe, prompts, "cpu")
 
 
+def _spec(pipe, reward_fn=None) -> RolloutSpec:
+    return RolloutSpec(pipe.scheduler, latent_shape=(4, 8, 8), num_steps=4, eta=1.0, guidance=1.0, seed=0,
+                       vae=pipe.vae, reward_fn=reward_fn or Brightness().score)
+
+
 def _grad_loss(pipe, beta, step=0, truncation=1, kl_sample_steps=None, reward=None):
-    reward = reward or Brightness().score
-    return kl.kl_grad_loss(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, reward, PROMPTS[:2],
-                           _cond(pipe, PROMPTS[:2]), None, [3, 4], ROLLOUT, step, truncation, beta, kl_sample_steps)
+    return kl.kl_grad_loss(pipe.unet, pipe.unet, _spec(pipe, reward), PROMPTS[:2], _cond(pipe, PROMPTS[:2]), None,
+                           [3, 4], step, truncation, beta, kl_sample_steps)
 
 
 @torch.no_grad()
 def _path_kl_and_reward(pipe, step=0):
-    traj = sample_trajectory(pipe.unet, pipe.unet, pipe.scheduler, _cond(pipe, PROMPTS[:2]), None, ROLLOUT.latent_shape,
-                             [3, 4], ROLLOUT.seed, step, ROLLOUT.num_steps, eta=ROLLOUT.eta)
+    traj = sample_trajectory(pipe.unet, pipe.unet, _spec(pipe), _cond(pipe, PROMPTS[:2]), None, [3, 4], step)
     from deradiff.training.rollout import decode
 
     return traj, traj.path_kl.mean().item(), Brightness().score(decode(pipe.vae, traj.x0), PROMPTS[:2]).mean().item()
@@ -132,7 +134,7 @@ def test_kl_grad_loss_value_and_gradients_reach_only_the_lora(pipe, lora, kl_sam
     loss, metrics = _grad_loss(pipe, beta, step=step, kl_sample_steps=kl_sample_steps)
     traj, path_kl, reward = _path_kl_and_reward(pipe, step=step)
     # Value: reward - beta * (exact KL of the last step + (N-K)/m x KL of the chosen earlier steps).
-    chosen = kl.keyed_subset(3, kl_sample_steps, ROLLOUT.seed, step, SALT_KL_STEPS)
+    chosen = kl.keyed_subset(3, kl_sample_steps, 0, step, SALT_KL_STEPS)
     kl_hat = traj.kls[3] + traj.kls[chosen].sum(0) * (3 / kl_sample_steps)
     assert math.isclose(loss.item(), -(reward - beta * kl_hat.mean().item()), rel_tol=1e-4, abs_tol=1e-6)
     assert math.isclose(metrics["kl/path_kl"], path_kl, rel_tol=1e-4)
@@ -163,8 +165,8 @@ def test_zero_beta_step_raises_the_reward_on_the_same_noise(pipe, lora):
 
 
 def _rollout(pipe, reward_fn, step=0, prompts=PROMPTS, ids=(0, 1, 2), s=2):
-    return kl.sample_rollout(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, reward_fn, list(prompts), list(ids),
-                             _cond(pipe, list(prompts)), None, ROLLOUT, step, s)
+    return kl.sample_rollout(pipe.unet, pipe.unet, _spec(pipe, reward_fn), list(prompts), list(ids),
+                             _cond(pipe, list(prompts)), None, step, s)
 
 
 def test_rollout_advantages_are_normalized_per_prompt(pipe):
@@ -191,14 +193,12 @@ def test_kl_pg_loss_equals_hand_computed_ppo_plus_kl(pipe, lora, log_prob):
     batch.advantages = torch.tensor([1.5, -1.5, 8.0, -8.0, 0.5, -0.5])  # two beyond adv_clip_max
     beta, clip, adv_max = 0.7, 0.2, 5.0
     cond = encode_prompts(pipe, batch.prompts, "cpu")
-    loss, metrics = kl.kl_pg_loss(pipe.unet, pipe.unet, pipe.scheduler, batch, cond, None, ROLLOUT, beta, clip, adv_max,
-                                  log_prob)
+    loss, metrics = kl.kl_pg_loss(pipe.unet, pipe.unet, _spec(pipe), batch, cond, None, beta, clip, adv_max, log_prob)
     expected, clipped = 0.0, []
     adv = batch.advantages.clamp(-adv_max, adv_max)
     with torch.no_grad():
         for t in range(4):
-            lp, kl_t = step_log_prob_and_kl(pipe.unet, pipe.unet, pipe.scheduler, batch.trajectory(), t, cond, None,
-                                            1.0, 1.0)
+            lp, kl_t = step_log_prob_and_kl(pipe.unet, pipe.unet, _spec(pipe), batch.trajectory(), t, cond, None)
             ratio = torch.exp((lp - batch.log_probs[t]) / dims)
             expected += torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean().item()
             expected += beta * (kl_t / dims).mean().item()
@@ -213,13 +213,13 @@ def test_kl_pg_loss_equals_hand_computed_ppo_plus_kl(pipe, lora, log_prob):
 def test_kl_pg_timestep_subset_is_scaled_to_the_full_sum(pipe):
     batch = _rollout(pipe, Brightness().score, ids=(0, 1, 2), s=2)
     cond = encode_prompts(pipe, batch.prompts, "cpu")
-    args = (pipe.unet, pipe.unet, pipe.scheduler, batch, cond, None, ROLLOUT, 0.7, 0.2, 5.0, "mean")
+    args = (pipe.unet, pipe.unet, _spec(pipe), batch, cond, None, 0.7, 0.2, 5.0, "mean")
     with torch.no_grad():
         _, full = kl.kl_pg_loss(*args)
         _, sub = kl.kl_pg_loss(*args, step=3, num_timesteps=1)
-    (t,) = kl.keyed_subset(4, 1, ROLLOUT.seed, 3, SALT_PG_TIMESTEPS)
+    (t,) = kl.keyed_subset(4, 1, 0, 3, SALT_PG_TIMESTEPS)
     with torch.no_grad():
-        _, kl_t = step_log_prob_and_kl(pipe.unet, pipe.unet, pipe.scheduler, batch.trajectory(), t, cond, None, 1.0, 1.0)
+        _, kl_t = step_log_prob_and_kl(pipe.unet, pipe.unet, _spec(pipe), batch.trajectory(), t, cond, None)
     assert math.isclose(sub["pg/kl_term"], 4 * (kl_t / 256).mean().item(), rel_tol=1e-4)
     assert not math.isclose(sub["pg/kl_term"], full["pg/kl_term"], rel_tol=1e-3)
 

@@ -10,7 +10,7 @@ import torch
 
 from deradiff.models import set_scheduler
 from deradiff.training.conditioning import encode_prompts
-from deradiff.training.rollout import sample_trajectory, step_log_prob_and_kl
+from deradiff.training.rollout import RolloutSpec, sample_trajectory, step_log_prob_and_kl
 
 PROMPTS = ["a red circle", "a blue square", "a green cross"]
 
@@ -18,8 +18,8 @@ PROMPTS = ["a red circle", "a blue square", "a green cross"]
 def _traj(pipe, ids, prompts, grad_steps=0, guidance=1.0):
     cond = encode_prompts(pipe, prompts, "cpu")
     uncond = encode_prompts(pipe, [""] * len(prompts), "cpu") if guidance > 1 else None
-    return sample_trajectory(pipe.unet, pipe.unet, pipe.scheduler, cond, uncond, (4, 8, 8), ids, seed=0, step=3,
-                             num_steps=5, eta=1.0, guidance=guidance, grad_steps=grad_steps)
+    spec = RolloutSpec(pipe.scheduler, (4, 8, 8), num_steps=5, eta=1.0, guidance=guidance, seed=0)
+    return sample_trajectory(pipe.unet, pipe.unet, spec, cond, uncond, ids, step=3, grad_steps=grad_steps)
 
 
 def test_shapes_kl_and_log_probs(tiny_sd15):
@@ -34,7 +34,8 @@ def test_shapes_kl_and_log_probs(tiny_sd15):
     cond = encode_prompts(adapted, PROMPTS, "cpu")
     uncond = encode_prompts(adapted, [""] * 3, "cpu")
     with torch.no_grad():
-        lp, kl = step_log_prob_and_kl(adapted.unet, adapted.unet, adapted.scheduler, traj, 2, cond, uncond, 2.0, 1.0)
+        spec = RolloutSpec(adapted.scheduler, (4, 8, 8), num_steps=5, eta=1.0, guidance=2.0)
+        lp, kl = step_log_prob_and_kl(adapted.unet, adapted.unet, spec, traj, 2, cond, uncond)
     torch.testing.assert_close(lp, traj.log_probs[2], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(kl, traj.kls[2], rtol=1e-4, atol=1e-6)
 
@@ -107,9 +108,9 @@ def test_flow_rollout_kl_and_log_probs_are_the_sde_schedulers(flow_pipes, family
     cond = encode_prompts(pipe, PROMPTS[:2], "cpu", guidance=guidance, max_sequence_length=16)
     uncond = encode_prompts(pipe, ["", ""], "cpu", max_sequence_length=16) if family == "sd3" else None
     shape = (16, 8, 8)
+    spec = RolloutSpec(scheduler, shape, num_steps=4, guidance=guidance)
     with torch.no_grad():
-        traj = sample_trajectory(pipe.transformer, pipe.transformer, scheduler, cond, uncond, shape, [0, 1], seed=0,
-                                 step=3, num_steps=4, guidance=guidance)
+        traj = sample_trajectory(pipe.transformer, pipe.transformer, spec, cond, uncond, [0, 1], step=3)
     assert traj.latents.shape == (5, 2, *shape) and (traj.path_kl > 0).all()
     for i, t in enumerate(traj.timesteps):
         x = traj.latents[i]
@@ -126,8 +127,7 @@ def test_flow_rollout_kl_and_log_probs_are_the_sde_schedulers(flow_pipes, family
     set_sampling_timesteps(scheduler, 4, shape, family)
     torch.testing.assert_close(scheduler.timesteps, pipe.scheduler.timesteps, rtol=0, atol=0)
     # DRaFT-K: the last step carries gradients to the LoRA.
-    grad_traj = sample_trajectory(pipe.transformer, pipe.transformer, scheduler, cond, uncond, shape, [0, 1], seed=0,
-                                  step=3, num_steps=4, guidance=guidance, grad_steps=1)
+    grad_traj = sample_trajectory(pipe.transformer, pipe.transformer, spec, cond, uncond, [0, 1], step=3, grad_steps=1)
     (grad_traj.x0.square().mean() + grad_traj.kl_grad.mean()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pipe.transformer.named_parameters()
                if "lora" in n)
