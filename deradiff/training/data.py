@@ -148,6 +148,30 @@ def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return keyed_generator(seed, epoch, index)
 
 
+@dataclass(eq=False)
+class PairAugmentation:
+    """The keyed augmentation both pair datasets apply (base of PreferencePairs and
+    StreamingPreferencePairs): resize to `resolution`, crop, flip, keyed by (seed, epoch, index).
+    Call `set_epoch` at each epoch."""
+
+    resolution: int
+    random_crop: bool = False
+    random_flip: bool = True
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def augmented_item(self, caption: str, image_w: PILImage.Image, image_l: PILImage.Image, index: int) -> dict:
+        """A dataset item: caption; pixel_values_w, pixel_values_l: (3, R, R) in [-1, 1];
+        original_size: (h, w); crop_top_left: (top, left); index."""
+        gen = pair_generator(self.seed, self.epoch, index)
+        pw, pl, geo = transform_pair(image_w, image_l, self.resolution, self.random_crop, self.random_flip, gen)
+        return {"caption": caption, "pixel_values_w": pw, "pixel_values_l": pl,
+                "original_size": geo.original_size, "crop_top_left": geo.crop_top_left, "index": index}
+
+
 # -- loading rows -------------------------------------------------------------------------------
 
 
@@ -293,7 +317,7 @@ def _decodes(value: Any) -> bool:
 # -- torch datasets -----------------------------------------------------------------------------
 
 
-class PreferencePairs(torch.utils.data.Dataset):
+class PreferencePairs(PairAugmentation, torch.utils.data.Dataset):
     """Map-style preference pairs, preferred image first. Item i is a dict:
 
         caption: str; pixel_values_w, pixel_values_l: (3, R, R) in [-1, 1];
@@ -306,12 +330,8 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def __init__(self, rows, resolution: int, random_crop: bool = False, random_flip: bool = True,
                  seed: int = 0, stats: PreferenceStats | None = None):
+        super().__init__(resolution, random_crop, random_flip, seed)
         self.rows = rows
-        self.resolution = resolution
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.seed = seed
-        self.epoch = 0
         self.stats = stats if stats is not None else PreferenceStats(rows=len(rows), kept=len(rows))
         self._bad: set[int] = set()
         self._corrupt_up_front = self.stats.corrupt
@@ -326,9 +346,6 @@ class PreferencePairs(torch.utils.data.Dataset):
         union over processes of `bad_rows`; default: this process's)."""
         found = self._bad if bad_rows is None else bad_rows
         return {**self.stats.as_metrics(), "data/corrupt": float(self._corrupt_up_front + len(found))}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def worker_report(self) -> dict:
         """What reading taught this copy (the rows found corrupt), for `absorb` in the training
@@ -364,14 +381,11 @@ class PreferencePairs(torch.utils.data.Dataset):
                 self.stats.corrupt += 1
                 logger.warning("skipping pair %d: %s (%d corrupt so far)", i, err, self.stats.corrupt)
                 continue
-            gen = pair_generator(self.seed, self.epoch, index)
-            pw, pl, geo = transform_pair(image_w, image_l, self.resolution, self.random_crop, self.random_flip, gen)
-            return {"caption": caption, "pixel_values_w": pw, "pixel_values_l": pl,
-                    "original_size": geo.original_size, "crop_top_left": geo.crop_top_left, "index": index}
+            return self.augmented_item(caption, image_w, image_l, index)
         raise UserError(f"no decodable preference pair left among {n} rows")
 
 
-class StreamingPreferencePairs(torch.utils.data.IterableDataset):
+class StreamingPreferencePairs(PairAugmentation, torch.utils.data.IterableDataset):
     """Iterable preference pairs from a streamed dataset, items as `PreferencePairs`' (index =
     position in the filtered stream). Labels are validated as rows arrive (UserError on the
     first bad one); ties and corrupt pairs are skipped and counted in `stats`."""
@@ -379,18 +393,14 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
     def __init__(self, stream, where: str, resolution: int, random_crop: bool = False,
                  random_flip: bool = True, seed: int = 0, max_samples: int | None = None):
         check_columns(list(stream.column_names or REQUIRED_COLUMNS), where)
+        super().__init__(resolution, random_crop, random_flip, seed)
         self.stream = stream
         self.where = where
-        self.resolution = resolution
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.seed = seed
-        self.epoch = 0
         self.max_samples = max_samples
         self.stats = PreferenceStats()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().set_epoch(epoch)
         if hasattr(self.stream, "set_epoch"):
             self.stream.set_epoch(epoch)  # reseeds a shuffled stream's buffer
 
@@ -442,10 +452,7 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         for index, (caption, image_w, image_l) in enumerate(self.raw_pairs()):
-            gen = pair_generator(self.seed, self.epoch, index)
-            pw, pl, geo = transform_pair(image_w, image_l, self.resolution, self.random_crop, self.random_flip, gen)
-            yield {"caption": caption, "pixel_values_w": pw, "pixel_values_l": pl,
-                   "original_size": geo.original_size, "crop_top_left": geo.crop_top_left, "index": index}
+            yield self.augmented_item(caption, image_w, image_l, index)
 
     def check_not_empty(self) -> None:
         """UserError if the stream yields no usable pair (reads until the first one)."""
