@@ -28,7 +28,8 @@ The output folder (`--out`) is self-describing and resumable:
   summary.json     {"summary": one row per (arm, lam) with every metric's mean over prompts and
                    its interval, "sampling": this run's images, images_per_s (per process),
                    realign_overhead (realigned sampling time / the time with one plain forward per
-                   step, that forward timed once per input shape), modes, wall_s, processes}
+                   step; plain and realigned calls timed in interleaved pairs once per input
+                   shape, median ratio), modes, wall_s, processes}
   commands.txt     every command run into the folder
 One node, several GPUs: `--devices cuda:0,cuda:1` starts one `--shard i/n` process per device
 and merges their rows (the same rows as one process would make).

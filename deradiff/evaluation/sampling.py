@@ -16,6 +16,7 @@ or mixed_batch per call by `choose_mode`; `Sampler.throughput` sums where the ti
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -35,6 +36,9 @@ MODES = (AUTO, *REALIGN_MODES)  # --mode choices
 # choose_mode's measured rule: on CPU, mixed_batch while the denoiser sees at most this many rows
 # per call (images x 2 with classifier-free guidance); see choose_mode for the measurement.
 CPU_MIXED_BATCH_MAX_ROWS = 4
+# Interleaved (realigned, plain) call pairs timed per input shape for the realignment overhead;
+# the median of their ratios counts, so one timing disturbed by other load does not set it.
+PLAIN_TIMING_REPEATS = 5
 
 
 def choose_mode(rows: int, device: str | torch.device, adapters: int = 1) -> str:
@@ -76,8 +80,9 @@ class Throughput:
     sample_s: wall time of the pipeline calls (text encoding, denoising, decoding);
     denoise_s: of which spent in the realigned denoiser;
     plain_s: what those denoiser calls would have taken as one plain forward each (the aligned
-        model alone, as sampling without realignment does), timed once per input shape on a
-        call's own inputs;
+        model alone, as sampling without realignment does): denoise_s x the median ratio of
+        PLAIN_TIMING_REPEATS interleaved plain / realigned calls on a call's own inputs, measured
+        once per input shape (see plain_fraction);
     modes: images sampled per realignment mode.
     """
 
@@ -173,7 +178,7 @@ class Sampler:
     mode: str = AUTO  # auto | two_forward | mixed_batch
     reference: torch.nn.Module | None = None  # two-model mode: the full reference UNet
     throughput: Throughput = field(default_factory=Throughput)
-    _plain_call_s: dict = field(default_factory=dict, repr=False)  # input shapes -> one plain forward, s
+    _plain_fraction: dict = field(default_factory=dict, repr=False)  # input shapes, mode -> plain / realigned
 
     def mode_for(self, n_images: int, lam: Lam | None = None) -> str:
         """The realignment mode a call with n_images prompts at `lam` uses (AUTO resolved by
@@ -203,7 +208,7 @@ class Sampler:
         with realigned(self.pipe, lam=schedule, reference=self.reference, mode=mode) as denoiser, timer.on(denoiser):
             images = self.pipe(list(prompts), generator=generators, **self.call).images
         sample_s = _clock(device) - start
-        plain_s = timer.calls * self._plain_seconds(denoiser.aligned, timer.first, device)
+        plain_s = timer.seconds * self._plain_fraction_of(denoiser, timer.first, device)
         self.throughput.add(len(images), sample_s, timer.seconds, plain_s, mode)
         guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
         kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=records_guidance_scale(self.pipe, guidance),
@@ -211,19 +216,41 @@ class Sampler:
         return images, [None] * len(images) if kl is None else [float(v) for v in kl]
 
     @torch.no_grad()
-    def _plain_seconds(self, model: torch.nn.Module, call: tuple | None, device) -> float:
-        """Seconds of one plain forward of `model` on a recorded call's (args, kwargs), measured
-        once per input shape (the second of two runs: the first pays any warm-up)."""
+    def _plain_fraction_of(self, denoiser, call: tuple | None, device) -> float:
+        """plain_fraction of the realigned `denoiser` and its aligned model on a recorded call's
+        (args, kwargs), measured once per input shape, mode and lambda vector (whose zero entries
+        skip adapters). The denoiser's records are left as the pipeline call made them."""
         if call is None:
             return 0.0
         args, kwargs = call
-        key = tuple(tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
-        if key not in self._plain_call_s:
-            for _ in range(2):
-                start = _clock(device)
-                model(*args, **kwargs)
-                self._plain_call_s[key] = _clock(device) - start
-        return self._plain_call_s[key]
+        shapes = tuple(tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        key = (shapes, denoiser.mode, None if denoiser.vector is None else str(denoiser.vector))
+        if key not in self._plain_fraction:
+            kept = len(denoiser.records)
+            self._plain_fraction[key] = plain_fraction(lambda: denoiser(*args, **kwargs),
+                                                       lambda: denoiser.aligned(*args, **kwargs), device)
+            del denoiser.records[kept:]
+        return self._plain_fraction[key]
+
+
+def plain_fraction(realigned_call, plain_call, device, repeats: int = PLAIN_TIMING_REPEATS) -> float:
+    """Time of `plain_call()` over time of `realigned_call()` (no-argument callables on the same
+    inputs): the median over `repeats` adjacent pairs, after one untimed pair that pays any
+    warm-up. Each pair runs both under the same machine load, and the pairs alternate which runs
+    first, so the ratio is a same-conditions measurement that one disturbed timing cannot set."""
+    realigned_call()
+    plain_call()
+    ratios = []
+    for i in range(repeats):
+        first, second = (realigned_call, plain_call) if i % 2 == 0 else (plain_call, realigned_call)
+        start = _clock(device)
+        first()
+        middle = _clock(device)
+        second()
+        end = _clock(device)
+        realigned_s, plain_s = (middle - start, end - middle) if i % 2 == 0 else (end - middle, middle - start)
+        ratios.append(plain_s / max(realigned_s, 1e-12))
+    return statistics.median(ratios)
 
 
 def _clock(device) -> float:

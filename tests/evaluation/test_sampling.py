@@ -6,8 +6,15 @@ import pytest
 import torch
 from conftest import add_random_lora
 
+from deradiff.evaluation import sampling as sampling_module
 from deradiff.evaluation.lams import parse_lam
-from deradiff.evaluation.sampling import CPU_MIXED_BATCH_MAX_ROWS, Sampler, Throughput, choose_mode
+from deradiff.evaluation.sampling import (
+    CPU_MIXED_BATCH_MAX_ROWS,
+    Sampler,
+    Throughput,
+    choose_mode,
+    plain_fraction,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
 
@@ -80,6 +87,35 @@ def test_throughput_counts_images_modes_and_the_realignment_overhead(toy_pipe):
     assert total.images == 2 * d["images"] and total.modes == {"mixed_batch": 2, "two_forward": 2 * big}
     assert total.overhead == pytest.approx(t.overhead, rel=1e-3)
     assert Throughput().overhead is None and Throughput().postfix() == {}
+
+
+def test_plain_fraction_is_the_median_of_interleaved_pairs(monkeypatch):
+    """A realigned call costs 2 time units and a plain one 1, except one plain call slowed to 10 by
+    other load: the ratio stays 0.5 (one plain timing, as before, could read 10 / 2)."""
+    now, order = [0.0], []
+    monkeypatch.setattr(sampling_module, "_clock", lambda device: now[0])
+    plain_costs = iter([1.0, 10.0, 1.0, 1.0, 1.0, 1.0])  # warm-up pair first
+
+    def realigned():
+        order.append("r")
+        now[0] += 2.0
+
+    def plain():
+        order.append("p")
+        now[0] += next(plain_costs)
+
+    assert plain_fraction(realigned, plain, "cpu", repeats=5) == 0.5
+    assert order == ["r", "p", "r", "p", "p", "r", "r", "p", "p", "r", "r", "p"]  # alternating pairs
+
+
+def test_timing_the_plain_forward_leaves_the_path_kl_alone(toy_pipe):
+    s = sampler(toy_pipe, "two_forward")
+    images, kl_first = s.sample(PROMPTS[:2], [0, 1], parse_lam("2"))  # measures plain / realigned
+    fraction = next(iter(s._plain_fraction.values()))
+    assert len(s._plain_fraction) == 1 and 0 < fraction < 1  # a plain forward is the cheaper one
+    _, kl_again = s.sample(PROMPTS[:2], [0, 1], parse_lam("2"))  # reuses it
+    assert len(s._plain_fraction) == 1 and kl_again == kl_first and None not in kl_first
+    assert s.throughput.plain_s == pytest.approx(s.throughput.denoise_s * fraction, rel=1e-9)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
