@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -327,17 +328,59 @@ def check_lora_matches(denoiser: nn.Module, lora_file: Path) -> None:
         raise UserError(f"LoRA {lora_file} does not fit this {type(denoiser).__name__}: {detail}{hint}")
 
 
-def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", alpha: float | None = None) -> None:
     """Check and load a diffusers-format LoRA into the pipeline's denoiser (safetensors only).
 
     diffusers rebuilds the adapter from the config in the file's header (rank, alpha, targets),
-    so a LoRA saved by save_lora reloads at its trained scale alpha / r.
+    so a LoRA saved by save_lora reloads at its trained scale alpha / r. A file without that
+    header and without alpha tensors (old deradiff versions, other peft-format tools) loads at
+    alpha = rank (scale 1), with a one-line note on stderr; `alpha` gives such a file its
+    trained lora_alpha (scale alpha / r per module; save_lora then stores it). Passing `alpha`
+    for a file that carries its own is refused.
     """
     lora_file = resolve_lora_file(path)
-    check_lora_matches(getattr(pipe, denoiser_name(pipe)), lora_file)
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    check_lora_matches(denoiser, lora_file)
+    carries_alpha = lora_file_carries_alpha(lora_file)
+    if alpha is not None and carries_alpha:
+        raise UserError(f"LoRA {lora_file} carries its own lora alpha; load it without alpha={alpha:g}")
+    if alpha is not None and not (alpha > 0 and alpha < float("inf")):
+        raise UserError(f"alpha must be a positive number, got {alpha}")
     pipe.load_lora_weights(
         str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name, use_safetensors=True
     )
+    if alpha is not None:
+        _set_lora_alpha(denoiser, adapter_name, alpha)
+    elif not carries_alpha:
+        print(f"note: LoRA {lora_file} carries no lora alpha (no adapter metadata in its header, no alpha "
+              "tensors), so it is loaded with alpha = rank (scale 1); if it was trained with another alpha, "
+              "load it with deradiff.models.load_lora(pipe, path, alpha=ALPHA) and re-save it with "
+              "deradiff.models.save_lora, which stores the alpha", file=sys.stderr)
+
+
+def lora_file_carries_alpha(lora_file: str | os.PathLike) -> bool:
+    """Whether a safetensors LoRA file says its lora alpha: adapter metadata for the denoiser in
+    the header (diffusers >= 0.35, save_lora) or alpha tensors (kohya and older formats)."""
+    _, config = _lora_file_contents(Path(lora_file))
+    if config:
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        return any(key.endswith("alpha") for key in f.keys())
+
+
+def _set_lora_alpha(denoiser: nn.Module, adapter_name: str, alpha: float) -> None:
+    """Give a loaded adapter lora_alpha = alpha: scale alpha / r in every layer, and the config
+    save_lora writes."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_alpha:
+            module.lora_alpha[adapter_name] = alpha
+            module.scaling[adapter_name] = alpha / module.r[adapter_name]
+    config = denoiser.peft_config[adapter_name]
+    config.lora_alpha, config.alpha_pattern = alpha, {}
 
 
 def set_lora_scale(denoiser: nn.Module, scale: float) -> None:

@@ -12,12 +12,14 @@ from safetensors.torch import save_file
 
 from deradiff.errors import UserError
 from deradiff.models import (
+    LORA_WEIGHT_NAME,
     adapters_disabled,
     check_lora_matches,
     denoiser_name,
     load_lora,
     load_pipeline,
     lora_adapter_names,
+    lora_file_carries_alpha,
     resolve_lora_file,
     save_lora,
     set_scheduler,
@@ -126,6 +128,36 @@ def _saved_lora(adapted, tmp_path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(save_lora(adapted, tmp_path / "good"))
+
+
+def _scaling(pipe, adapter_name: str) -> set[float]:
+    from peft.tuners.lora import LoraLayer
+
+    return {m.scaling[adapter_name] for m in pipe.unet.modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling}
+
+
+def test_a_lora_file_without_alpha_loads_at_scale_one_with_a_note(sd15, tmp_path, capsys):
+    adapted, _ = sd15
+    save_file(_saved_lora(adapted, tmp_path), tmp_path / "bare.safetensors")  # the tensors, no adapter metadata
+    fresh = build_tiny_sd15(tmp_path)
+    capsys.readouterr()
+    load_lora(fresh, tmp_path / "good", adapter_name="saved")  # save_lora's file: its alpha is in the header
+    assert "lora alpha" not in capsys.readouterr().err and lora_file_carries_alpha(tmp_path / "good" / LORA_WEIGHT_NAME)
+    load_lora(fresh, tmp_path / "bare.safetensors", adapter_name="bare")
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "bare.safetensors carries no lora alpha" in note
+    assert "alpha = rank" in note and "save_lora" in note and "alpha=" in note
+    assert _scaling(fresh, "bare") == {1.0}
+    # Told its alpha, the file loads at alpha / r, and save_lora stores it: it reloads so, silently.
+    rank = fresh.unet.peft_config["bare"].r
+    load_lora(fresh, tmp_path / "bare.safetensors", adapter_name="told", alpha=2 * rank)
+    assert _scaling(fresh, "told") == {2.0} and capsys.readouterr().err == ""
+    fresh.set_adapters(["told"])
+    resaved = save_lora(fresh, tmp_path / "resaved", adapter_name="told")
+    load_lora(fresh, resaved, adapter_name="reloaded")
+    assert _scaling(fresh, "reloaded") == {2.0} and capsys.readouterr().err == ""
+    with pytest.raises(UserError, match="carries its own lora alpha"):
+        load_lora(fresh, resaved, adapter_name="twice", alpha=3.0)
 
 
 def _refusal(pipe, tensors: dict, tmp_path, metadata: dict | None = None) -> str:
