@@ -21,10 +21,11 @@ system-test-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null) \
 	  || echo "could not install slurm packages: the SLURM tests will skip"; fi
 
-# Two pytest-xdist workers (TEST_WORKERS=0 runs in this process); the SLURM tests share one.
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in this process), a whole file per worker: the
+# SLURM tests share one local cluster and its jobs (session fixtures of tests/test_slurm.py).
 TEST_WORKERS ?= 2
 test: $(PY) system-test-deps
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(PY)
 	$(VENV)/bin/ruff check deradiff train tests benchmarks
