@@ -661,36 +661,75 @@ def path_kl(
     step variance, and mu is affine in the (guided) model output with the shared map
     mu = a_t * x_t + c_t * out, so mu_aligned - mu_ref = c_t * (guided delta). Lambda vectors:
     the records hold lam = 1 and delta = sum_i lam_i (out_i - out_ref), so the same sum is
-    ||mu_mix - mu_ref||^2 / (2 sigma_t^2) of the mixed step, exactly (StepRecord). With
-    guidance_scale > 1 the records hold [uncond; cond] rows, as the pipeline batches them.
+    ||mu_mix - mu_ref||^2 / (2 sigma_t^2) of the mixed step, exactly (StepRecord).
+
+    guidance_scale: the classifier-free guidance scale that combined the cond and uncond
+    branches into the step's prediction, 1 when there was none; the KL is of the guided
+    prediction, one term per step. Its branches come in one of two layouts: one call per step
+    on [uncond; cond] rows (SD1.5, SDXL, SD3), or two calls per step, cond then uncond, found as
+    consecutive records at the same timestep (FluxPipeline's true CFG: true_cfg_scale > 1 with a
+    negative prompt; pass that true_cfg_scale). records_guidance_scale(pipe, ...) gives the value
+    for a pipeline call; guidance-distilled FLUX.1-dev without true CFG makes one call per step
+    on one row per sample, scale 1.
     `eta` is the DDIM eta the pipeline was called with. Noiseless steps are left out; returns
-    None for deterministic samplers (every sigma_t = 0: the path KL is not finite) and for
-    schedulers without a closed form here. Guidance-distilled pipelines (FLUX.1-dev) batch no
-    [uncond; cond] rows: pass guidance_scale=1 there (records_guidance_scale(pipe, g) says which).
+    None for deterministic samplers (every sigma_t = 0: the path KL is not finite), for
+    schedulers without a closed form here, and for steps of more than two calls (e.g. SD3's
+    skip-layer guidance), whose combination is not known here.
     """
     if not records:
         return None
     total = None
-    for rec in records:
-        coef, sigma = step_mean_coefficient(scheduler, rec.timestep, eta)
+    for step in _steps(records):
+        if len(step) > 2:
+            return None
+        if len(step) == 2 and guidance_scale == 1.0:
+            raise ValueError("the records hold two denoiser calls per step (cond, uncond: true CFG); pass the "
+                             "pipeline's true_cfg_scale as guidance_scale (records_guidance_scale says which)")
+        lam, delta = _guided_shift(step, guidance_scale)
+        coef, sigma = step_mean_coefficient(scheduler, step[0].timestep, eta)
         if sigma is None:
             return None
         if sigma <= 0:  # noiseless final step (DDPM t=0): no density, left out as DDPO does
             continue
-        delta = rec.delta
-        if guidance_scale > 1.0:
-            uncond, cond = delta.chunk(2)
-            delta = uncond + guidance_scale * (cond - uncond)
-        kl = rec.lam**2 * (coef**2) * delta.flatten(1).pow(2).sum(1) / (2.0 * sigma**2)
+        kl = lam**2 * (coef**2) * delta.flatten(1).pow(2).sum(1) / (2.0 * sigma**2)
         total = kl if total is None else total + kl
     return total  # None when every step was noiseless (a deterministic sampler)
 
 
-def records_guidance_scale(pipe, guidance_scale: float) -> float:
-    """The guidance_scale to hand path_kl for records of `pipe`: the CFG scale when the pipeline
-    batches [uncond; cond] rows (SD1.5, SDXL, SD3: they have do_classifier_free_guidance and do
-    so when it is > 1), else 1.0 (FLUX: guidance is a model input, one row per sample)."""
-    return guidance_scale if hasattr(type(pipe), "do_classifier_free_guidance") else 1.0
+def _steps(records: list[StepRecord]) -> list[list[StepRecord]]:
+    """Records grouped into sampling steps: consecutive records at the same timestep (a step's
+    separate cond and uncond calls) form one step."""
+    steps: list[list[StepRecord]] = []
+    for rec in records:
+        if steps and steps[-1][0].timestep == rec.timestep:
+            steps[-1].append(rec)
+        else:
+            steps.append([rec])
+    return steps
+
+
+def _guided_shift(step: list[StepRecord], guidance_scale: float) -> tuple[float, torch.Tensor]:
+    """(lam, delta) of one step's guided prediction, mixed - reference = lam * delta (B, ...):
+    from [uncond; cond] rows of one record, or from separate cond and uncond records."""
+    if len(step) == 2:
+        cond, uncond = step
+        if cond.lam != uncond.lam:  # a lambda vector records lam = 1 and folds lam_i into delta
+            raise ValueError(f"the cond and uncond calls of a step have different lambdas ({cond.lam}, {uncond.lam})")
+        return cond.lam, uncond.delta + guidance_scale * (cond.delta - uncond.delta)
+    (rec,) = step
+    if guidance_scale > 1.0:
+        uncond, cond = rec.delta.chunk(2)
+        return rec.lam, uncond + guidance_scale * (cond - uncond)
+    return rec.lam, rec.delta
+
+
+def records_guidance_scale(pipe, guidance_scale: float, true_cfg_scale: float = 1.0) -> float:
+    """The guidance_scale to hand path_kl for records of a call of `pipe` with these scales: the
+    CFG scale when the pipeline batches [uncond; cond] rows (SD1.5, SDXL, SD3: they have
+    do_classifier_free_guidance and do so when it is > 1); else (FLUX: guidance_scale is a model
+    input) true_cfg_scale, which the caller passes when the call ran true CFG (FluxPipeline
+    does when true_cfg_scale > 1 and a negative prompt is given: two calls per step)."""
+    return guidance_scale if hasattr(type(pipe), "do_classifier_free_guidance") else true_cfg_scale
 
 
 def step_mean_coefficient(scheduler, timestep: float, eta: float = 0.0) -> tuple[float, float | None]:

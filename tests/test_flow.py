@@ -312,3 +312,43 @@ def test_sde_scheduler_config_round_trip_and_refusals(tmp_path):
         FlowMatchSDEScheduler(stochastic_sampling=True)
     with pytest.raises(UserError, match="timestep_scale"):
         RealignedDenoiser(torch.nn.Linear(1, 1), reference=torch.nn.Linear(1, 1), timestep_scale=0.0)
+
+
+def test_flux_true_cfg_path_kl_counts_each_step_once_with_the_guided_prediction(flow_pipes):
+    """FluxPipeline's true CFG (true_cfg_scale > 1 with a negative prompt) calls the transformer
+    twice per step, cond then uncond. The path KL is one term per step, of the guided velocity:
+    sum_t ||c_t (v_mix - v_ref)||^2 / (2 std_t^2), v = v_u + g (v_c - v_u) for each of the two
+    models, computed here directly from the transformer calls the pipeline made."""
+    from deradiff.models import adapters_disabled
+
+    adapted, _ = flow_pipes["flux"]
+    pipe = _with_scheduler(adapted, "sde")
+    lam, true_cfg, steps = 1.5, 3.0, 4
+    calls = []
+    with realigned(pipe, lam=lam) as denoiser:
+        hook = denoiser.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+        pipe.scheduler.generator = torch.Generator().manual_seed(SDE_SEED)
+        pipe(PROMPTS, negative_prompt=["blurry", "dark"], true_cfg_scale=true_cfg, num_inference_steps=steps,
+             guidance_scale=3.5, height=32, width=32, output_type="latent", max_sequence_length=MAX_SEQUENCE_LENGTH,
+             generator=torch.Generator().manual_seed(0))
+        hook.remove()
+    assert len(calls) == len(denoiser.records) == 2 * steps
+    g = records_guidance_scale(pipe, 3.5, true_cfg_scale=true_cfg)
+    assert g == true_cfg and records_guidance_scale(pipe, 3.5) == 1.0
+    got = path_kl(denoiser.records, pipe.scheduler, guidance_scale=g)
+
+    expected = torch.zeros(len(PROMPTS))
+    with torch.no_grad():
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            (cond, uncond) = calls[2 * i:2 * i + 2]
+            with adapters_disabled(adapted.transformer):
+                ref = [adapted.transformer(**kw)[0] for kw in (cond, uncond)]
+            aligned = [adapted.transformer(**kw)[0] for kw in (cond, uncond)]
+            mixed = [(1 - lam) * r + lam * a for r, a in zip(ref, aligned, strict=True)]
+            v_ref = ref[1] + true_cfg * (ref[0] - ref[1])
+            v_mix = mixed[1] + true_cfg * (mixed[0] - mixed[1])
+            k = pipe.scheduler.step_coefficients(float(t))
+            expected += (k.c * (v_mix - v_ref)).flatten(1).pow(2).sum(1) / (2 * k.std**2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="true_cfg_scale"):  # two calls per step, no scale: refused
+        path_kl(denoiser.records, pipe.scheduler, guidance_scale=1.0)

@@ -211,8 +211,8 @@ class Sampler:
         plain_s = timer.seconds * self._plain_fraction_of(denoiser, timer.first, device)
         self.throughput.add(len(images), sample_s, timer.seconds, plain_s, mode)
         guidance = self.call.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 1.0))
-        kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=records_guidance_scale(self.pipe, guidance),
-                     eta=self.eta)
+        scale = records_guidance_scale(self.pipe, guidance, true_cfg_scale(self.call))
+        kl = path_kl(denoiser.records, self.pipe.scheduler, guidance_scale=scale, eta=self.eta)
         return images, [None] * len(images) if kl is None else [float(v) for v in kl]
 
     @torch.no_grad()
@@ -251,6 +251,15 @@ def plain_fraction(realigned_call, plain_call, device, repeats: int = PLAIN_TIMI
         realigned_s, plain_s = (middle - start, end - middle) if i % 2 == 0 else (end - middle, middle - start)
         ratios.append(plain_s / max(realigned_s, 1e-12))
     return statistics.median(ratios)
+
+
+def true_cfg_scale(call: dict) -> float:
+    """The true-CFG scale a FluxPipeline-style call `pipe(**call)` runs with: true_cfg_scale when
+    it is given with a negative prompt (then the pipeline calls its transformer twice per step),
+    else 1."""
+    negative = call.get("negative_prompt") is not None or (
+        call.get("negative_prompt_embeds") is not None and call.get("negative_pooled_prompt_embeds") is not None)
+    return float(call.get("true_cfg_scale", 1.0)) if negative else 1.0
 
 
 def _clock(device) -> float:

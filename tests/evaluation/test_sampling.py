@@ -14,6 +14,7 @@ from deradiff.evaluation.sampling import (
     Throughput,
     choose_mode,
     plain_fraction,
+    true_cfg_scale,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one thread is fastest
@@ -140,3 +141,8 @@ def test_flow_sde_sampling_is_per_seed_and_has_path_kl(tmp_path, family):
     assert torch.allclose(one[0], batched[1], atol=1e-5)
     assert all(k is not None and k > 0 for k in kl_batched) and kl_one[0] == pytest.approx(kl_batched[1], rel=1e-4)
     assert not torch.allclose(batched[1], batched[2], atol=1e-3)  # same seed, other prompt
+    if family == "flux":  # true CFG: two transformer calls per step, one path-KL term of the guided velocity
+        true_cfg = {**call, "true_cfg_scale": 2.0, "negative_prompt": "blurry"}
+        assert true_cfg_scale(true_cfg) == 2.0 and true_cfg_scale({**call, "true_cfg_scale": 2.0}) == 1.0
+        _, kl_cfg = Sampler(pipe, true_cfg, mode="two_forward").sample(["a dog"], [1], lam)
+        assert kl_cfg[0] is not None and kl_cfg[0] > 0 and kl_cfg[0] != pytest.approx(kl_one[0], rel=1e-3)
