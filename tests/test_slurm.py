@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from align_runs import dpo_losses
 
 from deradiff import slurm
 from deradiff.errors import UserError
@@ -303,11 +304,6 @@ def _helper(env: dict, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["dpo/loss"] for r in rows}
-
-
 # How each preempted run is interrupted once it has logged 3 steps.
 PREEMPTIONS = {
     # SLURM's time-limit warning, as `#SBATCH --signal=B:USR1@secs` sends it: align.sbatch passes it
@@ -366,7 +362,7 @@ def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, jobs):
         assert time.monotonic() < deadline, _logs(jobs["logs"], "align-*")
         for name in sorted(to_signal):
             run = jobs["work"] / name
-            if (run / "metrics.jsonl").exists() and len(_losses(run)) >= 3:
+            if (run / "metrics.jsonl").exists() and len(dpo_losses(run)) >= 3:
                 assert _sh([*PREEMPTIONS[name], ids[name]], cluster).returncode == 0
                 to_signal.discard(name)
         for name, job in ids.items():
@@ -382,7 +378,7 @@ def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, jobs):
 
     (ref_state,) = _wait(jobs["ids"]["reference"], cluster, timeout=600)
     assert ref_state["JobState"] == "COMPLETED", _logs(jobs["logs"], "align-reference*")
-    reference = _losses(jobs["work"] / "reference")
+    reference = dpo_losses(jobs["work"] / "reference")
     for name, state in final.items():
         logs = _logs(jobs["logs"], f"align-{name}*")
         assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, logs
@@ -392,7 +388,7 @@ def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, jobs):
         assert len(stopped) == 1 and stopped == resumed, logs
         assert 0 < min(stopped) < 14, logs  # really stopped mid-run
         assert ("requeueing; the next start resumes" in logs) == (name == "warned"), logs
-        losses = _losses(jobs["work"] / name)
+        losses = dpo_losses(jobs["work"] / name)
         assert sorted(losses) == list(range(1, 15))
         assert losses == reference, name  # bit-identical losses after the resume
 

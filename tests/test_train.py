@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from align_runs import align_env, dpo_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 ALIGN = ROOT / "train" / "align.py"
@@ -41,19 +42,8 @@ def _args(toy_world, out, **over) -> list[str]:
     return ["recipe=recipes/toy-dpo.yaml", *(f"{k}={v}" for k, v in base.items())]
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["dpo/loss"] for r in rows}
-
-
 def _run(args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ALIGN), *args], cwd=ROOT, env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, str(ALIGN), *args], cwd=ROOT, env=align_env(), capture_output=True,
                           text=True, timeout=600, **kw)
 
 
@@ -68,7 +58,7 @@ def reference_run(toy_world, tmp_path_factory):
 def test_outputs_of_a_dpo_run(reference_run, toy_world):
     out, proc = reference_run
     assert (out / "recipe.yaml").exists() and (out / "summary.json").exists()
-    assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(dpo_losses(out)) == [1, 2, 3, 4, 5, 6]
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
     summary = json.loads((out / "summary.json").read_text())
     assert "eval/dpo/implicit_acc" in summary and 0 <= summary["eval/dpo/implicit_acc"] <= 1
@@ -87,10 +77,10 @@ def test_outputs_of_a_dpo_run(reference_run, toy_world):
 def test_sigkill_then_rerun_gives_identical_losses(reference_run, toy_world, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ALIGN), *_args(toy_world, out)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(ALIGN), *_args(toy_world, out)], cwd=ROOT, env=align_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and 5 not in (_losses(out) if (out / "metrics.jsonl").exists() else {}):
+    while time.time() < deadline and 5 not in (dpo_losses(out) if (out / "metrics.jsonl").exists() else {}):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -98,25 +88,25 @@ def test_sigkill_then_rerun_gives_identical_losses(reference_run, toy_world, tmp
     rerun = _run(_args(toy_world, out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stdout + rerun.stderr
-    assert _losses(out) == _losses(ref_out)  # bit-identical, steps 1..6
+    assert dpo_losses(out) == dpo_losses(ref_out)  # bit-identical, steps 1..6
 
 
 def test_preemption_signal_checkpoints_and_exits_75_then_resumes(reference_run, toy_world, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, str(ALIGN), *_args(toy_world, out, **{"trainer.checkpoint_every": 100})],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=align_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, log[-2000:]
-    stopped_at = max(_losses(out))
+    stopped_at = max(dpo_losses(out))
     assert stopped_at < 6 and (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
     rerun = _run(_args(toy_world, out, **{"trainer.checkpoint_every": 100}))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _losses(out) == _losses(ref_out)
+    assert dpo_losses(out) == dpo_losses(ref_out)
 
 
 def test_streamed_data_trains_past_an_epoch_and_resumes_identically(toy_world, tmp_path):
@@ -131,8 +121,8 @@ def test_streamed_data_trains_past_an_epoch_and_resumes_identically(toy_world, t
     assert first.returncode == 0, first.stderr[-3000:]
     rest = _run(_args(toy_world, tmp_path / "split", **over))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
-    assert sorted(_losses(tmp_path / "whole")) == [7, 14]
+    assert dpo_losses(tmp_path / "split") == dpo_losses(tmp_path / "whole")
+    assert sorted(dpo_losses(tmp_path / "whole")) == [7, 14]
 
 
 def _with_corrupt_rows(src: Path, dst: Path, rows: tuple[int, ...]) -> Path:
@@ -193,7 +183,7 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_fails_the_same_way(reference
     align = shlex.join([sys.executable, str(ALIGN), *args])
     script = (f"mount -t tmpfs -o size={int(size_kb * 1.7)}k tmpfs {small} && {align}; echo rc=$?; "
               f"ls -a {out / 'checkpoints'}; cat {out / 'metrics.jsonl'}; {align}; echo rc=$?")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=align_env(), capture_output=True,
                           text=True, timeout=600)
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower() and "Failed to load CPU" not in ln]
     assert proc.stdout.count("rc=2") == 2, proc.stdout + proc.stderr[-3000:]
@@ -257,19 +247,19 @@ def test_two_processes_match_one_process(reference_run, toy_world, tmp_path, lau
     port = str(29600 + (os.getpid() % 200) + (0 if launcher == "ddp" else 1))
     if launcher == "ddp":
         cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port]
-        env = _env(ACCELERATE_USE_CPU="1")
+        env = align_env(ACCELERATE_USE_CPU="1")
     else:
         pytest.importorskip("deepspeed")
         cmd = ["accelerate", "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes", "2",
                "--main_process_port", port]
-        env = _env(TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+        env = align_env(TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                        str(Path.home() / ".cache" / "torch_extensions")))
     accelerate = Path(sys.executable).parent / "accelerate"
     proc = subprocess.run([str(accelerate), *cmd[1:], str(ALIGN), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "global batch 4 = 2 per device x 2 processes" in proc.stdout + proc.stderr
-    single, multi = _losses(ref_out), _losses(out)
+    single, multi = dpo_losses(ref_out), dpo_losses(out)
     for step in (1, 2, 3, 4):
         # Same pairs, noise and timesteps per step; only float reduction order differs.
         assert abs(single[step] - multi[step]) < 1e-4, (step, single[step], multi[step])
@@ -283,7 +273,7 @@ def test_two_processes_match_one_process(reference_run, toy_world, tmp_path, lau
         proc = subprocess.run([str(accelerate), *cmd[1:], str(ALIGN), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0 and "resumed from" in proc.stdout + proc.stderr, proc.stderr[-4000:]
-        resumed = _losses(out)
+        resumed = dpo_losses(out)
         for step in (5, 6):
             assert abs(single[step] - resumed[step]) < 1e-4, (step, single[step], resumed[step])
 
@@ -319,7 +309,7 @@ def test_loader_workers_give_the_same_losses_and_a_resume_may_change_their_numbe
     assert first.returncode == 0, first.stderr[-3000:]
     rest = _run(_args(toy_world, out, **{"data.num_workers": 0}))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
-    assert _losses(out) == _losses(ref_out)
+    assert dpo_losses(out) == dpo_losses(ref_out)
 
 
 @pytest.mark.slow
@@ -334,7 +324,7 @@ def test_streamed_data_read_ahead_resumes_identically(toy_world, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     rest = _run(_args(toy_world, tmp_path / "split", **{**over, "data.num_workers": 1}))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr, rest.stderr[-3000:]
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    assert dpo_losses(tmp_path / "split") == dpo_losses(tmp_path / "whole")
     assert json.loads((tmp_path / "whole" / "summary.json").read_text())["train/epoch"] == 1
 
 
@@ -346,14 +336,14 @@ def test_a_latent_cache_gives_the_uncached_losses_without_the_encoders(reference
     cache, out = tmp_path / "cache", tmp_path / "cached"
     args = _args(toy_world, out, **{"data.latent_cache": cache})
     made = subprocess.run([sys.executable, "-m", "deradiff.cli", "cache", *args, "--num-workers", "0"], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=align_env(), capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
     assert (cache / "manifest.json").exists() and "44 training pairs, 15 held-out" in made.stdout
     proc = _run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "44 from the latent cache" in log and "the VAE and text encoders are not kept" in log
-    cached, uncached = _losses(out), _losses(ref_out)
+    cached, uncached = dpo_losses(out), dpo_losses(ref_out)
     assert sorted(cached) == sorted(uncached)
     for step in cached:  # beta/2 = 1000 multiplies ~1e-7 differences of the errors
         assert abs(cached[step] - uncached[step]) < 1e-3, (step, cached[step], uncached[step])
@@ -369,7 +359,7 @@ def test_the_step_breakdown_benchmark_runs_at_toy_size(tmp_path):
     its table is consistent (steps = sums of parts, the cache removes the encoding)."""
     out = tmp_path / "breakdown.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_breakdown.py"), "--tiny", "--pairs", "2",
-                           "--busy", "0.1", "--threads", "1", "--out", str(out)], cwd=ROOT, env=_env(),
+                           "--busy", "0.1", "--threads", "1", "--out", str(out)], cwd=ROOT, env=align_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

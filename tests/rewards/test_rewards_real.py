@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import _byte_level_tokenizer
 from PIL import Image
 
 from deradiff.errors import UserError
@@ -17,27 +18,13 @@ from deradiff.rewards.clipscore import clip_pixels
 TINY_OPEN_CLIP = "deradiff-tiny-vit"
 
 
-def _tokenizer_dir(directory):
-    """A CLIP tokenizer folder whose vocabulary is the byte symbols (any text tokenizes)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for s in bytes_to_unicode().values():
-        vocab.setdefault(s, len(vocab))
-        vocab.setdefault(s + "</w>", len(vocab))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny transformers CLIPModel + CLIPProcessor folder (model.safetensors), resize 40 -> crop 32."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     root = tmp_path_factory.mktemp("clip")
-    n_vocab = _tokenizer_dir(root / "tok")
+    n_vocab = len(_byte_level_tokenizer(root / "tok"))  # writes the folder the processor reads
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                 vocab_size=n_vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)

@@ -7,7 +7,6 @@ resumed run and a 2-process run reproduce the uninterrupted single-process losse
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from align_runs import align_env, dpo_losses  # noqa: E402
 from tiny_flow import MAX_SEQUENCE_LENGTH, TRANSFORMER_LORA_TARGETS, build_tiny_flux, build_tiny_sd3  # noqa: E402
 
 from deradiff.training.conditioning import encode_prompts  # noqa: E402
@@ -86,12 +86,6 @@ def test_family_of_names_each_pipeline_and_a_wrong_kind_is_one_line(tmp_path, ti
 # -- train/align.py on a saved tiny SD3 pipeline ------------------------------------------------------
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _args(pipe_dir: Path, prefs: Path, out: Path, **over) -> list[str]:
     base = {
         "model.name_or_path": str(pipe_dir), "model.kind": "sd3", "model.max_sequence_length": MAX_SEQUENCE_LENGTH,
@@ -107,14 +101,9 @@ def _args(pipe_dir: Path, prefs: Path, out: Path, **over) -> list[str]:
 
 def _run(args, launcher: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), str(ALIGN), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or align_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["dpo/loss"] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +132,7 @@ def test_flow_dpo_trains_and_stock_load_lora_weights_restores_the_transformer(sd
     out, proc = sd3_run
     log = proc.stdout + proc.stderr
     assert "beta=100 (official convention" in log and "sigma index logit-normal(0, 1)" in log
-    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    assert sorted(dpo_losses(out)) == [1, 2, 3, 4]
     # The trained transformer, rebuilt from the trainer's own checkpoint (peft keys) ...
     trained = build_tiny_sd3(tmp_path / "a").transformer
     add_lora(trained, rank=2, alpha=4, target_modules=TRANSFORMER_LORA_TARGETS)
@@ -173,8 +162,8 @@ def test_flow_dpo_resumes_bit_identically(sd3_world, sd3_run, tmp_path):
     _run(_args(pipe_dir, prefs, out, **{"trainer.max_steps": 2}))
     rest = _run(_args(pipe_dir, prefs, out))
     assert "resumed from" in rest.stdout + rest.stderr
-    assert _losses(out) == _losses(ref_out)
-    assert len(set(_losses(out).values())) > 1  # the LoRA moved: later steps differ from log 2
+    assert dpo_losses(out) == dpo_losses(ref_out)
+    assert len(set(dpo_losses(out).values())) > 1  # the LoRA moved: later steps differ from log 2
 
 
 @pytest.mark.slow
@@ -188,9 +177,9 @@ def test_flow_dpo_two_processes_match_one_process(sd3_world, sd3_run, tmp_path):
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                   "--main_process_port", port]
     proc = _run(_args(pipe_dir, prefs, out, **{"trainer.per_device_batch_size": 2}), launcher=accelerate,
-                env=_env(ACCELERATE_USE_CPU="1"))
+                env=align_env(ACCELERATE_USE_CPU="1"))
     assert "global batch 4 = 2 per device x 2 processes" in proc.stdout + proc.stderr
-    single, multi = _losses(ref_out), _losses(out)
+    single, multi = dpo_losses(ref_out), dpo_losses(out)
     for step in (1, 2, 3, 4):
         assert abs(single[step] - multi[step]) < 1e-5, (step, single[step], multi[step])
 
