@@ -36,3 +36,22 @@ def test_gpu_benchmark_tiny_runs_and_agrees(tmp_path):
     assert {(r["gradient_checkpointing"], r["cached"]) for r in dpo} == {(a, b) for a in (False, True) for b in (False, True)}
     assert all(0 < r["loss"] < 10 for r in dpo)
     assert result["summary"]["sd15/b1/two_models/time_vs_two_models"] == 1.0
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_tiny_shares_the_reference_errors_and_agrees(tmp_path):
+    """benchmarks/sweep.py at 2 betas x 2 steps: the second shared run reads every micro-batch's
+    reference errors and both sweeps log the same numbers."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--betas", "2", "--steps", "2", "--pairs", "16",
+         "--heldout", "4", "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    shared = result["results"]["repeats"][0]["shared"]["runs"]
+    assert [r["stored"] for r in shared] == [0, 2] and [r["computed"] for r in shared] == [2, 0]
+    assert result["summary"]["max_loss_diff"] <= 1e-6 and result["summary"]["max_eval_diff"] <= 1e-6
+    assert result["summary"]["wall_ratio"] > 0 and "summary: wall_ratio=" in proc.stdout

@@ -38,6 +38,9 @@ Layout of data.latent_cache:
     train-text.safetensors             the text table (rows = distinct captions)
     train-captions.json                the distinct captions, in table order
     eval-*                             the same for the held-out pairs (no flips)
+    reference-errors/                  with data.reference_errors=on: the reference's stored DPO
+                                       errors (deradiff.training.reference_errors; `deradiff cache
+                                       ... --reference-epochs N` precomputes N epochs of them)
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                   "tokenizer_3")
 _ENCODER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+_DENOISER_PARTS = ("unet", "transformer")  # what makes the reference (deradiff.training.reference_errors)
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -147,8 +151,8 @@ def _component_folder(name_or_path: str, revision: str | None) -> Path | None:
         return None
 
 
-def _encoder_files(folder: Path, top_level: bool) -> list[Path]:
-    parts = [folder] if top_level else [folder / p for p in _ENCODER_PARTS]
+def _encoder_files(folder: Path, top_level: bool, parts: tuple[str, ...] = _ENCODER_PARTS) -> list[Path]:
+    parts = [folder] if top_level else [folder / p for p in parts]
     found = []
     for part in parts:
         if part.is_dir():
@@ -175,6 +179,23 @@ def model_identity(recipe) -> dict:
         vae_folder = _component_folder(m.vae_name_or_path, None)
         if vae_folder is not None:
             ident["vae_files"] = _files_digest(_encoder_files(vae_folder, top_level=True), vae_folder)
+    return ident
+
+
+def denoiser_identity(recipe) -> dict:
+    """What makes the reference denoiser (the UNet or transformer with its LoRA disabled): a
+    plug-in model's identity, else SHA-256 of the unet/ or transformer/ files where they are at
+    hand (as `model_identity` identifies the VAE and text encoders)."""
+    from deradiff.plugins import model_entry
+
+    m = recipe.model
+    entry = model_entry(m.name_or_path)
+    if entry is not None:
+        return {"model": m.name_or_path, **(entry.identity() if entry.identity else {})}
+    ident: dict[str, Any] = {"model": m.name_or_path, "revision": m.revision, "variant": m.variant}
+    folder = _component_folder(m.name_or_path, m.revision)
+    if folder is not None:
+        ident["files"] = _files_digest(_encoder_files(folder, top_level=False, parts=_DENOISER_PARTS), folder)
     return ident
 
 
@@ -574,6 +595,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="DataLoader workers decoding images (default: data.num_workers, else min(4, CPUs - 1))")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--reference-epochs", type=int, default=0, metavar="N",
+                        help="also store the reference's DPO errors of epochs 0..N-1 (and the held-out draws) where "
+                             "data.reference_errors says, so that every run of a sweep skips the reference forward "
+                             "(deradiff.training.reference_errors); 0 = only the latent cache")
 
 
 def run(args) -> int:
@@ -584,7 +609,15 @@ def run(args) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--shard-pairs", args.shard_pairs)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    epochs = args.reference_epochs
+    if epochs < 0 or (epochs and recipe.data.reference_errors == "off"):
+        raise UserError(f"--reference-epochs {epochs}: give N >= 0, and name where the errors go with "
+                        "data.reference_errors=on (inside the cache) or =DIR")
     workers = args.num_workers if args.num_workers is not None else recipe.data.num_workers
     build_cache(recipe, args.batch_size, args.shard_pairs, args.dtype, args.device, workers,
                 command=shlex.join(["deradiff", "cache", *sys.argv[2:]]))
+    if epochs:
+        from deradiff.training.reference_errors import precompute
+
+        precompute(recipe, epochs, args.batch_size, args.device)
     return 0

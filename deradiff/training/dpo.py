@@ -76,23 +76,55 @@ def dpo_errors(
 
 
 def dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning,
-                            pair_ids: list[int], seed: int, epoch: int, sampling: TimestepSampling | None = None):
-    """`dpo_errors` from scaled latents (2B, C, h, w): the B preferred, then the B rejected."""
+                            pair_ids: list[int], seed: int, epoch: int, sampling: TimestepSampling | None = None,
+                            ref_errors: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """`dpo_errors` from scaled latents (2B, C, h, w): the B preferred, then the B rejected.
+
+    ref_errors: the reference's (err_w, err_l), each (B,), when they are known already (stored by
+    an earlier run of a sweep, deradiff.training.reference_errors): the reference forward is
+    skipped and they are returned as they are (float32, on the latents' device).
+    """
     family = get_family(cond.family)
+    noisy, timesteps, target, both = _noised_pairs(family, noise_scheduler, latents, cond, pair_ids, seed, epoch,
+                                                   sampling)
+    model_pred = family.predict(unet, noisy, timesteps, both)
+    m_w, m_l = per_sample_mse(model_pred.float(), target.float()).chunk(2)
+    if ref_errors is None:
+        r_w, r_l = _reference_errors(family, reference_unet, noisy, timesteps, both, target)
+    else:
+        r_w, r_l = (e.to(latents.device, torch.float32) for e in ref_errors)
+        if r_w.shape != m_w.shape or r_l.shape != m_l.shape:
+            raise ValueError(f"ref_errors of shapes {tuple(r_w.shape)}, {tuple(r_l.shape)} for {len(pair_ids)} pairs")
+    return m_w, m_l, r_w, r_l
+
+
+def dpo_reference_errors(reference_unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning,
+                         pair_ids: list[int], seed: int, epoch: int, sampling: TimestepSampling | None = None):
+    """The reference half of `dpo_errors_from_latents` alone: (ref_err_w, ref_err_l), each (B,),
+    the same draws (what `deradiff cache --reference-epochs` stores)."""
+    family = get_family(cond.family)
+    noisy, timesteps, target, both = _noised_pairs(family, noise_scheduler, latents, cond, pair_ids, seed, epoch,
+                                                   sampling)
+    return _reference_errors(family, reference_unet, noisy, timesteps, both, target)
+
+
+def _noised_pairs(family, noise_scheduler, latents, cond, pair_ids, seed, epoch, sampling):
+    """(noisy latents, timesteps, target, conditioning), all 2B rows: pair i's two images share
+    its keyed noise and timestep."""
     device = latents.device
     noise = keyed_randn(latents.shape[1:], pair_ids, seed, epoch, salt=SALT_DPO_NOISE).to(device, latents.dtype)
     noise = noise.repeat(2, 1, 1, 1)
     timesteps = family.training_timesteps(noise_scheduler, pair_ids, seed, epoch, sampling).to(device).repeat(2)
     noisy, target = family.noised(noise_scheduler, latents, noise, timesteps)
-    both = cond.repeat(2)
-    model_pred = family.predict(unet, noisy, timesteps, both)
-    with torch.no_grad(), adapters_disabled(reference_unet):
+    return noisy, timesteps, target, cond.repeat(2)
+
+
+@torch.no_grad()
+def _reference_errors(family, reference_unet, noisy, timesteps, both, target):
+    """Per-sample MSE of the reference (adapters disabled), split into (w, l), each (B,)."""
+    with adapters_disabled(reference_unet):
         ref_pred = family.predict(reference_unet, noisy, timesteps, both)
-    model_err = per_sample_mse(model_pred.float(), target.float())
-    ref_err = per_sample_mse(ref_pred.float(), target.float())
-    m_w, m_l = model_err.chunk(2)
-    r_w, r_l = ref_err.chunk(2)
-    return m_w, m_l, r_w, r_l
+    return per_sample_mse(ref_pred.float(), target.float()).chunk(2)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,11 @@ def _cached_dpo(recipe, pipe, accelerator, settings) -> Method:
     caption embeddings are read, not computed; the losses are the uncached run's to float tolerance."""
     from deradiff.training.cache import cached_conditioning, cached_latents, collate_cached, open_cache
     from deradiff.training.dpo import dpo_errors_from_latents
+    from deradiff.training.reference_errors import agreement, open_store
 
     cache = open_cache(recipe)
+    store = open_store(recipe, cache, pipe.scheduler, accelerator.process_index, accelerator.print)
+    agree = agreement(accelerator)
     seed, device = recipe.trainer.seed, accelerator.device
     dataset = cache.pairs("train", seed, recipe.data.random_flip)
     eval_set = cache.pairs("eval", seed, False) if (recipe.data.eval_path or recipe.data.eval_split) else None
@@ -70,22 +73,32 @@ def _cached_dpo(recipe, pipe, accelerator, settings) -> Method:
     def errors(unet, batch: dict, epoch: int):
         latents = cached_latents(batch, batch["ids"], seed, epoch, cache.scaling_factor, cache.shift_factor, device)
         cond = cached_conditioning(batch, recipe.model.kind, recipe.data.resolution, device)
+        stored = store.lookup(batch["ids"], epoch, agree) if store is not None else None
         with accelerator.autocast():
-            return dpo_errors_from_latents(unet, accelerator.unwrap_model(unet), pipe.scheduler, latents, cond,
-                                           pair_ids=batch["ids"], seed=seed, epoch=epoch, sampling=settings.sampling)
+            errs = dpo_errors_from_latents(unet, accelerator.unwrap_model(unet), pipe.scheduler, latents, cond,
+                                           pair_ids=batch["ids"], seed=seed, epoch=epoch, sampling=settings.sampling,
+                                           ref_errors=stored)
+        if store is not None and stored is None:
+            store.add(batch["ids"], epoch, errs[2], errs[3])
+        return errs
 
-    return _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set)
+    return _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set, store)
 
 
-def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set) -> Method:
-    """The DPO Method around a pair dataset and an `errors(unet, batch, epoch)` function."""
+def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_set, store=None) -> Method:
+    """The DPO Method around a pair dataset and an `errors(unet, batch, epoch)` function; `store`:
+    the stored reference errors that `errors` reads and fills (deradiff.training.reference_errors)."""
     from deradiff.training.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy
 
-    m = recipe.method
+    m, t = recipe.method, recipe.trainer
     device = accelerator.device
 
     def step(unet, batch: dict, step_index: int, micro: int, epoch: int):
-        return diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
+        out = diffusion_dpo_loss(*errors(unet, batch, epoch), beta=m.beta, convention=m.beta_convention)
+        if store is not None and micro == t.gradient_accumulation - 1:  # write where a resume restarts
+            done = step_index + 1
+            store.maybe_flush(force=done % t.checkpoint_every == 0 or done >= t.max_steps)
+        return out
 
     @torch.no_grad()
     def evaluate(unet) -> dict[str, float]:
@@ -107,6 +120,8 @@ def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_se
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * len(ids) / m.eval_draws
             sums["dpo/ranking_acc"] += float(implicit_accuracy(margin).sum())
+        if store is not None:
+            store.flush()  # every evaluation draws the same held-out errors: the next one reads them
         keys = sorted(sums)
         totals = torch.tensor([sums[k] for k in keys] + [len(rows)], dtype=torch.float64, device=device)
         totals = accelerator.reduce(totals, reduction="sum")
@@ -115,8 +130,18 @@ def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_se
     describe = (f"beta={m.beta:g} ({m.beta_convention} convention: loss = -log sigmoid(-"
                 f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference)); "
                 f"{settings.describe()}")
+    data_stats = _pair_counts(dataset, accelerator)
+    if store is not None:
+        from deradiff.training.reference_errors import store_counts
+
+        describe += f"; reference errors stored in {store.folder}"
+        pair_counts = data_stats
+
+        def data_stats() -> dict[str, float]:
+            return {**pair_counts(), **store_counts(store, accelerator)}
+
     return Method("dpo", dataset, collate, step, describe, evaluate if eval_set is not None else None,
-                  data_stats=_pair_counts(dataset, accelerator), parallel_data=True)
+                  data_stats=data_stats, parallel_data=True)
 
 
 def _pair_counts(dataset, accelerator) -> Callable[[], dict[str, float]]:

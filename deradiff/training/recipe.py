@@ -145,6 +145,13 @@ class DataSection:
             instead of decoding images and running the VAE and text encoders, which are then not
             kept in memory. Refused when made for other data, model, resolution or augmentation.
             Needs data.random_crop=false and data.streaming=false. null = no cache.
+        reference_errors: dpo with data.latent_cache: store the frozen reference's per-pair
+            errors of each keyed (timestep, noise) draw and read them in later runs, which then
+            skip the reference forward (every run of a beta sweep draws the same ones; see
+            deradiff.training.reference_errors). "on": in data.latent_cache/reference-errors;
+            a folder path: there (e.g. when the cache folder is read-only); "off": not stored.
+            Stores made with other settings (seed, precision, model, ...) are noted and ignored.
+            Logged as data/reference_errors_stored and data/reference_errors_computed.
     """
 
     source: Literal["parquet", "hub", "toy"] = "parquet"
@@ -166,6 +173,7 @@ class DataSection:
     num_workers: int | None = None
     prefetch_factor: int = 2
     latent_cache: str | None = None
+    reference_errors: str = "off"
 
 
 @dataclass
@@ -349,6 +357,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "data.num_workers",
     "data.prefetch_factor",
     "data.latent_cache",  # checked against the recipe by its identity, wherever it lies
+    "data.reference_errors",  # stored errors are those the run computes (keyed by everything they depend on)
     "sample",
     "sweep",
 )
@@ -566,6 +575,8 @@ def _merge_item(cfg, key: str, value: Any, origin: str, errors: list[str]):
         errors.append(_unknown_key_message(key, origin))
         return cfg
     value = _unbool(schema[key], value)
+    if isinstance(value, bool) and key in _ON_OFF_KEYS:  # YAML reads on/off as booleans
+        value = "on" if value else "off"
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
@@ -576,6 +587,7 @@ def _merge_item(cfg, key: str, value: Any, origin: str, errors: list[str]):
         return cfg
 
 
+_ON_OFF_KEYS = ("data.reference_errors",)  # string keys whose words "on" / "off" YAML reads as booleans
 _YAML_BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
 
 
@@ -694,6 +706,10 @@ def validation_errors(recipe: Recipe) -> list[str]:
         from deradiff.training.cache import cache_problems
 
         e.extend(cache_problems(recipe))
+    if d.reference_errors != "off":
+        need(bool(d.reference_errors.strip()), "data.reference_errors is empty: use on, off or a folder path")
+        need(bool(d.latent_cache), "data.reference_errors stores errors of the latent cache's draws: set "
+             "data.latent_cache=DIR (made by `deradiff cache`) or data.reference_errors=off")
 
     if me.beta is None:
         e.append("method.beta is required: set it in the recipe or pass method.beta=... "
