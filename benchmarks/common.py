@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 from argparse import Namespace
 from collections.abc import Callable
 
 from deradiff.io import write_text_atomic
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def parse_and_run(p: argparse.ArgumentParser, script: str, approaches: tuple[str, ...], worker: Callable,

@@ -17,19 +17,14 @@ repeats; ratios are taken within this one run.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import parse_and_run, write_results
+from common import parse_and_run, peak_rss_mib, write_results
 
 APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "two_copies")
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build(unet_width: int, seed: int = 0):
@@ -74,7 +69,7 @@ def worker(approach: str, args) -> dict:
     with torch.no_grad():
         warm(["x"], num_inference_steps=2, height=args.size, width=args.size, output_type="latent")
     del warm
-    base_rss = _rss_mib()
+    base_rss = peak_rss_mib()
     pipe = build(args.width)
     reference = None
     if approach == "two_copies":
@@ -112,7 +107,7 @@ def worker(approach: str, args) -> dict:
         "approach": approach,
         "unet_params_m": n_params / 1e6,
         "sec_per_image": statistics.median(times) / args.batch,
-        "peak_mib": _rss_mib() - base_rss,
+        "peak_mib": peak_rss_mib() - base_rss,
         "checksum": float(out.double().abs().mean()),
     }
 

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
 import sys
 import time
 
-from common import parse_and_run, write_results
+from common import parse_and_run, peak_rss_mib, write_results
 
 APPROACHES = ("lora_toggle", "frozen_copy")
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _unet(width: int):
@@ -50,7 +45,7 @@ def worker(approach: str, args) -> dict:
     add_lora(warm, rank=4)
     warm(torch.randn(2, 4, 8, 8), 10, encoder_hidden_states=torch.randn(2, 4, 64)).sample.sum().backward()
     del warm
-    base_rss = _rss_mib()
+    base_rss = peak_rss_mib()
     torch.manual_seed(0)
     unet = _unet(args.width)
     unet.requires_grad_(False)
@@ -88,7 +83,7 @@ def worker(approach: str, args) -> dict:
         loss = step()
         times.append(time.perf_counter() - start)
     return {"approach": approach, "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
-            "sec_per_step": statistics.median(times), "peak_mib": _rss_mib() - base_rss, "loss": loss}
+            "sec_per_step": statistics.median(times), "peak_mib": peak_rss_mib() - base_rss, "loss": loss}
 
 
 def main(argv=None) -> int:

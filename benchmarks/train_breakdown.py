@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -39,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import peak_rss_mib, write_results
 
 
 def _byte_tokenizer(folder: Path, max_length: int):
@@ -244,7 +243,7 @@ def measure(args) -> dict:
     for name, dataset, coll in (("uncached", pairs, collate), ("cached", cached, cached_collate)):
         for w in sorted({0, workers}):
             out[f"{name}_workers{w}"] = loader_wait(dataset, coll, w, args.busy, steps)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
