@@ -65,7 +65,7 @@ def write_pairs(path: Path, n: int, seed: int) -> None:
 
 
 def recipe(args, world: Path, out: Path, beta: float, store: Path | None):
-    from deradiff.training.recipe import load_recipe
+    from deradiff.training.recipe_load import load_recipe
 
     return load_recipe(ROOT / "recipes" / "toy-dpo.yaml", [
         f"model.name_or_path={world / 'pipe'}", f"data.path={world / 'train.parquet'}",

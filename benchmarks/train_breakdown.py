@@ -171,7 +171,7 @@ def measure(args) -> dict:
     from deradiff.training.data_order import default_num_workers
     from deradiff.training.dpo import dpo_errors_from_latents, encode_latents
     from deradiff.training.losses import diffusion_dpo_loss
-    from deradiff.training.recipe import load_recipe
+    from deradiff.training.recipe_load import load_recipe
 
     torch.set_num_threads(args.threads)
     workers = default_num_workers() if args.workers is None else args.workers

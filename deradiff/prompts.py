@@ -57,6 +57,15 @@ def describe_sets() -> str:
     return f"a text file, hf:<dataset>[:<split>], or a named set ({named})"
 
 
+def names_a_set(spec: str) -> bool:
+    """Whether `load_prompts` reads `spec` as a named set (registered, a hub set, hpsv2 or
+    hf:<dataset>) rather than as a text file."""
+    from deradiff.plugins import prompt_set_entry
+
+    name = spec.partition(":")[0]
+    return prompt_set_entry(name) is not None or name in HUB_SETS or name in ("hpsv2", "hf")
+
+
 def load_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
     """The prompts of `spec` (see the module docstring), at most `max_prompts`, duplicates dropped."""
     from deradiff.plugins import prompt_set_entry

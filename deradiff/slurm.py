@@ -129,7 +129,8 @@ def run_finished(recipe) -> bool:
 
 def load_checked(recipe_path: str, overrides: list[str]):
     """Load, validate and preflight a recipe (the checks align.py makes before loading models)."""
-    from deradiff.training.recipe import load_recipe, preflight
+    from deradiff.training.recipe_checks import preflight
+    from deradiff.training.recipe_load import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     preflight(recipe)
@@ -138,7 +139,7 @@ def load_checked(recipe_path: str, overrides: list[str]):
 
 def sweep_points(recipe) -> list[tuple[int, float, object]]:
     """(array index, lambda, point recipe) for every sweep point; refuses foreign run directories."""
-    from deradiff.training.recipe import check_resume, sweep_recipes
+    from deradiff.training.recipe_runs import check_resume, sweep_recipes
 
     if not recipe.sweep.lambdas:
         raise UserError("the recipe has no sweep (sweep.lambdas is empty): use `deradiff slurm submit align`, "
@@ -246,7 +247,7 @@ def submit_training(args: argparse.Namespace, kind: str) -> list[str]:
     world = args.nodes * procs
     batch = recipe.trainer.per_device_batch_size * world * recipe.trainer.gradient_accumulation
     if kind == "align":
-        from deradiff.training.recipe import check_resume
+        from deradiff.training.recipe_runs import check_resume
 
         if recipe.sweep.lambdas:
             print("note: the recipe has a sweep; `align` trains it in one job, one point after another "
@@ -374,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _finished_main(argv: list[str]) -> int:
     """`python -m deradiff.slurm finished <align.py arguments>`: 0 if that run/point is finished."""
-    from deradiff.training.recipe import load_recipe, sweep_recipes
+    from deradiff.training.recipe_load import load_recipe
+    from deradiff.training.recipe_runs import sweep_recipes
 
     try:
         recipe = load_recipe(argv)

@@ -119,7 +119,7 @@ def trained_run(toy_world, tmp_path_factory):
     the trained pipeline as it was when the trainer saved it. -> (pipe, run_dir)."""
     from deradiff.training import trainer
     from deradiff.training.methods import METHODS
-    from deradiff.training.recipe import load_recipe
+    from deradiff.training.recipe_load import load_recipe
 
     run_dir = tmp_path_factory.mktemp("alpha_run") / "run"
     recipe = load_recipe(ROOT / "recipes" / "toy-dpo.yaml", [
@@ -153,7 +153,7 @@ def trained_run(toy_world, tmp_path_factory):
 def test_trained_lora_run_folder_reloads_as_the_trained_model(trained_run):
     from deradiff.models import load_pipeline
     from deradiff.realign import realigned
-    from deradiff.training.recipe import load_resolved
+    from deradiff.training.recipe_runs import load_resolved
 
     trained, run_dir = trained_run
     cfg = trained.unet.peft_config["default"]

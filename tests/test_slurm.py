@@ -176,7 +176,8 @@ def _finish(point_dir: Path, steps: int) -> None:
 
 
 def test_sweep_submits_only_unfinished_points(recording_sbatch, fake_data, tmp_path, capsys):
-    from deradiff.training.recipe import load_recipe, save_resolved, sweep_recipes
+    from deradiff.training.recipe_load import load_recipe
+    from deradiff.training.recipe_runs import save_resolved, sweep_recipes
 
     argv = _sweep_argv(tmp_path, fake_data)
     points = sweep_recipes(load_recipe(argv[2], argv[3:]))
@@ -197,7 +198,8 @@ def test_sweep_submits_only_unfinished_points(recording_sbatch, fake_data, tmp_p
 
 
 def test_sweep_refuses_run_dir_of_a_different_recipe(recording_sbatch, fake_data, tmp_path, capsys):
-    from deradiff.training.recipe import load_recipe, save_resolved, sweep_recipes
+    from deradiff.training.recipe_load import load_recipe
+    from deradiff.training.recipe_runs import save_resolved, sweep_recipes
 
     argv = _sweep_argv(tmp_path, fake_data)
     _, point = sweep_recipes(load_recipe(argv[2], argv[3:]))[2]

@@ -27,12 +27,14 @@ from deradiff.errors import UserError
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        from deradiff.training.recipe import recipe_keys
+        from deradiff.training.recipe_load import recipe_keys
 
         print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/training/recipe.py for meanings):\n  "
               + "\n  ".join(recipe_keys()))
         return 0
-    from deradiff.training.recipe import check_resume, load_recipe, preflight, sweep_recipes
+    from deradiff.training.recipe_checks import preflight
+    from deradiff.training.recipe_load import load_recipe
+    from deradiff.training.recipe_runs import check_resume, sweep_recipes
 
     try:
         recipe = load_recipe(argv)  # validated: unknown keys, types, ranges, cross-field checks

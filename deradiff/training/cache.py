@@ -526,7 +526,7 @@ def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str
     from deradiff.models import load_pipeline
     from deradiff.training.data import load_preference_dataset
     from deradiff.training.data_order import default_num_workers
-    from deradiff.training.recipe import prefs_hint
+    from deradiff.training.recipe_checks import prefs_hint
 
     problems = cache_problems(recipe)
     if not recipe.data.latent_cache:
@@ -602,7 +602,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from deradiff.training.recipe import load_recipe, preflight
+    from deradiff.training.recipe_checks import preflight
+    from deradiff.training.recipe_load import load_recipe
 
     recipe = load_recipe(args.items)
     preflight(recipe, check_cache=False)

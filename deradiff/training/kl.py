@@ -324,9 +324,9 @@ class RolloutStore:
 
 def training_prompts(recipe) -> list[str]:
     """The training prompts: data.prompts, or the model's registered default set (see
-    deradiff.training.recipe.prompt_spec), read by deradiff.prompts.load_prompts."""
+    deradiff.training.recipe_checks.prompt_spec), read by deradiff.prompts.load_prompts."""
     from deradiff.prompts import load_prompts
-    from deradiff.training.recipe import prompt_spec
+    from deradiff.training.recipe_checks import prompt_spec
 
     return load_prompts(prompt_spec(recipe))
 

@@ -18,7 +18,7 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
     from deradiff.training.conditioning import encode_prompts
     from deradiff.training.data import collate_pairs, load_preference_dataset
     from deradiff.training.dpo import dpo_errors, dpo_settings
-    from deradiff.training.recipe import prefs_hint
+    from deradiff.training.recipe_checks import prefs_hint
 
     hint = prefs_hint(recipe)
     device = accelerator.device

@@ -263,7 +263,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from deradiff.training.recipe import save_resolved
+    from deradiff.training.recipe_runs import save_resolved
 
     accelerator = make_accelerator(recipe, run_dir)
     t = recipe.trainer

@@ -38,7 +38,8 @@ def fake_run(root, name, rank=4, info=None, summary=None, metrics=None, recipe=N
     if metrics is not None:
         (root / name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     if recipe is not None:
-        from deradiff.training.recipe import Recipe, save_resolved
+        from deradiff.training.recipe import Recipe
+        from deradiff.training.recipe_runs import save_resolved
 
         r = Recipe()
         r.method.beta, r.model.name_or_path, r.lora.rank = recipe["beta"], recipe["base"], rank

@@ -12,7 +12,7 @@ import torch
 
 from deradiff.errors import UserError
 from deradiff.training.cache import build_cache, open_cache
-from deradiff.training.recipe import load_recipe
+from deradiff.training.recipe_load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")

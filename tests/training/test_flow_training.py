@@ -186,7 +186,8 @@ def test_flow_dpo_two_processes_match_one_process(sd3_world, sd3_run, tmp_path):
 
 def test_flow_recipe_checks_and_the_memoryless_warning():
     from deradiff.errors import UserError
-    from deradiff.training.recipe import load_recipe, recipe_warnings
+    from deradiff.training.recipe_checks import recipe_warnings
+    from deradiff.training.recipe_load import load_recipe
 
     base = ["method.beta=0.01", "model.kind=sd3", "method.name=kl_grad", "sample.scheduler=flow_euler"]
     with pytest.raises(UserError) as err:

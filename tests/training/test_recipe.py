@@ -11,24 +11,17 @@ from pathlib import Path
 import pytest
 
 from deradiff.errors import UserError
-from deradiff.training.recipe import (
+from deradiff.training.recipe import Recipe
+from deradiff.training.recipe_checks import preflight, prompt_spec, validate, validation_errors
+from deradiff.training.recipe_load import RECIPES_DIR, load_recipe, parse_cli, recipe_keys, shipped_recipes
+from deradiff.training.recipe_runs import (
     RECIPE_FILE,
-    RECIPES_DIR,
-    Recipe,
     check_resume,
     diff_recipes,
-    load_recipe,
     load_resolved,
-    parse_cli,
-    preflight,
-    prompt_spec,
-    recipe_keys,
     recipe_to_yaml,
     save_resolved,
-    shipped_recipes,
     sweep_recipes,
-    validate,
-    validation_errors,
 )
 
 REQUIRED = {"toy-dpo", "toy-kl-grad", "toy-kl-pg", "toy-sweep", "toy-kl-sweep", "sd15-dpo-pickapic", "sdxl-dpo-pickapic", "sd15-kl-pickscore"}

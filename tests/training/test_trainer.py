@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deradiff.training.recipe import load_recipe
+from deradiff.training.recipe_load import load_recipe
 from deradiff.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -333,7 +333,7 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_loading(monke
     import shutil
 
     from deradiff.errors import UserError
-    from deradiff.training.recipe import preflight
+    from deradiff.training.recipe_checks import preflight
 
     recipe = load_recipe(ROOT / "recipes" / "toy-kl-grad.yaml", ["trainer.compile=true"])
     monkeypatch.setattr(shutil, "which", lambda name: None)
