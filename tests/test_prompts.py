@@ -59,3 +59,11 @@ def test_text_file_and_registered_sets(tmp_path):
         load_prompts(str(tmp_path / "empty.txt"))
     with pytest.raises(UserError, match="unknown toy prompt set"):
         load_prompts("toy:val")
+
+
+@pytest.mark.parametrize("spec, named", [("hpsv2:anime", True), ("hf:a/b", True), ("toy:test", True),
+                                         ("partiprompts", True), ("missing.txt", False)])
+def test_names_a_set_tells_registered_and_hub_sets_from_files(spec, named):
+    from deradiff.prompts import names_a_set
+
+    assert names_a_set(spec) is named
