@@ -1,4 +1,5 @@
-"""The toy world as a plug-in: registers its pipeline ("toy"), its prompt sets ("toy:train",
+"""The toy world as a plug-in: registers its pipelines ("toy", a tiny StableDiffusionPipeline;
+"toy-flow", its flow-matching twin, a tiny StableDiffusion3Pipeline), its prompt sets ("toy:train",
 "toy:test", "toy:all"), its fidelity judge ("toy": classifier adherence, KID, diversity) and its
 rewards ("toy": vividness; "toy_contrast": luminance contrast, another optimum) through the same
 registries a real model family, prompt set or reward uses."""
@@ -31,6 +32,25 @@ def _load_pipeline(dtype=None, device: str = "cpu"):
 
     pipe = load_toy_pipeline().to(device)
     return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def _load_flow_pipeline(dtype=None, device: str = "cpu"):
+    import torch
+
+    from deradiff.toy.flow import load_flow_pipeline
+
+    pipe = load_flow_pipeline().to(device)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+
+
+def _flow_identity() -> dict:
+    """The shipped flow twin's manifest hash: re-pretrained weights make other samples."""
+    from deradiff.io import sha256_file
+    from deradiff.toy.flow import FLOW_ASSET_DIR
+    from deradiff.toy.store import MANIFEST_NAME
+
+    manifest = FLOW_ASSET_DIR / MANIFEST_NAME
+    return {"toy_flow_manifest_sha256": sha256_file(manifest) if manifest.exists() else None}
 
 
 def _pipeline_identity() -> dict:
@@ -91,12 +111,20 @@ def _judge_identity(weights: str | None) -> dict:
 
 def register() -> None:
     from deradiff.rewards import RewardEntry, register_reward
+    from deradiff.toy.flow import T5_TOKENS, flow_sampling_kwargs
     from deradiff.toy.pipeline import toy_sampling_kwargs
 
     register_model("toy", ModelEntry(
         load=_load_pipeline, help="the embedded toy world (tiny StableDiffusionPipeline, shipped weights)",
         family="sd15", sampling_defaults=toy_sampling_kwargs(), check_prompt=_check_prompt,
         identity=_pipeline_identity, default_prompts="toy:train", prefs_hint=PREFS_HINT,
+    ))
+    register_model("toy-flow", ModelEntry(
+        load=_load_flow_pipeline,
+        help=f"the toy world's flow-matching twin (tiny StableDiffusion3Pipeline without T5, shipped weights; "
+             f"encode prompts with max_sequence_length={T5_TOKENS})",
+        family="sd3", sampling_defaults=flow_sampling_kwargs(), check_prompt=_check_prompt,
+        identity=_flow_identity, default_prompts="toy:train", prefs_hint=PREFS_HINT,
     ))
     register_prompt_set("toy", PromptSetEntry(
         read=_read_prompts, splits=("train", "test", "all"), default_split="train",

@@ -14,6 +14,7 @@ The asset root it writes (default: the package's `deradiff/toy/assets/`) holds `
 
     deradiff toy pretrain                       # about 30 min on 2 CPU cores
     deradiff toy pretrain --out /tmp/toy --unet-steps 50 --vae-steps 50 --eval-images 16   # smoke
+    deradiff toy pretrain --family flow         # the SD3-style twin (deradiff.toy.flow_pretrain)
 """
 
 from __future__ import annotations
@@ -147,45 +148,41 @@ def _snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tens
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_denoiser(latents: torch.Tensor, caption_ids: torch.Tensor, cfg: PretrainConfig, progress: bool = True):
-    """Train UNet + text encoder on `latents` (already scaled to unit std). Returns both with
-    their EMA weights copied in, in eval mode."""
-    from diffusers import DDPMScheduler
+def caption_tokens(tokenizer) -> torch.Tensor:
+    """(49, MAX_LENGTH) token ids of all_captions() and, as the last row, the empty prompt."""
+    texts = [*all_captions(), ""]
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def fit_denoiser(params: list[nn.Parameter], latents: torch.Tensor, caption_ids: torch.Tensor, loss_of,
+                 steps: int, batch: int, lr: float, cfg: PretrainConfig, gen: torch.Generator,
+                 desc: str, progress: bool = True) -> None:
+    """The denoiser training loop shared by the UNet and the flow transformer: AdamW with warmup
+    + cosine, shuffled epochs over the latent pool, caption dropout to the empty prompt (the
+    last text row, for classifier-free guidance), gradient clipping, EMA weights copied into
+    `params` at the end.
+
+    loss_of(x0, rows, gen) -> scalar loss: x0 (B, 4, 16, 16) latents, rows (B,) indices into
+    [*all_captions(), ""]; it draws its noise from `gen` after the dropout draw.
+    """
     from diffusers.training_utils import EMAModel
 
-    from deradiff.toy.pipeline import SCHEDULER_CONFIG, build_text_encoder, build_unet
-    from deradiff.toy.tokenizer import build_toy_tokenizer
-
-    torch.manual_seed(cfg.seed + 5)
-    unet, text_encoder = build_unet().train(), build_text_encoder().train()
-    tokenizer = build_toy_tokenizer()
-    texts = [*all_captions(), ""]  # the last row is the unconditional prompt
-    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt").input_ids
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    uncond_row = len(all_captions())
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
-    sched = _cosine(opt, cfg.unet_steps, warmup=min(200, cfg.unet_steps // 10 + 1))
-    gen = torch.Generator().manual_seed(cfg.seed + 6)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = _cosine(opt, steps, warmup=min(200, steps // 10 + 1))
     n = latents.shape[0]
     order = torch.randperm(n, generator=gen)
-    bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        start = (step * cfg.unet_batch) % n
-        if start + cfg.unet_batch > n:  # new epoch: reshuffle
+        start = (step * batch) % n
+        if start + batch > n:  # new epoch: reshuffle
             order, start = torch.randperm(n, generator=gen), 0
-        idx = order[start : start + cfg.unet_batch]
-        x0 = latents[idx]
+        idx = order[start : start + batch]
         rows = caption_ids[idx].clone()
-        rows[torch.rand(len(idx), generator=gen) < cfg.caption_dropout] = len(texts) - 1
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        cond = text_encoder(tokens[rows])[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * _snr_weights(noise_scheduler, t, cfg.snr_gamma)).mean()
+        rows[torch.rand(len(idx), generator=gen) < cfg.caption_dropout] = uncond_row
+        loss = loss_of(latents[idx], rows, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -195,32 +192,90 @@ def train_denoiser(latents: torch.Tensor, caption_ids: torch.Tensor, cfg: Pretra
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
+
+
+def train_denoiser(latents: torch.Tensor, caption_ids: torch.Tensor, cfg: PretrainConfig, progress: bool = True):
+    """Train UNet + text encoder on `latents` (already scaled to unit std): epsilon loss with
+    min-SNR weighting. Returns both with their EMA weights copied in, in eval mode."""
+    from diffusers import DDPMScheduler
+
+    from deradiff.toy.pipeline import SCHEDULER_CONFIG, build_text_encoder, build_unet
+    from deradiff.toy.tokenizer import build_toy_tokenizer
+
+    torch.manual_seed(cfg.seed + 5)
+    unet, text_encoder = build_unet().train(), build_text_encoder().train()
+    tokens = caption_tokens(build_toy_tokenizer())
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+
+    def loss_of(x0: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(tokens[rows])[0]).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        return (per_sample * _snr_weights(noise_scheduler, t, cfg.snr_gamma)).mean()
+
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    gen = torch.Generator().manual_seed(cfg.seed + 6)
+    fit_denoiser(params, latents, caption_ids, loss_of, cfg.unet_steps, cfg.unet_batch, cfg.unet_lr, cfg, gen,
+                 "unet", progress)
     return unet.eval(), text_encoder.eval()
 
 
 # -- the whole run ---------------------------------------------------------------------------------
 
 
+def with_threads(threads: int, fn, *args):
+    """fn(*args) with torch using `threads` CPU threads; the previous count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def versions() -> dict[str, str]:
+    """Library versions the weights depend on (recorded in quality.json)."""
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write_asset_root(out: Path, pipe, results: dict, classifier=None) -> None:
+    """Replace the asset root `out` with pipeline/, classifier/ (if given), quality.json and the
+    manifest. Asset roots nested in the old `out` (the flow twin in the package's assets) are
+    carried over unchanged."""
+    import shutil
+
+    from deradiff.toy.classifier import save_classifier
+    from deradiff.toy.pipeline import PIPELINE_SUBDIR
+    from deradiff.toy.store import nested_roots, write_manifest
+
+    with atomic_dir(out) as tmp:
+        for nested in nested_roots(out) if out.is_dir() else []:
+            shutil.copytree(nested, tmp / nested.relative_to(out))
+        pipe.save_pretrained(tmp / PIPELINE_SUBDIR, safe_serialization=True)
+        if classifier is not None:
+            save_classifier(classifier, tmp / "classifier")
+        # unsorted keys, as shipped: quality.json is hashed into the manifest
+        write_text_atomic(tmp / "quality.json", json.dumps(results, indent=2) + "\n")
+        write_manifest(tmp)
+
+
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike, progress: bool = True) -> dict:
     """Run all stages and write the asset root `out` (replaced at the end). Returns the
     measurements also written to `out/quality.json`. Restores torch's thread count after."""
     cfg.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _pretrain(cfg, Path(out), progress)
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(cfg.threads, _pretrain, cfg, Path(out), progress)
 
 
 def _pretrain(cfg: PretrainConfig, out: Path, progress: bool) -> dict:
-    import diffusers
-    import transformers
-
-    from deradiff.toy.classifier import evaluate_classifier, save_classifier, train_classifier
-    from deradiff.toy.pipeline import PIPELINE_SUBDIR, assemble_pipeline
+    from deradiff.toy.classifier import evaluate_classifier, train_classifier
+    from deradiff.toy.pipeline import assemble_pipeline
     from deradiff.toy.quality import measure_quality
-    from deradiff.toy.store import write_manifest
 
     timings: dict[str, float] = {}
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -254,44 +309,62 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool) -> dict:
     results = {
         "quality": asdict(report), "classifier": classifier_acc, "vae": vae_quality,
         "vae_scaling_factor": scaling, "timings": timings, "config": asdict(cfg),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "command": "deradiff toy pretrain",
+        "versions": versions(), "command": "deradiff toy pretrain",
     }
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp / PIPELINE_SUBDIR, safe_serialization=True)
-        save_classifier(classifier, tmp / "classifier")
-        # unsorted keys, as shipped: quality.json is hashed into the manifest
-        write_text_atomic(tmp / "quality.json", json.dumps(results, indent=2) + "\n")
-        write_manifest(tmp)
+    write_asset_root(out, pipe, results, classifier)
     return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deradiff.toy.store import ASSET_DIR
+    from deradiff.toy.flow_pretrain import FlowPretrainConfig
 
-    d = PretrainConfig()
-    parser.add_argument("--out", default=str(ASSET_DIR),
-                        help="asset root to write (replaced at the end); default: the package's shipped assets")
+    d, f = PretrainConfig(), FlowPretrainConfig()
+    parser.add_argument("--family", choices=["unet", "flow"], default="unet",
+                        help="unet: the whole toy (classifier, VAE, UNet; assets/); flow: the SD3-style twin's "
+                             "transformer on the shipped VAE and text encoder (assets/flow/)")
+    parser.add_argument("--out", default=None,
+                        help="asset root to write (replaced at the end); default: the package's shipped assets "
+                             "(assets/ or assets/flow/)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="torch CPU threads; results are reproducible for a fixed thread count")
     parser.add_argument("--classifier-steps", type=int, default=d.classifier_steps,
-                        help="classifier optimizer steps (batch 64)")
-    parser.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE optimizer steps (batch {d.vae_batch})")
-    parser.add_argument("--pool-size", type=int, default=d.pool_size,
-                        help="images encoded once to latents for the UNet stage")
+                        help="classifier optimizer steps (batch 64; unet family)")
+    parser.add_argument("--vae-steps", type=int, default=d.vae_steps,
+                        help=f"VAE optimizer steps (batch {d.vae_batch}; unet family)")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help=f"images encoded once to latents for the denoiser stage (default {d.pool_size}; "
+                             f"flow family {f.pool_size})")
     parser.add_argument("--unet-steps", type=int, default=d.unet_steps,
-                        help=f"UNet + text encoder optimizer steps (batch {d.unet_batch})")
+                        help=f"UNet + text encoder optimizer steps (batch {d.unet_batch}; unet family)")
+    parser.add_argument("--transformer-steps", type=int, default=f.steps,
+                        help=f"SD3 transformer optimizer steps (batch {f.batch}; flow family)")
+    parser.add_argument("--base", default=None,
+                        help="flow family: UNet toy asset root whose VAE, text encoder and classifier it uses "
+                             "(default: the shipped one)")
     parser.add_argument("--eval-images", type=int, default=d.eval_images,
                         help="generated images scored by the classifier at the end")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PretrainConfig(
-        seed=args.seed, threads=args.threads, classifier_steps=args.classifier_steps, vae_steps=args.vae_steps,
-        pool_size=args.pool_size, unet_steps=args.unet_steps, eval_images=args.eval_images,
-    )
-    results = pretrain(cfg, args.out)
-    print(f"wrote {args.out} in {results['timings']['total_s'] / 60:.1f} min")
+    from deradiff.toy.store import ASSET_DIR
+
+    if args.family == "flow":
+        from deradiff.toy.flow import FLOW_ASSET_DIR
+        from deradiff.toy.flow_pretrain import FlowPretrainConfig, pretrain_flow
+
+        pool = {} if args.pool_size is None else {"pool_size": args.pool_size}
+        flow = FlowPretrainConfig(seed=args.seed, threads=args.threads, steps=args.transformer_steps,
+                                  eval_images=args.eval_images, base=args.base, **pool)
+        out = args.out or str(FLOW_ASSET_DIR)
+        results = pretrain_flow(flow, out)
+    else:
+        pool = {} if args.pool_size is None else {"pool_size": args.pool_size}
+        cfg = PretrainConfig(
+            seed=args.seed, threads=args.threads, classifier_steps=args.classifier_steps, vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps, eval_images=args.eval_images, **pool,
+        )
+        out = args.out or str(ASSET_DIR)
+        results = pretrain(cfg, out)
+    print(f"wrote {out} in {results['timings']['total_s'] / 60:.1f} min")
     return 0

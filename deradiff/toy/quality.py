@@ -5,6 +5,7 @@ default sampler, seeded per batch) and returns color/shape/background accuracy. 
 
     deradiff toy sample-check                      # shipped pipeline, 512 images, test prompts
     deradiff toy sample-check --path DIR --images 96 --guidance 5
+    deradiff toy sample-check --family flow        # the flow-matching twin (assets/flow/)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class QualityReport:
         return (
             f"color {self.color:.1%} ± {self.color_ci:.1%}, shape {self.shape:.1%} ± {self.shape_ci:.1%}, "
             f"background {self.background:.1%} ± {self.background_ci:.1%} on {self.n} images "
-            f"(guidance {self.guidance_scale}, {self.num_inference_steps} DDIM steps); quality bar "
+            f"(guidance {self.guidance_scale}, {self.num_inference_steps} sampling steps); quality bar "
             f"color >= {QUALITY_BAR['color']:.0%}, shape >= {QUALITY_BAR['shape']:.0%}: "
             f"{'PASS' if self.passes() else 'FAIL'}"
         )
@@ -98,35 +99,52 @@ def measure_quality(pipe, classifier=None, n: int = 512, captions: list[str] | N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deradiff.toy.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
+    parser.add_argument("--family", choices=["unet", "flow"], default="unet",
+                        help="unet: the toy StableDiffusionPipeline; flow: its StableDiffusion3Pipeline twin")
     parser.add_argument("--path", default=None,
-                        help="asset root written by `deradiff toy pretrain --out DIR` (default: the shipped weights)")
+                        help="asset root written by `deradiff toy pretrain [--family flow] --out DIR` "
+                             "(default: the shipped weights)")
+    parser.add_argument("--classifier", default=None,
+                        help="asset root or folder of the classifier (default: --path for unet, else the shipped one)")
     parser.add_argument("--images", type=int, default=512, help="number of images to generate and classify")
     parser.add_argument("--prompts", default="test", choices=["test", "train", "all"],
                         help="caption set cycled over the images")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM sampling steps")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the family's sampler's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's sampler's)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first batch's generator")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _load(args: argparse.Namespace):
+    """(pipeline, classifier, default sampling kwargs) of --family at --path."""
+    from deradiff.toy.classifier import load_classifier
+
+    if args.family == "flow":
+        from deradiff.toy.flow import flow_sampling_kwargs, load_flow_pipeline, resolve_flow_root
+
+        return (load_flow_pipeline(resolve_flow_root(args.path)), load_classifier(args.classifier),
+                flow_sampling_kwargs())
+    from deradiff.toy.pipeline import load_toy_pipeline, resolve_asset_root, toy_sampling_kwargs
+
+    root = resolve_asset_root(args.path)
+    return load_toy_pipeline(root), load_classifier(args.classifier or root), toy_sampling_kwargs()
+
+
 def run(args: argparse.Namespace) -> int:
     from deradiff.errors import UserError
-    from deradiff.toy.classifier import load_classifier
-    from deradiff.toy.pipeline import load_toy_pipeline, resolve_asset_root
     from deradiff.toy.prompts import prompt_set
 
-    if args.images < 1 or args.steps < 1 or args.batch_size < 1:
+    if args.images < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise UserError("--images, --steps and --batch-size must be positive")
-    root = resolve_asset_root(args.path)
-    pipe = load_toy_pipeline(root)
-    classifier = load_classifier(root)
-    report = measure_quality(
-        pipe, classifier, n=args.images, captions=prompt_set(args.prompts), batch_size=args.batch_size,
-        seed=args.seed, progress=True, guidance_scale=args.guidance, num_inference_steps=args.steps,
-    )
+    pipe, classifier, sampling = _load(args)
+    if args.guidance is not None:
+        sampling["guidance_scale"] = args.guidance
+    if args.steps is not None:
+        sampling["num_inference_steps"] = args.steps
+    report = measure_quality(pipe, classifier, n=args.images, captions=prompt_set(args.prompts),
+                             batch_size=args.batch_size, seed=args.seed, progress=True, **sampling)
     print(json.dumps(asdict(report), indent=2) if args.json else report.summary())
     return 0 if report.passes() else 1
