@@ -168,24 +168,23 @@ def _read_ahead(produce: Iterator, depth: int) -> Iterator:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(item) -> bool:
+        """Put `item` for the consumer; False once the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for element in produce:
-                while not stop.is_set():
-                    try:
-                        ready.put((element, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((element, None)):
                     return
         except BaseException as err:  # handed to the consumer, raised there, unless it has stopped
-            while not stop.is_set():
-                try:
-                    ready.put((None, err), timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            hand_over((None, err))
 
     thread = threading.Thread(target=work, name="deradiff-stream-reader", daemon=True)
     thread.start()
