@@ -159,9 +159,13 @@ def _stream_batches(order: StreamOrder, dataset, collate, rank: int, start: int)
         step += 1
 
 
+READER_JOIN_S = 60.0  # how long closing a read-ahead waits for the element being read
+
+
 def _read_ahead(produce: Iterator, depth: int) -> Iterator:
     """`produce`'s elements, computed by a background thread up to `depth` ahead (decoding and
-    resizing release the GIL). Its exception is re-raised here; closing stops the thread."""
+    resizing release the GIL). Its exception is re-raised here; closing stops the thread, closes
+    `produce` in it and waits for it (at most READER_JOIN_S)."""
     import queue
     import threading
 
@@ -185,6 +189,11 @@ def _read_ahead(produce: Iterator, depth: int) -> Iterator:
                     return
         except BaseException as err:  # handed to the consumer, raised there, unless it has stopped
             hand_over((None, err))
+        finally:
+            # In this thread: a stream left open here would be torn down by interpreter exit while
+            # its native reader threads still run (seen as "terminate called without an active
+            # exception", status -6).
+            getattr(produce, "close", lambda: None)()
 
     thread = threading.Thread(target=work, name="deradiff-stream-reader", daemon=True)
     thread.start()
@@ -196,6 +205,7 @@ def _read_ahead(produce: Iterator, depth: int) -> Iterator:
             yield element
     finally:
         stop.set()
+        thread.join(READER_JOIN_S)
 
 
 def _report(dataset) -> dict | None:
@@ -251,6 +261,8 @@ def batches(order: DataOrder | StreamOrder, dataset, collate, start_step: int, r
             yield batch, epoch
     except UserError as err:  # raised in a worker: DataLoader adds the worker's traceback
         raise UserError(_worker_message(str(err))) from None
+    finally:
+        getattr(loader, "close", lambda: None)()  # now, not at garbage collection: stops the reader
 
 
 def _worker_message(text: str) -> str:

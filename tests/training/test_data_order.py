@@ -52,3 +52,41 @@ def test_stream_order_walks_positions_wraps_epochs_and_keys_uniquely_per_rank():
 def test_stream_order_refuses_a_stream_with_nothing_in_it():
     with pytest.raises(UserError, match="no usable pair"):
         StreamOrder(per_device=2, processes=1, accumulation=1).rows(FakeStream(0), 0, 0, rank=0)
+
+
+def test_closing_a_read_ahead_stops_and_closes_its_producer_before_returning():
+    """The consumer stopping early (end of training) must leave no reader thread running and the
+    producer closed in it: a stream still open at interpreter exit aborts the process."""
+    import threading
+    import time
+
+    from deradiff.training.data_order import _read_ahead
+
+    closed = threading.Event()
+
+    def produce():
+        try:
+            for i in range(1000):
+                time.sleep(0.01)  # reading one element takes a while
+                yield i
+        finally:
+            closed.set()
+
+    reader = _read_ahead(produce(), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()
+    assert closed.is_set()
+    assert not any(t.name == "deradiff-stream-reader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_read_ahead_raises_its_producers_error_in_the_consumer():
+    from deradiff.training.data_order import _read_ahead
+
+    def produce():
+        yield 1
+        raise UserError("bad row 7")
+
+    reader = _read_ahead(produce(), depth=1)
+    assert next(reader) == 1
+    with pytest.raises(UserError, match="bad row 7"):
+        next(reader)
