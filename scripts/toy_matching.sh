@@ -15,6 +15,10 @@
 #       {0.25, 0.5, 1, 2, 4}; the lambda = 1 run is realigned; path-KL budget 50 nats
 #   FAMILY=kl: recipes/toy-kl-sweep.yaml, toy-kl-grad at beta0 = 1e-6 / lambda, lambda in
 #       {0.1, 1, 10, 100}; path-KL budget 500 nats
+#   FAMILY=flow-dpo: the flow-matching twin (model toy-flow, a StableDiffusion3Pipeline):
+#       recipes/toy-flow-sweep.yaml, Flow-DPO at beta0 = 1000 / lambda, lambda in {0.25, 0.5, 1, 2, 4},
+#       on pairs sampled by the twin; sampled with the flow SDE (flow_sde, noise level 0.7) so every
+#       image gets its path KL; path-KL budget 50 nats
 # Cost on 2 idle cores (estimated from the committed reports' timings, docs/README.md): FAMILY=dpo
 # 12-16 min (8-11 of them training the sweep; about 4 min with the sweep already trained),
 # FAMILY=kl about 19 min (15.5 of them training). Sampling: about 1,350 images per family.
@@ -32,15 +36,20 @@ case "$FAMILY" in
     dpo)
         SWEEP="$RUNS/toy-sweep"; RECIPE=recipes/toy-sweep.yaml
         LAMS=(0.25 0.5 1 2 4); GRID="0 0.5 1 2 4 8"; MAX_PATH_KL="${MAX_PATH_KL:-50}"
-        SAMPLER=(--steps "${SAMPLE_STEPS:-25}")
+        SAMPLER=(--steps "${SAMPLE_STEPS:-25}" --scheduler ddim --eta 1.0)
         DATA=(data.path="$RUNS/toy-prefs/train.parquet" data.eval_path="$RUNS/toy-prefs/test.parquet");;
     kl)
         SWEEP="$RUNS/toy-kl-sweep"; RECIPE=recipes/toy-kl-sweep.yaml
         LAMS=(0.1 1 10 100); GRID="0 0.3 1 3 10 30"; MAX_PATH_KL="${MAX_PATH_KL:-500}"
-        SAMPLER=(--steps "${SAMPLE_STEPS:-20}" --guidance 3)
+        SAMPLER=(--steps "${SAMPLE_STEPS:-20}" --guidance 3 --scheduler ddim --eta 1.0)
         DATA=();;
+    flow-dpo)
+        PREFS="$RUNS/toy-flow-prefs"; SWEEP="$RUNS/toy-flow-sweep"; RECIPE=recipes/toy-flow-sweep.yaml
+        LAMS=(0.25 0.5 1 2 4); GRID="0 0.5 1 2 4 8"; MAX_PATH_KL="${MAX_PATH_KL:-50}"
+        SAMPLER=(--steps "${SAMPLE_STEPS:-10}" --scheduler flow_sde)
+        DATA=(data.path="$PREFS/train.parquet" data.eval_path="$PREFS/test.parquet");;
     *)
-        echo "FAMILY must be dpo or kl, got '$FAMILY'" >&2; exit 2;;
+        echo "FAMILY must be dpo, kl or flow-dpo, got '$FAMILY'" >&2; exit 2;;
 esac
 OUT="${OUT:-docs/toy-matching$([ "$FAMILY" = dpo ] || echo "-$FAMILY")}"
 EVAL="$RUNS/toy-matching-$FAMILY"
@@ -48,16 +57,18 @@ EVAL="$RUNS/toy-matching-$FAMILY"
 # in the matching table but no test of its own (realignment at lambda 1 reproduces it exactly).
 BASELINES=()
 for lam in "${LAMS[@]}"; do BASELINES+=("$SWEEP/lambda-$lam"); done
-# DDIM with eta = 1 (stochastic) so every image gets its emulated path KL; the same prompts, seeds
-# and noise for every arm.
+# A stochastic sampler (DDIM with eta = 1; the flow SDE) so every image gets its emulated path KL;
+# the same prompts, seeds and noise for every arm.
 read -r -a SEED_ARGS <<< "$SEEDS"
-EVAL_ARGS=(--lora "$SWEEP/lambda-1" --prompts toy:test --seeds "${SEED_ARGS[@]}" "${SAMPLER[@]}"
-           --scheduler ddim --eta 1.0 --reward toy)
+EVAL_ARGS=(--lora "$SWEEP/lambda-1" --prompts toy:test --seeds "${SEED_ARGS[@]}" "${SAMPLER[@]}" --reward toy)
 [ -z "${MAX_PROMPTS:-}" ] || EVAL_ARGS+=(--max-prompts "$MAX_PROMPTS")
 
 step "1/4 the sweep: $RECIPE at beta0 / lambda for lambda in ${LAMS[*]} (one after another)"
 if [ "$FAMILY" = dpo ] && [ ! -f "$RUNS/toy-prefs/train.parquet" ]; then
     "$BIN/deradiff" toy make-prefs --out "$RUNS/toy-prefs" --threads 2
+fi
+if [ "$FAMILY" = flow-dpo ] && [ ! -f "$PREFS/train.parquet" ]; then
+    "$BIN/deradiff" toy make-prefs --family flow --out "$PREFS" --pairs-per-prompt 32 --threads 1
 fi
 align recipe="$RECIPE" trainer.output_dir="$SWEEP" "${DATA[@]}" "${TRAIN_OVERRIDES[@]}"
 

@@ -2,8 +2,10 @@
 
     deradiff toy make-prefs --out data/toy-prefs                 # shipped toy pipeline
     deradiff toy make-prefs --out /tmp/p --pairs-per-prompt 4 --steps 10   # a quick small set
+    deradiff toy make-prefs --family flow --out data/toy-flow-prefs  # from the flow-matching twin
 
-For each prompt, two images are sampled from the pretrained toy pipeline with different seeds
+For each prompt, two images are sampled from the pretrained toy pipeline (the UNet toy, or with
+--family flow its flow-matching twin, Euler ODE) with different seeds
 and labelled by a Bradley-Terry model on the toy reward r (deradiff.toy.reward, computed on the
 stored 8-bit images):
 
@@ -69,6 +71,7 @@ CORRUPT_KINDS = {
     ),
 }
 TEST_SEED_OFFSET = 10_000_000  # test pairs draw seeds far from train pairs'
+FAMILIES = ("unet", "flow")
 
 
 @dataclass
@@ -76,7 +79,8 @@ class PrefsConfig:
     """Settings of one synthetic preference set (see the module docstring)."""
 
     out: str = "data/toy-prefs"
-    pipeline: str | None = None  # toy asset root; None = the shipped weights
+    family: str = "unet"  # "unet": the toy StableDiffusionPipeline; "flow": its SD3 twin (toy-flow)
+    pipeline: str | None = None  # toy asset root of that family; None = the shipped weights
     pairs_per_prompt: int = 56  # x 36 train prompts = 2016 train pairs
     test_pairs_per_prompt: int = 16  # x 12 test prompts = 192 test pairs
     seed: int = 0
@@ -91,6 +95,8 @@ class PrefsConfig:
 
     def validate(self) -> None:
         errors = []
+        if self.family not in FAMILIES:
+            errors.append(f"--family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.pairs_per_prompt < 1 or self.test_pairs_per_prompt < 1:
             errors.append("--pairs-per-prompt and --test-pairs-per-prompt must be >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -110,8 +116,11 @@ class PrefsConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PrefsConfig()
     p.add_argument("--out", default=d.out, help="output folder for train/test/corrupt parquet files and meta.json")
+    p.add_argument("--family", choices=FAMILIES, default=d.family,
+                   help="unet: sample the toy StableDiffusionPipeline (DDIM); flow: its StableDiffusion3Pipeline "
+                        "twin, model toy-flow (flow-matching Euler; 10 steps pass the toy quality bar too)")
     p.add_argument("--pipeline", default=d.pipeline,
-                   help="toy asset folder from `deradiff toy pretrain --out`; unset: the shipped weights")
+                   help="toy asset folder from `deradiff toy pretrain [--family flow] --out`; unset: the shipped weights")
     p.add_argument("--pairs-per-prompt", type=int, default=d.pairs_per_prompt,
                    help="pairs per train prompt (36 train prompts)")
     p.add_argument("--test-pairs-per-prompt", type=int, default=d.test_pairs_per_prompt,
@@ -122,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-fraction", type=float, default=d.tie_fraction,
                    help="fraction of pairs (per split) with the smallest reward gap labelled as ties 0.5/0.5")
     p.add_argument("--steps", type=int, default=d.steps,
-                   help="DDIM steps (the toy sampler uses 25; 10 draws the same quality 2.3x faster)")
+                   help="sampling steps (the toy samplers use 25; 10 draws the same quality 2.3x faster)")
     p.add_argument("--guidance", type=float, default=d.guidance, help="guidance scale (default: the toy sampler's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per pipeline call")
     p.add_argument("--corrupt", type=int, default=d.corrupt,
@@ -285,16 +294,16 @@ def split_stats(columns: dict[str, list]) -> dict:
 
 def make_prefs(cfg: PrefsConfig, pipe=None) -> dict:
     """Build the preference set described by `cfg` (see the module docstring); returns meta.
-    `pipe`: a toy StableDiffusionPipeline to use instead of loading cfg.pipeline (tests)."""
-    from deradiff.toy.pipeline import load_toy_pipeline, toy_sampling_kwargs
+    `pipe`: a toy pipeline of cfg.family to use instead of loading cfg.pipeline (tests)."""
     from deradiff.toy.prompts import test_prompts, train_prompts
 
     cfg.validate()
     start = time.perf_counter()
     out = Path(cfg.out)
+    load, sampling_kwargs = _family_pipeline(cfg.family)
     if pipe is None:
-        pipe = load_toy_pipeline(cfg.pipeline)
-    call = toy_sampling_kwargs()
+        pipe = load(cfg.pipeline)
+    call = sampling_kwargs()
     if cfg.steps is not None:
         call["num_inference_steps"] = cfg.steps
     if cfg.guidance is not None:
@@ -322,6 +331,17 @@ def make_prefs(cfg: PrefsConfig, pipe=None) -> dict:
     meta["seconds"] = round(time.perf_counter() - start, 1)
     _write_json(out / "meta.json", meta)
     return meta
+
+
+def _family_pipeline(family: str):
+    """(load(asset_root), sampling_kwargs()) of the toy pipeline of `family`."""
+    if family == "flow":
+        from deradiff.toy.flow import flow_sampling_kwargs, load_flow_pipeline
+
+        return load_flow_pipeline, flow_sampling_kwargs
+    from deradiff.toy.pipeline import load_toy_pipeline, toy_sampling_kwargs
+
+    return load_toy_pipeline, toy_sampling_kwargs
 
 
 def load_prefs(directory: str | os.PathLike, splits: tuple[str, ...] = ("train", "test"), cache_dir=None):

@@ -301,15 +301,18 @@ def load_recipe(
         path = source
     cfg = OmegaConf.structured(Recipe)
     errors: list[str] = []
+    given: set[str] = set()
     if path is not None:
         file = resolve_recipe_path(path)
         for key, value in _flatten(_read_yaml(file)):
             cfg = _merge_item(cfg, key, value, f"in {file}", errors)
+            given.add(key)
     for item in overrides:
         if _split_item(item)[0] == "recipe":
             raise UserError(f"{item!r}: pass the recipe file as the source, not as an override")
         key, value = _parse_override(item)
         cfg = _merge_item(cfg, key, value, "on the command line", errors)
+        given.add(key)
     if errors:
         raise UserError(format_errors(errors))
     try:
@@ -318,8 +321,25 @@ def load_recipe(
         raise UserError(f"cannot resolve recipe: {str(err).splitlines()[0]}") from None
     # Older names of values, read as today's, so that saved run recipes load and compare equal.
     recipe.data.source = _SOURCE_ALIASES.get(recipe.data.source, recipe.data.source)
+    _apply_model_defaults(recipe, given)
     validate(recipe)
     return recipe
+
+
+def _apply_model_defaults(recipe: Recipe, given: set[str]) -> None:
+    """Fill model.kind and model.max_sequence_length, where the recipe leaves them unset, from the
+    plug-in that registers model.name_or_path (its family; the prompt length it was trained with,
+    e.g. the toy-flow twin's single T5 placeholder token). Values the recipe gives are kept."""
+    from deradiff.plugins import model_entry
+
+    entry = model_entry(recipe.model.name_or_path)
+    if entry is None:
+        return
+    if "model.kind" not in given and entry.family in get_args(_schema()["model.kind"]):
+        recipe.model.kind = entry.family
+    length = entry.sampling_defaults.get("max_sequence_length")
+    if "model.max_sequence_length" not in given and length is not None:
+        recipe.model.max_sequence_length = length
 
 
 _SOURCE_ALIASES = {"toy": "parquet"}  # data.source "toy" was the toy world's parquet files

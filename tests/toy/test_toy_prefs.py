@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deradiff.errors import UserError
@@ -182,3 +183,31 @@ def test_bad_input_stops_before_sampling(tmp_path, capsys, flag, value, match):
 def test_config_validate_collects_errors():
     with pytest.raises(UserError, match="temperature.*steps"):
         PrefsConfig(temperature=-1, steps=0).validate()
+
+
+def test_flow_family_samples_the_flow_twin_and_writes_the_same_format(tmp_path):
+    """--family flow: pairs drawn by the shipped StableDiffusion3Pipeline twin with its own sampler
+    settings (one T5 placeholder token), same columns and labels as the UNet family."""
+    from deradiff.toy.flow import load_flow_pipeline
+
+    cfg = PrefsConfig(out=str(tmp_path / "flow"), family="flow", pairs_per_prompt=1, test_pairs_per_prompt=1,
+                      steps=2, batch_size=96, corrupt=0)
+    meta = make_prefs(cfg)
+    assert meta["sampler"]["max_sequence_length"] == 1 and meta["sampler"]["num_inference_steps"] == 2
+    ds = load_prefs(tmp_path / "flow", cache_dir=str(tmp_path / "hf_cache"))
+    assert len(ds["train"]) == len(train_prompts()) and len(ds["test"]) == len(_test_prompts())
+    row = ds["test"][0]
+    first = _decode(row["jpg_0"])
+    # the first test image is the flow twin's sample for that caption and seed (not the UNet toy's)
+    pipe = load_flow_pipeline()
+    from deradiff.toy.flow import flow_sampling_kwargs
+
+    direct = pipe([row["caption"]], generator=[torch.Generator().manual_seed(row["seed_0"])],
+                  **{**flow_sampling_kwargs(), "num_inference_steps": 2}).images
+    expect = (direct.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()[0]
+    assert np.array_equal(first, expect)
+
+
+def test_unknown_family_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="--family must be one of unet, flow"):
+        make_prefs(PrefsConfig(out=str(tmp_path), family="dit"))

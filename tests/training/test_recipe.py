@@ -52,7 +52,7 @@ def test_every_shipped_recipe_loads_validates_and_documents_its_launch(path):
     assert len(header) >= 2, "a recipe opens with comment lines: purpose and launch command"
     assert f"recipe=recipes/{path.name}" in "\n".join(header), "the header shows the exact launch command"
     if path.stem.startswith("toy"):
-        assert recipe.model.name_or_path == "toy" and recipe.data.source == "parquet"
+        assert recipe.model.name_or_path in ("toy", "toy-flow") and recipe.data.source == "parquet"
         assert recipe.data.resolution <= 64 and recipe.trainer.per_device_batch_size <= 32
     else:
         assert "/" in recipe.model.name_or_path  # a real hub id
@@ -120,6 +120,23 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     same = load_recipe([f"recipe={path}", "trainer.lr=1e-4", "lora.target_modules=[to_q,to_v]", "model.revision=abc"])
     assert same == recipe
     assert load_recipe(path, ["model.revision=null"]).model.revision is None
+
+
+def test_a_registered_model_fills_the_kind_and_prompt_length_it_was_trained_with(tmp_path):
+    """toy-flow registers family sd3 and one T5 placeholder token: a recipe naming it needs neither;
+    values the recipe gives win, and unregistered models keep the schema defaults."""
+    recipe = load_recipe(None, ["model.name_or_path=toy-flow", "sample.scheduler=flow_euler", "method.beta=100"])
+    assert (recipe.model.kind, recipe.model.max_sequence_length) == ("sd3", 1)
+    given = load_recipe(None, ["model.name_or_path=toy-flow", "sample.scheduler=flow_euler", "method.beta=100",
+                               "model.max_sequence_length=7"])
+    assert given.model.max_sequence_length == 7
+    yaml_file = tmp_path / "r.yaml"
+    yaml_file.write_text("model:\n  name_or_path: toy-flow\n  kind: sd15\n")
+    assert load_recipe(yaml_file, ["method.beta=100"]).model.kind == "sd15"  # the file's kind is kept (and checked at load)
+    toy = load_recipe(None, ["model.name_or_path=toy", "method.beta=100"])
+    assert (toy.model.kind, toy.model.max_sequence_length) == ("sd15", None)
+    folder = load_recipe(None, [f"model.name_or_path={tmp_path}", "method.beta=100"])
+    assert (folder.model.kind, folder.model.max_sequence_length) == ("sd15", None)
 
 
 def test_parse_cli_splits_recipe_from_overrides():
