@@ -65,6 +65,13 @@ def lora_run(path: str | os.PathLike) -> LoraRun:
                    _training_seconds(run_dir))
 
 
+def trained_base(path: str | os.PathLike, default: str) -> str:
+    """The base model a LoRA was trained on (its lora_info.json, else its run's recipe.yaml), so
+    that a LoRA of toy-flow or SDXL is sampled on its own base without naming it; `default` when
+    the LoRA records none (e.g. a file from elsewhere)."""
+    return lora_run(path).base or default
+
+
 def _recipe_fields(path: Path) -> dict:
     """method.beta and model.name_or_path of a run's resolved recipe, read as plain YAML data
     (the evaluation reads a training run's files, never the training code)."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from deradiff.errors import UserError
-from deradiff.evaluation.baselines import resolve_lora
+from deradiff.evaluation.baselines import resolve_lora, trained_base
 from deradiff.evaluation.results import RESULTS
 from deradiff.io import sha256_file, write_json_atomic
 
@@ -197,6 +197,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     merged = {**base, **given, "device": args.device, "batch_size": args.batch_size}
     if not merged.get("lora"):
         raise UserError("which LoRA? pass --lora (a training run folder, LoRA folder or .safetensors file)")
+    if "pipeline" not in merged:
+        merged["pipeline"] = trained_base(merged["lora"], DEFAULT_PIPELINE)
     cfg = EvalConfig(**merged)
     check_config(cfg)
     return cfg

@@ -130,7 +130,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="aligned LoRA: training run folder, LoRA folder or .safetensors file; or several named "
                    "LoRAs (color=runs/a contrast=runs/b) mixed by lambda vectors (--lam color=1.5,contrast=0.5)")
     p.add_argument("--pipeline", default=unset,
-                   help="a registered model (e.g. toy), a local diffusers folder or a hub id (default: toy)")
+                   help="a registered model (e.g. toy, toy-flow), a local diffusers folder or a hub id (default: the "
+                   "base the LoRA was trained on, from its lora_info.json or run recipe; else toy)")
     p.add_argument("--prompts", default=unset, help=f"prompt set: {describe_sets()} (default: toy:test)")
     p.add_argument("--max-prompts", default=unset, type=positive_int, help="use only the first N prompts of the set")
     p.add_argument("--seeds", default=unset, nargs="+", type=int,

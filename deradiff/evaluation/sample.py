@@ -26,6 +26,8 @@ import torch
 from tqdm import tqdm
 
 from deradiff.errors import UserError
+from deradiff.evaluation.baselines import trained_base
+from deradiff.evaluation.config import DEFAULT_PIPELINE
 from deradiff.evaluation.lams import LAM_POLICY, Lam, lambda_arg
 from deradiff.evaluation.options import add_sampler_arguments, check_lora_lams, parse_loras
 from deradiff.evaluation.sampling import Sampler, check_prompts, load_sampler, save_png
@@ -36,7 +38,8 @@ OUTPUTS = ("samples.jsonl", "grid.png", "images")  # what a sample folder holds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", default="toy", help="a registered model (e.g. toy), a local diffusers folder, or a hub id")
+    p.add_argument("--pipeline", help="a registered model (e.g. toy, toy-flow), a local diffusers folder, or a hub id "
+                   "(default: the base the LoRA was trained on, from its lora_info.json or run recipe; else toy)")
     p.add_argument("--lora", nargs="+", metavar="[NAME=]PATH",
                    help="aligned LoRA: a .safetensors file or a diffusers-format folder; or several named "
                    "LoRAs (color=runs/a/lora contrast=runs/b/lora) mixed by lambda vectors in --lam")
@@ -94,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
         for path in loras.values() if isinstance(loras, dict) else [loras]:
             resolve_lora_file(path)
+    if args.pipeline is None:
+        first = next(iter(loras.values())) if isinstance(loras, dict) else loras
+        args.pipeline = trained_base(first, DEFAULT_PIPELINE) if first else DEFAULT_PIPELINE
     check_prompts(args.pipeline, prompts)
     out = Path(args.out)
     check_out(out, args.overwrite)

@@ -58,6 +58,28 @@ def test_lora_run_reads_rank_beta_base_and_training_time(tmp_path):
     assert baseline_lambda(1000.0, 250.0) == 4.0 and baseline_lambda(1.0, 3.0) == pytest.approx(0.333333)
 
 
+def test_evaluate_and_sample_default_to_the_base_the_lora_was_trained_on(tmp_path):
+    """No --pipeline: a LoRA trained on toy-flow is sampled on toy-flow (not the default toy UNet,
+    which it does not fit); a given --pipeline wins; a LoRA recording no base falls back to toy."""
+    import argparse
+
+    from deradiff.evaluation.baselines import trained_base
+    from deradiff.evaluation.config import config_from_args
+
+    flow = fake_run(tmp_path, "flow", info={"beta": 100, "base": "toy-flow"})
+    bare = fake_run(tmp_path, "bare")
+    assert trained_base(flow, "toy") == "toy-flow" and trained_base(bare, "toy") == "toy"
+
+    def config(**given):
+        args = argparse.Namespace(out=str(tmp_path / "e"), device="cpu", batch_size=8, prompts="toy:test",
+                                  max_prompts=1, **given)
+        return config_from_args(args)
+
+    assert config(lora=[str(flow)]).pipeline == "toy-flow"
+    assert config(lora=[str(flow)], pipeline="toy").pipeline == "toy"
+    assert config(lora=[str(bare)]).pipeline == "toy"
+
+
 def test_mismatched_baselines_are_refused_with_the_mismatch(tmp_path):
     aligned = lora_run(fake_run(tmp_path, "aligned", info={"beta": 1.0, "base": "toy"}))
     ok = lora_run(fake_run(tmp_path, "ok", info={"beta": 2.0, "base": "toy"}))
