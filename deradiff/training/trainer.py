@@ -168,7 +168,8 @@ def prepare_pipeline(recipe, accelerator):
     from deradiff.models import load_pipeline
 
     m = recipe.model
-    pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
+    with _whole_modules(accelerator):
+        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
     dtype = weight_dtype(accelerator)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
         module = getattr(pipe, name, None)
@@ -191,6 +192,28 @@ def prepare_pipeline(recipe, accelerator):
         compile_denoiser(denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def _whole_modules(accelerator) -> Iterator[None]:
+    """Inside the block, transformers builds models whole, not sharded by deepspeed.zero.Init.
+
+    Under ZeRO-3 accelerate registers its DeepSpeed config with transformers whatever
+    zero3_init_flag says, so the pipeline's text encoders would be partitioned at load time: our
+    own forward calls (prompt encoding) would then see empty weights, and ranks loading components
+    in different orders desynchronize zero.Init's broadcasts. Only the denoiser is DeepSpeed's, in
+    accelerator.prepare.
+    """
+    if not _zero3(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 FROZEN_ENCODERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -243,19 +266,43 @@ def _register_lora_only_checkpointing(accelerator, unet) -> None:
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(accelerator.unwrap_model(unet)).items()},
-                      os.path.join(output_dir, "lora.safetensors"))
+        with _whole_lora(accelerator, unet):  # every rank calls the hook
+            if accelerator.is_main_process:
+                save_file({k: v.detach().cpu().contiguous()
+                           for k, v in lora_state_dict(accelerator.unwrap_model(unet)).items()},
+                          os.path.join(output_dir, "lora.safetensors"))
         weights.clear()
 
     def load_hook(models, input_dir):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(os.path.join(input_dir, "lora.safetensors")))
+        if not _zero3(accelerator):  # ZeRO-3's engine restored its LoRA shards (and their fp32 masters) itself
+            set_peft_model_state_dict(accelerator.unwrap_model(unet),
+                                      load_file(os.path.join(input_dir, "lora.safetensors")))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _zero3(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextmanager
+def _whole_lora(accelerator, unet) -> Iterator[None]:
+    """Inside the block the LoRA parameters hold their whole values on every rank. Under ZeRO-3
+    each rank keeps only its shard (the parameter itself is an empty tensor); a collective then:
+    every rank enters the block. Elsewhere it does nothing."""
+    if not _zero3(accelerator):
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
@@ -380,16 +427,18 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     bar.close()
     accelerator.wait_for_everyone()
     save_sample_grid(recipe, pipe, accelerator, run_dir / "samples" / f"step-{state.step:06d}.png")
-    if accelerator.is_main_process:
-        setattr(pipe, denoiser_name(pipe), accelerator.unwrap_model(unet))
-        summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last, **perf.totals()}
-        with writes_into(run_dir, f"the final LoRA and summary.json were not written; checkpoint "
-                                  f"step-{state.step:06d} and metrics.jsonl are intact"):
-            save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
-                                                         "base": recipe.model.name_or_path, "step": state.step})
-            write_json_atomic(run_dir / "summary.json", summary)
-        accelerator.print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in summary.items()) + f" | LoRA: {run_dir / 'lora' / LORA_WEIGHT_NAME}")
+    with _whole_lora(accelerator, unet):  # ZeRO-3: gathered on every rank, written by the main one
+        if accelerator.is_main_process:
+            setattr(pipe, denoiser_name(pipe), accelerator.unwrap_model(unet))
+            summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last, **perf.totals()}
+            with writes_into(run_dir, f"the final LoRA and summary.json were not written; checkpoint "
+                                      f"step-{state.step:06d} and metrics.jsonl are intact"):
+                save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
+                                                             "base": recipe.model.name_or_path, "step": state.step})
+                write_json_atomic(run_dir / "summary.json", summary)
+            accelerator.print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in summary.items())
+                              + f" | LoRA: {run_dir / 'lora' / LORA_WEIGHT_NAME}")
     accelerator.end_training()
     return last
 
