@@ -353,7 +353,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     if accelerator.is_main_process:
         save_resolved(recipe, run_dir)
         accelerator.init_trackers("deradiff")
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves slices: ds_numel is the whole
     accelerator.print(
         f"{method.name}: {method.describe} | {n_trainable / 1e6:.2f}M trainable LoRA params | global batch "
         f"{order.global_batch} = {t.per_device_batch_size} per device x {accelerator.num_processes} processes x "
