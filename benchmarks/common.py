@@ -38,12 +38,14 @@ def run_workers(script: str, approaches: list[str], args: Namespace) -> dict[str
     for approach in approaches:
         cmd = [sys.executable, script, "--worker", approach] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:  # the worker's own error, not only "exit status 1"
+            raise RuntimeError(f"worker {approach} failed ({out.returncode}):\n{out.stderr[-3000:]}")
         results[approach] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 
 
-def write_results(path: str, args: Namespace, results: dict, summary: dict) -> None:
-    """{"config", "results", "summary"} as JSON at `path`, written atomically."""
+def write_results(path: str, args: Namespace, results: dict, summary: dict, **sections) -> None:
+    """{"config", "results", "summary", *sections} as JSON at `path`, written atomically."""
     write_text_atomic(path, json.dumps({"config": {k: v for k, v in vars(args).items() if k != "worker"},
-                                        "results": results, "summary": summary}, indent=2))
+                                        "results": results, "summary": summary, **sections}, indent=2))

@@ -55,3 +55,36 @@ def test_sweep_benchmark_tiny_shares_the_reference_errors_and_agrees(tmp_path):
     assert [r["stored"] for r in shared] == [0, 2] and [r["computed"] for r in shared] == [2, 0]
     assert result["summary"]["max_loss_diff"] <= 1e-6 and result["summary"]["max_eval_diff"] <= 1e-6
     assert result["summary"]["wall_ratio"] > 0 and "summary: wall_ratio=" in proc.stdout
+
+
+@pytest.mark.slow
+def test_realign_benchmark_flow_family_tiny(tmp_path):
+    """benchmarks/realign.py --family flow at the smallest size: an SD3 pipeline whose MM-DiT carries
+    a LoRA, all four approaches, and the three realigned ones (LoRA toggle on two forwards or one
+    doubled batch, or a second transformer with the LoRA merged) sample the same latents."""
+    out = tmp_path / "realign_flow.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "realign.py"), "--family", "flow", "--width", "128", "--size", "16",
+         "--steps", "1", "--repeats", "1", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["family"] == "flow" and result["config"]["width"] == 128
+    setup = result["setup"]
+    assert setup["denoiser"] == "SD3Transformer2DModel" and setup["latent_shape"] == [1, 16, 8, 8]
+    assert setup["denoiser_config"]["num_attention_heads"] * setup["denoiser_config"]["attention_head_dim"] == 128
+    assert setup["denoiser_params_m"] > 10 * setup["other_components_params_m"]  # the transformer dominates
+    results = result["results"]
+    assert list(results) == ["aligned_only", "two_forward", "mixed_batch", "two_copies"]
+    for name, r in results.items():
+        assert r["sec_per_image"] > 0 and r["sec_per_step"] > 0, name
+        assert r["peak_mib"] >= 0 and r["transformer_params_m"] > 0, name
+    assert results["two_copies"]["transformer_params_m"] == pytest.approx(setup["denoiser_params_m"])  # LoRA merged
+    assert results["aligned_only"]["time_ratio_vs_aligned_only"] == 1.0
+    assert results["two_copies"]["mem_ratio_vs_two_copies"] == 1.0
+    summary = result["summary"]
+    assert summary["realigned_checksum_rel_spread"] <= 1e-5
+    assert summary["two_forward_mem_vs_two_copies"] > 0 and summary["mixed_batch_time_vs_aligned_only"] > 0
+    assert "two_copies" in proc.stdout and "targets:" in proc.stdout

@@ -54,17 +54,19 @@ def _vae16():
     ).eval()
 
 
-def build_tiny_sd3(tmp_dir):
+def build_tiny_sd3(tmp_dir, num_layers: int = 2, num_attention_heads: int = 4, attention_head_dim: int = 8):
     """SD3-shaped: two CLIP encoders with projection + T5, an MM-DiT on 16-channel 16x16 latents.
 
-    Classifier-free guidance batches [uncond; cond] rows when guidance_scale > 1.
+    Classifier-free guidance batches [uncond; cond] rows when guidance_scale > 1. The MM-DiT's
+    depth and width (heads x head dim) are parameters so benchmarks can size it up.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
-        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_DIM, caption_projection_dim=32,
+        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=num_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=T5_DIM,
+        caption_projection_dim=num_attention_heads * attention_head_dim,  # the text stream runs at the model width
         pooled_projection_dim=64, pos_embed_max_size=16,
     ).eval()
     pipe = StableDiffusion3Pipeline(
