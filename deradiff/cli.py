@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("deradiff.evaluation.sample", "sample images from a (realigned) pipeline and write a grid + path KL"),
     "evaluate": ("deradiff.evaluation.evaluate", "sample a lambda grid x prompts x seeds (realigned, weight-scaled, retrained) and score it; resumable, shardable"),
     "search": ("deradiff.evaluation.search", "choose lambda from realigned samples only (budgeted or weighted objective, golden-section, bootstrap)"),
+    "adapt": ("deradiff.evaluation.adapt", "choose lambda per prompt from a pilot on few seeds, then compare with the best single lambda on fresh seeds (paired intervals)"),
     "validate": ("deradiff.evaluation.validate", "realigned vs baselines retrained at beta0/lambda: per-metric gaps with intervals, compute saved"),
     "report": ("deradiff.evaluation.report", "report.md + CSV/JSON tables + plots (reward vs lambda, frontier, image grid) of an evaluation folder"),
     "cache": ("deradiff.training.cache", "encode a DPO recipe's preference pairs once (VAE latents of both flips + caption embeddings) into data.latent_cache"),

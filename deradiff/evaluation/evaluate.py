@@ -92,9 +92,11 @@ Job = tuple[str, Lam, int, int]  # arm, lambda, prompt id, seed
 class Evaluator:
     """Samples and scores the rows an evaluation folder is missing; loads models only if needed.
 
-    `ensure(arm, lams, prompt_ids)` returns the table rows of those arm x lams x prompt_ids x
-    seeds, sampling the missing (or corrupt) ones first. OUT/config.json is written when the
-    first image is about to be stored, so a run that fails before leaves the folder open.
+    `ensure(arm, lams, prompt_ids, seeds)` returns the table rows of those arm x lams x prompt_ids
+    x seeds (default: every prompt, the folder's seeds; `seeds` picks some of them, e.g. the pilot
+    seeds of `deradiff adapt`), sampling the missing (or corrupt) ones first. OUT/config.json is
+    written when the first image is about to be stored, so a run that fails before leaves the
+    folder open.
     """
 
     def __init__(self, cfg: EvalConfig, out: str | os.PathLike, shard: tuple[int, int] = (0, 1),
@@ -128,7 +130,7 @@ class Evaluator:
         """arm name -> lambda = beta0 / beta of each retrained baseline."""
         return {arm: constant(baseline_lambda(self.beta0, b.beta)) for arm, b in self.baselines.items()}
 
-    def _jobs(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int]) -> list[Job]:
+    def _jobs(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int], seeds: Sequence[int]) -> list[Job]:
         jobs = []
         for lam in lams:
             if arm != REALIGNED and lam.is_vector:
@@ -136,7 +138,7 @@ class Evaluator:
                                 "sample vectors with the realigned arm only")
             if arm != REALIGNED and lam.value is None:
                 raise UserError(f"arm {arm} needs constant lambdas, got schedule {lam}")
-            jobs += [(arm, lam, pid, seed) for pid in prompt_ids for seed in self.cfg.seeds]
+            jobs += [(arm, lam, pid, seed) for pid in prompt_ids for seed in seeds]
         return jobs
 
     def _check_named(self, arm: str, lams: Sequence[Lam]) -> None:
@@ -154,12 +156,16 @@ class Evaluator:
         arm, lam, pid, seed = job
         return arm, lam.name, self.cfg.prompts[pid], seed
 
-    def ensure(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int] | None = None) -> list[dict]:
+    def ensure(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int] | None = None,
+               seeds: Sequence[int] | None = None) -> list[dict]:
         if arm not in (REALIGNED, LORA_SCALE) and arm not in self.baselines:
             raise UserError(f"unknown arm {arm!r}; known: {[REALIGNED, LORA_SCALE, *self.baselines]}")
         prompt_ids = list(range(len(self.cfg.prompts)) if prompt_ids is None else prompt_ids)
+        seeds = list(self.cfg.seeds if seeds is None else seeds)
+        if not set(seeds) <= set(self.cfg.seeds):  # the folder's identity names every seed it holds
+            raise ValueError(f"seeds {sorted(set(seeds) - set(self.cfg.seeds))} are not among {self.cfg.seeds}")
         self._check_named(arm, lams)
-        jobs = self._jobs(arm, lams, prompt_ids)
+        jobs = self._jobs(arm, lams, prompt_ids, seeds)
         todo = []
         for job in jobs:
             key = self._key(job)

@@ -2,9 +2,10 @@
 
     deradiff report --eval runs/eval            # writes runs/eval/report/
 
-Reads what evaluate / search / validate left in the folder (results.jsonl, config.json,
-commands.txt, search.json, validation.json) and writes:
-  report.md                 what was run, the chosen lambda, the validation verdicts, the tables
+Reads what evaluate / search / validate / adapt left in the folder (results.jsonl, config.json,
+commands.txt, search.json, validation.json, adapt.json) and writes:
+  report.md                 what was run, the chosen lambda, the validation verdicts, the per-prompt
+                            (adaptive) lambda against the single one, the tables
   summary.{csv,json}        per arm and lambda: every metric's mean over prompts with its interval
   validation.{csv,json}     per baseline and metric: realigned, retrained, gap (if validated)
   matching.csv              the matching test: per distance (KID, each metric), realigned lambda
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deradiff.errors import UserError
+from deradiff.evaluation.adapt import ADAPT, adapt_markdown
 from deradiff.evaluation.config import CONFIG, load_saved_config
 from deradiff.evaluation.results import (
     LORA_SCALE,
@@ -194,7 +196,8 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
     if x_metric and rewards:
         plot_frontier(summary, rewards[0], x_metric, out / "frontier.png")
     grid = image_grid(rows, eval_dir, out / "grid.png")
-    md = _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, grid is not None)
+    adapt = json.loads((eval_dir / ADAPT).read_text()) if (eval_dir / ADAPT).exists() else None
+    md = _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, grid is not None, adapt)
     if validation:
         write_json(out / "validation.json", validation)
         write_csv(out / "validation.csv", validation["comparisons"])
@@ -203,7 +206,7 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
     return write_text_atomic(out / "report.md", md)
 
 
-def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, has_grid) -> str:
+def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, has_grid, adapt=None) -> str:
     rel = os.path.relpath(eval_dir, out)
     parts = ["# DeRaDiff evaluation report", ""]
     if cfg is not None:
@@ -234,6 +237,8 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
                                   for p in search["evaluated"]]), ""]
     if validation:
         parts += validation_markdown(validation)
+    if adapt:
+        parts += adapt_markdown(adapt)
     parts += ["## Metrics per arm and lambda", "",
               "Mean over prompts (each prompt's mean over seeds) [bootstrap interval over prompts]. Arms: realigned "
               "(output mixing), lora-scale (weight space), retrained:<run>.", ""]
