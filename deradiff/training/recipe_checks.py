@@ -186,9 +186,10 @@ def preflight(recipe: Recipe, check_cache: bool = True) -> None:
             e.append(f"data.{key} {spec!r} is not a file (use a text file, a prompt set such as 'toy:train', "
                      "or 'hf:<dataset id>')")
     if recipe.method.name in ("kl_grad", "kl_pg"):
-        from deradiff.rewards import is_differentiable
+        from deradiff.rewards import is_differentiable, reward_weights
 
         try:
+            reward_weights(recipe.method.reward)  # a name or "toy=1,toy_contrast=0.5", checked for either method
             if recipe.method.name == "kl_grad" and not is_differentiable(recipe.method.reward):
                 e.append(f"method.reward {recipe.method.reward!r} is not differentiable: use method.name=kl_pg")
         except UserError as err:
