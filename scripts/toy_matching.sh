@@ -22,7 +22,8 @@
 # Cost on 2 idle cores (estimated from the committed reports' timings, docs/README.md): FAMILY=dpo
 # 12-16 min (8-11 of them training the sweep; about 4 min with the sweep already trained),
 # FAMILY=kl about 19 min (15.5 of them training). Sampling: about 1,350 images per family.
-# Knobs for a smoke run: SEEDS, MAX_PROMPTS, SAMPLE_STEPS, TRAIN_OVERRIDES (e.g. "trainer.max_steps=4
+# RETRAIN_SELECTED=0 skips training the searched beta0 / lambda* run (the selection check then uses
+# the nearest baseline). Knobs for a smoke run: SEEDS, MAX_PROMPTS, SAMPLE_STEPS, TRAIN_OVERRIDES (e.g. "trainer.max_steps=4
 # trainer.warmup_steps=0"), RUNS, OUT.
 cd "$(dirname "$0")/.." || exit 1
 source scripts/common.sh
@@ -76,8 +77,17 @@ step "2/4 search lambda on realigned samples only: maximize the toy reward, path
 "$BIN/deradiff" search --out "$EVAL" "${EVAL_ARGS[@]}" --grid $GRID --refine 2 --maximize reward/toy \
     --max-path-kl "$MAX_PATH_KL"
 
-step "3/4 validate: the matching table (realigned at each lambda_k vs every baseline), resolution, selection check"
-"$BIN/deradiff" validate --out "$EVAL" "${EVAL_ARGS[@]}" --baselines "${BASELINES[@]}" --no-lora-scale
+step "3/4 retrain at the searched beta0 / lambda*, then validate: the matching table (realigned at each lambda_k vs every baseline), resolution, selection check"
+# The selection check's honest form: the model trained at the beta the search picked, not the
+# nearest baseline, must meet the budget and rival the best feasible baseline.
+LSTAR="$("$BIN/python" -c 'import json, sys; print(f"{json.load(open(sys.argv[1]))['chosen_lambda']:g}")' "$EVAL/search.json")"
+SELECTED=()
+if [ "${RETRAIN_SELECTED:-1}" = 1 ] && [ "$LSTAR" != 0 ] && [ "$LSTAR" != 0.0 ]; then
+    align recipe="$RECIPE" trainer.output_dir="$SWEEP" "sweep.lambdas=[$LSTAR]" "${DATA[@]}" "${TRAIN_OVERRIDES[@]}"
+    SELECTED=("$SWEEP/lambda-$LSTAR")
+fi
+"$BIN/deradiff" validate --out "$EVAL" "${EVAL_ARGS[@]}" --baselines "${BASELINES[@]}" "${SELECTED[@]}" \
+    ${SELECTED:+--selected "${SELECTED[0]}"} --no-lora-scale
 
 step "4/4 report"
 "$BIN/deradiff" report --eval "$EVAL" --out "$OUT" --frontier-x path_kl
