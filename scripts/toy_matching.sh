@@ -80,7 +80,7 @@ step "2/4 search lambda on realigned samples only: maximize the toy reward, path
 step "3/4 retrain at the searched beta0 / lambda*, then validate: the matching table (realigned at each lambda_k vs every baseline), resolution, selection check"
 # The selection check's honest form: the model trained at the beta the search picked, not the
 # nearest baseline, must meet the budget and rival the best feasible baseline.
-LSTAR="$("$BIN/python" -c 'import json, sys; print(f"{json.load(open(sys.argv[1]))['chosen_lambda']:g}")' "$EVAL/search.json")"
+LSTAR="$("$BIN/python" -c 'import json, sys; d = json.load(open(sys.argv[1])); print("%g" % d["chosen_lambda"])' "$EVAL/search.json")"
 SELECTED=()
 if [ "${RETRAIN_SELECTED:-1}" = 1 ] && [ "$LSTAR" != 0 ] && [ "$LSTAR" != 0.0 ]; then
     align recipe="$RECIPE" trainer.output_dir="$SWEEP" "sweep.lambdas=[$LSTAR]" "${DATA[@]}" "${TRAIN_OVERRIDES[@]}"
