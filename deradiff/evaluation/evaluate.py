@@ -8,9 +8,10 @@ Arms, all on the same prompts and seeds (so every comparison is paired):
 - realigned: output mixing, (1 - lam) * reference + lam * aligned per step (any schedule); with
   named LoRAs (--lora color=runs/a contrast=runs/b) lambda vectors (--lam color=1.5,contrast=0.5),
   rows keyed by the vector's canonical string (lam_value None; results.lam_vector reads it back);
-  the other arms, search and validate do not take vectors yet;
+  `deradiff search --grid-vector` and `deradiff validate` (weighted-reward baselines) take them;
 - lora-scale: the weight-space baseline, the aligned LoRA's scale set to lam (constant lams);
-- retrained:<name>: a baseline LoRA trained at beta_k (its lam is beta0 / beta_k).
+- retrained:<name>: a baseline LoRA trained at beta_k (its lam is beta0 / beta_k); with named
+  LoRAs, one trained on a weighted reward (its lam is the vector that emulates it, set by validate).
 Every image goes through `realigned(...)` so its emulated path KL to the reference is recorded
 (baselines at lam = 1 with their own adapter, which is bit-identical to sampling them).
 
@@ -54,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from deradiff.errors import UserError
-from deradiff.evaluation.baselines import LoraRun, baseline_lambda, check_baselines, lora_run
+from deradiff.evaluation.baselines import LoraRun, baseline_lambda, check_baselines, lora_run, resolve_lora
 from deradiff.evaluation.config import (
     EvalConfig,
     check_resume_config,
@@ -133,23 +134,22 @@ class Evaluator:
     def _jobs(self, arm: str, lams: Sequence[Lam], prompt_ids: Iterable[int], seeds: Sequence[int]) -> list[Job]:
         jobs = []
         for lam in lams:
-            if arm != REALIGNED and lam.is_vector:
-                raise UserError(f"arm {arm} scales or swaps one LoRA and cannot mix a lambda vector ({lam}): "
-                                "sample vectors with the realigned arm only")
-            if arm != REALIGNED and lam.value is None:
+            if arm == LORA_SCALE and lam.is_vector:
+                raise UserError(f"arm {arm} scales one LoRA and cannot mix a lambda vector ({lam}): "
+                                "sample vectors with the realigned arm")
+            if arm != REALIGNED and lam.value is None and not lam.is_vector:  # a baseline's vector is its label
                 raise UserError(f"arm {arm} needs constant lambdas, got schedule {lam}")
             jobs += [(arm, lam, pid, seed) for pid in prompt_ids for seed in seeds]
         return jobs
 
     def _check_named(self, arm: str, lams: Sequence[Lam]) -> None:
         """UserError (one line) for lambdas this folder's LoRAs cannot realign with; with named
-        LoRAs (lambda vectors) only the realigned arm exists: search and validate, which sample
-        scalar lambdas and retrained arms, do not handle vector grids yet."""
+        LoRAs (lambda vectors) there is no weight-scaled arm, and scalar lambdas only with one LoRA."""
         loras = self.cfg.loras
-        if loras and (arm != REALIGNED or (len(loras) > 1 and not all(lam.is_vector for lam in lams))):
-            raise UserError(f"{self.out} holds named LoRAs ({', '.join(loras)}) mixed by lambda vectors: only "
-                            "`deradiff evaluate --lam NAME=LAM,...` samples it (search, validate and baselines "
-                            "over vector grids are not supported yet)")
+        if loras and (arm == LORA_SCALE or (len(loras) > 1 and not all(lam.is_vector for lam in lams))):
+            raise UserError(f"{self.out} holds named LoRAs ({', '.join(loras)}) mixed by lambda vectors: sample it "
+                            "with `deradiff evaluate --lam NAME=LAM,...`, `deradiff search --grid-vector ...` or "
+                            "`deradiff validate` with weighted-reward baselines (no weight-scaled arm, no scalar grid)")
         check_lora_lams(loras or self.cfg.lora, lams)
 
     def _key(self, job: Job) -> tuple:
@@ -194,8 +194,10 @@ class Evaluator:
             name, kwargs = parse_reward_spec(spec)
             self._rewards[f"reward/{name}"] = get_reward(name, **kwargs).to(cfg.device)
         self._judge = self._judge or cfg.load_judge(cfg.device)
+        # named LoRAs may be given as training run folders too (their lora/ holds the file)
+        loras = {name: resolve_lora(path) for name, path in cfg.loras.items()} if cfg.loras else None
         self._sampler = load_sampler(cfg.pipeline, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler,
-                                     lora=self.cfg.loras or self.aligned.file, adapter_name=ALIGNED_ADAPTER, steps=cfg.steps,
+                                     lora=loras or self.aligned.file, adapter_name=ALIGNED_ADAPTER, steps=cfg.steps,
                                      guidance=cfg.guidance, size=cfg.size, eta=cfg.eta, mode=cfg.mode)
 
     @contextmanager
@@ -224,7 +226,7 @@ class Evaluator:
             try:
                 yield ONE
             finally:
-                pipe.set_adapters([ALIGNED_ADAPTER])
+                pipe.set_adapters(list(self.cfg.loras or [ALIGNED_ADAPTER]))
                 pipe.delete_adapters(name)
 
     def _sample(self, todo: list[Job]) -> None:

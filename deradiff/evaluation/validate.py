@@ -28,6 +28,19 @@ Tests that can fail (docs/method.md section 5):
   best baseline that meets them.
 Baselines trained on another base model or LoRA rank are refused. Writes OUT/validation.json and
 OUT/validation.md.
+
+Lambda vectors (multi-objective realignment; docs/method.md section 2, "Several rewards"): with
+named LoRAs, each trained on one reward r_i at beta_i (--lora color=runs/color contrast=runs/contrast),
+the baselines are LoRAs retrained on weighted rewards sum_r w_r r at beta (method.reward
+"toy=1,toy_contrast=0.5", read from their recipe.yaml). Mixing at lam_i = w_{r_i} beta_i / beta
+emulates each (`baselines.emulating_vector`); the realigned model at that vector and the baseline
+are sampled on the same prompts and seeds and compared per metric as above (paired gap with its
+interval, in CI, gap CI contains 0). No weight-scaled arm, matching test or selection check for
+vectors; the compute ratio compares the baselines' training time with the vector search's
+sampling (OUT/search.json), else with the realigned samples at the emulating vectors.
+
+    deradiff validate --lora color=runs/mo/color contrast=runs/mo/contrast --out runs/mo-eval \
+        --baselines runs/mo/w-1-0.5 runs/mo/w-1-1 --prompts toy:test --seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -41,10 +54,10 @@ from pathlib import Path
 import numpy as np
 
 from deradiff.errors import UserError
-from deradiff.evaluation.baselines import lora_run
+from deradiff.evaluation.baselines import emulated_weights, emulating_vector, lora_run
 from deradiff.evaluation.config import config_from_args
 from deradiff.evaluation.evaluate import Evaluator
-from deradiff.evaluation.lams import LAM_POLICY
+from deradiff.evaluation.lams import LAM_POLICY, Lam, parse_lam
 from deradiff.evaluation.matching import SampleSet, format_matching, match, matching_markdown
 from deradiff.evaluation.options import add_eval_arguments, log_command
 from deradiff.evaluation.results import (
@@ -116,6 +129,57 @@ def validate(ev: Evaluator, lora_scale: bool = True, n_boot: int = 1000, alpha: 
             "matching": matching(ev, table, rows, matched, n_boot, alpha)}
 
 
+def vector_lams(ev: Evaluator) -> dict[str, Lam]:
+    """arm -> the lambda vector that emulates each weighted-reward baseline (named LoRAs); UserError
+    (one line) for a baseline that no vector of these LoRAs emulates (baselines.emulating_vector),
+    or one a non-negative vector cannot (a negative weight)."""
+    adapters = {name: lora_run(path) for name, path in ev.cfg.loras.items()}
+    out = {}
+    for arm, run in ev.baselines.items():
+        vector = emulating_vector(adapters, run)
+        negative = [n for n, v in vector.items() if v < 0]
+        if negative:
+            raise UserError(f"baseline {run.path} ({run.reward}) needs lambda {vector[negative[0]]:g} < 0 for adapter "
+                            f"{negative[0]!r}: realignment emulates non-negative weights only; drop that baseline")
+        out[arm] = parse_lam(",".join(f"{n}={v!r}" for n, v in vector.items()))
+    return out
+
+
+def validate_vectors(ev: Evaluator, n_boot: int = 1000, alpha: float = 0.05) -> dict:
+    """Sample what is missing and compare every weighted-reward baseline with the realigned model
+    at the lambda vector that emulates it; the record has "kind": "vector" (see the module doc)."""
+    if not ev.baselines:
+        raise UserError("validate needs --baselines (LoRAs retrained on weighted rewards, e.g. method.reward="
+                        "toy=1,toy_contrast=0.5)")
+    lams = vector_lams(ev)  # every baseline placed before anything is sampled
+    grid = sorted({lam.name: lam for lam in lams.values()}.values(), key=lambda lam: lam.name)
+    rows = ev.ensure(REALIGNED, grid)
+    for arm, lam in lams.items():
+        rows += ev.ensure(arm, [lam])
+    table = per_prompt_table(rows, ev.out, ev.judge())
+    adapters = {name: lora_run(path) for name, path in ev.cfg.loras.items()}
+    comparisons = []
+    for arm, lam in lams.items():
+        run = ev.baselines[arm]
+        for metric in sorted(table[(arm, lam.name)]):
+            real = paired(table, (REALIGNED, lam.name), (arm, lam.name), metric, n_boot, alpha)
+            if real is None:
+                continue
+            comparisons.append({
+                "baseline": run.label, "reward": run.reward, "beta": run.beta, "lam": lam.name,
+                "vector": lam.vector.constants(), "metric": metric, "realigned": real["a"], "retrained": real["b"],
+                "gap": real["gap"], "n_prompts": real["n_prompts"],
+                "in_baseline_ci": real["b"][1] <= real["a"][0] <= real["b"][2],
+                "gap_ci_has_zero": real["gap"][1] <= 0.0 <= real["gap"][2]})
+    return {"kind": "vector", "beta0": ev.beta0, "alpha": alpha,
+            "adapters": {n: {"reward": a.reward, "beta": a.beta, "path": a.path} for n, a in adapters.items()},
+            "baselines": [{"label": b.label, "reward": b.reward, "beta": b.beta, "lam": lams[arm].name,
+                           "vector": lams[arm].vector.constants(), "path": b.path, "wall_s": b.wall_s,
+                           "emulated_weights": emulated_weights(adapters, lams[arm].vector.constants(), b.beta)}
+                          for arm, b in ev.baselines.items()],
+            "comparisons": comparisons, "per_metric": _per_metric(comparisons), "matching": None}
+
+
 def matching(ev: Evaluator, table: Table, rows: list[dict], lams: dict, n_boot: int, alpha: float) -> dict | None:
     """The matching record (evaluation/matching.py) of the baselines `lams` (arm -> Lam): per
     arm, its per-prompt metrics and the judge's features of its stored images."""
@@ -171,10 +235,12 @@ def _per_metric(comparisons: list[dict]) -> dict:
     return out
 
 
-def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_source: str = "search.json") -> dict:
+def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_source: str = "search.json",
+                  lams: set[str] | None = None) -> dict:
     """The sweep's training seconds against the search's sampling seconds (from the search
-    record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas).
-    The sweep is the baselines other than the aligned LoRA (trained either way) and a --selected run."""
+    record `search`, read from `search_source`; None: the realigned samples at the baselines' lambdas,
+    or at `lams`, table names, when given). The sweep is the baselines other than the aligned
+    LoRA (trained either way) and a --selected run."""
     sweep = [b for b in record["baselines"] if not b.get("selected") and not b.get("aligned")]
     walls = [b["wall_s"] for b in sweep]
     unknown = [b["label"] for b in sweep if b["wall_s"] is None]
@@ -184,7 +250,7 @@ def compute_ratio(record: dict, ev: Evaluator, search: dict | None, search_sourc
         images = search["cost"].get("images")
         source = search_source
     else:
-        lams = {lam.name for lam in ev.baseline_lams().values()}
+        lams = lams if lams is not None else {lam.name for lam in ev.baseline_lams().values()}
         used = [r for k, r in ev.rows.items() if k[0] == REALIGNED and k[1] in lams]
         search_s, images = sum(r.get("time_s", 0.0) for r in used), len(used)
         source = "realigned samples at the baselines' lambdas (no search.json)"
@@ -267,6 +333,8 @@ def _est(e) -> str:
 
 
 def format_validation(record: dict) -> str:
+    if record.get("kind") == "vector":
+        return format_vector_validation(record)
     lines = [f"{'lam':>7s} {'metric':26s} {'realigned':>26s} {'retrained':>26s} {'gap [CI]':>28s}  in-CI  "
              + ("lora-scale gap" if any("lora_scale_gap" in c for c in record["comparisons"]) else "")]
     for c in record["comparisons"]:
@@ -292,6 +360,8 @@ def format_validation(record: dict) -> str:
 def validation_markdown(record: dict) -> list[str]:
     """The validation section of a report (and of OUT/validation.md): gaps per lambda and metric,
     the matching test, the compute ratio and the selection check."""
+    if record.get("kind") == "vector":
+        return vector_validation_markdown(record)
     parts = ["## Validation against retrained baselines", "",
              "Gap = realigned - retrained, paired over prompts; intervals are bootstrap over prompts at level "
              f"{1 - record['alpha']:.0%}. 'in CI': the realigned value lies in the retrained value's interval.", ""]
@@ -324,6 +394,52 @@ def validation_markdown(record: dict) -> list[str]:
     return parts
 
 
+def _weights_text(weights: dict[str, float]) -> str:
+    return " + ".join(f"{w:.4g}*{r}" for r, w in weights.items())
+
+
+def format_vector_validation(record: dict) -> str:
+    """The vector validation as plain text: per baseline and metric, realigned vs retrained."""
+    lines = [f"{'baseline':18s} {'vector':28s} {'metric':22s} {'realigned':>24s} {'retrained':>24s} {'gap [CI]':>26s}  in-CI"]
+    for c in record["comparisons"]:
+        lines.append(f"{c['baseline']:18s} {c['lam']:28s} {c['metric']:22s} {_est(c['realigned']):>24s} "
+                     f"{_est(c['retrained']):>24s} {_est(c['gap']):>26s}  {'yes' if c['in_baseline_ci'] else 'no'}")
+    for metric, m in record["per_metric"].items():
+        lines.append(f"{metric}: realigned within the retrained interval for {m['in_baseline_ci']}/{m['baselines']} "
+                     f"weighted baselines; gap interval contains 0 for {m['gap_ci_has_zero']}/{m['baselines']}")
+    comp = record.get("compute", {})
+    if comp.get("ratio") is not None:
+        lines.append(f"compute: weighted retraining {comp['sweep_train_s']:.1f}s vs {comp['search_sample_s']:.1f}s of "
+                     f"sampling ({comp['search_source']}): {comp['ratio']:.1f}x")
+    return "\n".join(lines)
+
+
+def vector_validation_markdown(record: dict) -> list[str]:
+    """The report section of a vector validation: which vector emulates which retrained LoRA, and
+    the paired gaps per metric."""
+    adapters = ", ".join(f"`{n}` on {a['reward']} at beta {format_estimate(a['beta'])}" for n, a in record["adapters"].items())
+    parts = ["## Validation against LoRAs retrained on weighted rewards", "",
+             f"Named LoRAs: {adapters}. A LoRA retrained on sum_r w_r r at beta is emulated by mixing at "
+             "lam_i = w_i beta_i / beta (realigning with a vector emulates training on sum_i lam_i r_i / beta_i at KL "
+             "weight 1). Gap = realigned - retrained, paired over prompts; bootstrap intervals over prompts at level "
+             f"{1 - record['alpha']:.0%}; 'in CI': the realigned value lies in the retrained value's interval.", ""]
+    parts += [markdown_table(["retrained", "reward", "beta", "emulating vector"],
+                             [[b["label"], b["reward"], format_estimate(b["beta"]), b["lam"]] for b in record["baselines"]]), ""]
+    parts += [markdown_table(["retrained", "vector", "metric", "realigned", "retrained value", "gap", "in CI"],
+                             [[c["baseline"], c["lam"], c["metric"], format_estimate(*c["realigned"]),
+                               format_estimate(*c["retrained"]), format_estimate(*c["gap"]),
+                               "yes" if c["in_baseline_ci"] else "**no**"] for c in record["comparisons"]]), ""]
+    parts += [markdown_table(["metric", "in CI", "gap CI contains 0"],
+                             [[m, f"{v['in_baseline_ci']}/{v['baselines']}", f"{v['gap_ci_has_zero']}/{v['baselines']}"]
+                              for m, v in record["per_metric"].items()]), ""]
+    comp = record.get("compute", {})
+    if comp.get("ratio"):
+        parts += [f"Compute: the {comp['sweep_runs']} weighted retrainings took {comp['sweep_train_s']:.1f} s; the "
+                  f"vector search sampled for {comp['search_sample_s']:.1f} s ({comp['search_source']}): "
+                  f"**{comp['ratio']:.1f}x** less.", ""]
+    return parts
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
     p.add_argument("--baselines", nargs="+", required=True, metavar="RUN",
@@ -344,8 +460,12 @@ def run(args: argparse.Namespace) -> int:
     search_file = Path(args.search) if args.search else out / "search.json"
     if args.search and not search_file.exists():
         raise UserError(f"--search {search_file} does not exist: run `deradiff search --out {out}` first")
+    if cfg.loras and selected is not None:
+        raise UserError("--selected applies to a scalar search; with named LoRAs the baselines are weighted-reward runs")
     start = time.perf_counter()
     ev = Evaluator(cfg, out, baselines=baselines + ([selected] if selected else []))
+    if cfg.loras:
+        return _run_vectors(ev, args, out, search_file, start)
     log_command(out, args)
     arm = next((a for a, b in ev.baselines.items() if b is selected), None)
     record = validate(ev, not args.no_lora_scale, args.n_boot, args.alpha, selected=arm)
@@ -353,6 +473,23 @@ def run(args: argparse.Namespace) -> int:
     record["compute"] = compute_ratio(record, ev, search, str(search_file))
     if search is not None:
         record["search_check"] = search_check(record, search, selected.label if selected else None)
+    record["wall_s"] = round(time.perf_counter() - start, 2)
+    write_json(out / "validation.json", record)
+    write_text_atomic(out / "validation.md", "\n".join(["# Validation", "", *validation_markdown(record)]))
+    print(format_validation(record))
+    print(f"-> {out / 'validation.json'}, {out / 'validation.md'}")
+    return 0
+
+
+def _run_vectors(ev: Evaluator, args: argparse.Namespace, out: Path, search_file: Path, start: float) -> int:
+    """`deradiff validate` with named LoRAs: the weighted-reward baselines against their vectors."""
+    vector_lams(ev)  # a baseline no vector emulates stops here, before the command is logged
+    log_command(out, args)
+    record = validate_vectors(ev, args.n_boot, args.alpha)
+    search = json.loads(search_file.read_text()) if search_file.exists() else None
+    if search is not None and search.get("kind") != "vector":
+        search = None
+    record["compute"] = compute_ratio(record, ev, search, str(search_file), {b["lam"] for b in record["baselines"]})
     record["wall_s"] = round(time.perf_counter() - start, 2)
     write_json(out / "validation.json", record)
     write_text_atomic(out / "validation.md", "\n".join(["# Validation", "", *validation_markdown(record)]))

@@ -137,6 +137,7 @@ def test_search_refuses_a_folder_of_named_loras(loras, tmp_path, capsys):
             "--max-prompts", "1", "--seeds", "0", "--fidelity", "none", "--out", str(out)]
     assert main(["search", *argv, "--maximize", "reward/toy", "--refine", "0"]) == 2
     err = capsys.readouterr().err
-    assert "search, validate and baselines over vector grids are not supported yet" in err and err.count("\n") == 1
+    assert "search them with --grid-vector NAME=V1,V2,... per adapter, e.g. --grid-vector color=0,1,2 contrast=0,1,2" \
+        in err and err.count("\n") == 1
     assert main(["search", *argv, "--grid", "color=1,contrast=1", "--maximize", "reward/toy"]) == 2
     assert "constant lambdas only" in capsys.readouterr().err
