@@ -230,7 +230,7 @@ def plot_pareto(points: Sequence[dict], retrained: Sequence[dict], x: str, y: st
                     ha="right" if right else "left", fontsize=6.5)
     by_lam = {r["lam"]: r for r in points}
     if retrained:
-        bars(retrained, "D", color="C3", ms=6, label="retrained on a weighted reward")
+        bars(retrained, "D", color="C3", ms=6, elinewidth=0.8, alpha=0.8, label="retrained on a weighted reward")
     for r in retrained:
         ax.annotate(r["arm"].split(":", 1)[1], (r[x], r[y]), textcoords="offset points", xytext=(4, -11),
                     fontsize=6.5, color="C3")
@@ -291,7 +291,7 @@ def vector_search_markdown(search: dict) -> list[str]:
              f"{cost['images']} images at {cost['lambdas']} vectors, {cost['sample_s']:.1f} s of sampling "
              "(no refinement between grid points).", ""]
     if search.get("at_grid_edge"):
-        parts += [f"Note: {', '.join(search['at_grid_edge'])} at the top of its grid values; the optimum may lie beyond.", ""]
+        parts += [f"Note: {', '.join(search['at_grid_edge'])} at the edge of its grid values; the optimum may lie beyond.", ""]
     cols = [m for m in search["evaluated"][0] if m not in ("lam", "vector", "objective", "emulated_weights")]
     parts += [markdown_table(["vector", "objective", *cols],
                              [[p["lam"], format_estimate(p["objective"]), *[format_estimate(p[c]) for c in cols]]

@@ -360,7 +360,7 @@ def search_vectors(ev: Evaluator, grid: Sequence[Lam], objective: Objective, n_b
     best = points[choice.pop("best_index")]
     objectives = choice.pop("objectives")
     emulate = _emulation(adapters, ev.beta0)
-    top = {a: max(p.vector[a] for p in points) for a in best.vector}
+    edges = {a: (min(p.vector[a] for p in points), max(p.vector[a] for p in points)) for a in best.vector}
     return {
         "kind": "vector",
         "objective": objective.describe(),
@@ -378,7 +378,7 @@ def search_vectors(ev: Evaluator, grid: Sequence[Lam], objective: Objective, n_b
         "evaluated": [{"lam": p.name, "vector": p.vector, "objective": obj, **p.means(),
                        **({"emulated_weights": emulate(p.vector)} if emulate else {})}
                       for p, obj in zip(points, objectives, strict=True)],
-        "at_grid_edge": sorted(a for a, v in best.vector.items() if v == top[a] and v != 0),
+        "at_grid_edge": sorted(a for a, v in best.vector.items() if v in edges[a] and v != 0),
         "cost": {"images": len(rows), "lambdas": len(points),
                  "sample_s": round(sum(r.get("time_s", 0.0) for r in rows), 2)},
     }
@@ -487,7 +487,7 @@ def format_vector_search(record: dict, metrics: Sequence[str]) -> str:
         weights = " + ".join(f"{w:.4g}*{r}" for r, w in record["emulates"]["weights"].items())
         lines.append(f"emulates training on {weights} at beta = {record['emulates']['beta']:.4g}")
     if record["at_grid_edge"]:
-        lines.append(f"note: {', '.join(record['at_grid_edge'])} at the top of its grid values; the optimum may lie "
+        lines.append(f"note: {', '.join(record['at_grid_edge'])} at the edge of its grid values; the optimum may lie "
                      "beyond: extend --grid-vector")
     for p in record["evaluated"]:
         lines.append("  {:>28s}  objective {:>10.4g}  ".format(p["lam"], p["objective"])
