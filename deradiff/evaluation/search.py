@@ -64,6 +64,8 @@ from deradiff.evaluation.options import add_eval_arguments, check_lora_lams, log
 from deradiff.evaluation.results import REALIGNED, SET_METRICS, lam_name, per_prompt_table, write_json
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+DEFAULT_GRID = ("0", "0.5", "1", "2", "4")
+DEFAULT_REFINE = 4
 PATH_KL = "path_kl"
 _BUDGET = re.compile(r"^\s*([\w/.-]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
@@ -398,9 +400,10 @@ def _emulation(adapters: dict[str, LoraRun] | None, beta: float | None):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eval_arguments(p)
-    p.add_argument("--grid", nargs="+", type=lambda_arg, default=None,
+    # --grid and --refine are absent unless given: --grid-vector refuses them, and commands.txt logs only what ran
+    p.add_argument("--grid", nargs="+", type=lambda_arg, default=argparse.SUPPRESS,
                    help="constant lambdas sampled first (the refinement searches around the best one; default: "
-                   f"0 0.5 1 2 4); {LAM_POLICY}")
+                   f"{' '.join(DEFAULT_GRID)}); {LAM_POLICY}")
     p.add_argument("--grid-vector", nargs="+", default=None, metavar="NAME=V1,V2,...",
                    help="with named LoRAs (--lora NAME=PATH ...): one list of lambdas per adapter, e.g. color=0,1,2 "
                    "contrast=0,1,2; the product grid of lambda vectors is sampled and the best feasible vector picked "
@@ -417,19 +420,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", nargs="*", default=[], metavar="METRIC=W",
                    help="weighted objective instead: maximize sum W*METRIC, e.g. reward/toy=1 path_kl=-0.001 "
                    "(budgets still apply)")
-    p.add_argument("--refine", type=int, default=None,
-                   help="extra lambdas for golden-section refinement (default 4; 0 = grid only; scalar --grid only)")
+    p.add_argument("--refine", type=int, default=argparse.SUPPRESS,
+                   help=f"extra lambdas for golden-section refinement (default: {DEFAULT_REFINE}; 0 = grid only; "
+                   "scalar --grid only)")
 
 
 def run(args: argparse.Namespace) -> int:
     vectors = vector_grid(args.grid_vector) if args.grid_vector is not None else None
-    if vectors is not None and (args.grid is not None or args.refine):
+    given_grid, refine = getattr(args, "grid", None), getattr(args, "refine", None)
+    if vectors is not None and (given_grid is not None or refine is not None):
         raise UserError("--grid-vector searches a product grid of lambda vectors without refinement: drop "
-                        + ("--grid" if args.grid is not None else "--refine"))
-    grid = parse_grid(args.grid or [lambda_arg(v) for v in ("0", "0.5", "1", "2", "4")], "--grid")
+                        + ("--grid" if given_grid is not None else "--refine"))
+    grid = parse_grid(given_grid or [lambda_arg(v) for v in DEFAULT_GRID], "--grid")
     if any(lam.value is None for lam in grid):
         raise UserError("--grid takes constant lambdas only (the search is over a number)")
-    refine = 4 if args.refine is None else args.refine
+    refine = DEFAULT_REFINE if refine is None else refine
     if refine < 0:
         raise UserError(f"--refine must be >= 0, got {refine}")
     objective = parse_objective(args.maximize, args.budget, args.weights, args.max_path_kl)

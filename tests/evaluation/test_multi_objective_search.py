@@ -188,3 +188,17 @@ def test_search_validate_report_over_lambda_vectors(runs, tmp_path, capsys, monk
     assert main(["report", "--eval", str(out), "--pareto-x", "reward/nope"]) == 2
     err = capsys.readouterr().err
     assert "--pareto-x 'reward/nope' is not measured" in err and err.count("\n") == 1
+
+
+def test_vector_search_cli_refusals_are_one_line_before_sampling(runs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    named = ["--lora", f"color={runs / 'color'}", f"contrast={runs / 'contrast'}", *FAST, "--maximize", "reward/toy"]
+    cases = [(["--grid-vector", "color=0,1", "--refine", "2"], "without refinement: drop --refine"),
+             (["--grid-vector", "color=0,1", "--grid", "0", "1"], "without refinement: drop --grid"),
+             (["--grid-vector", "color=0,1", "style=0,1"], "--grid-vector color=0,style=0 names adapter 'style', not loaded"),
+             (["--grid-vector", "color=0,1", "contrast=-1"], "lambda of adapter 'contrast' must be >= 0")]
+    for extra, message in cases:
+        assert main(["search", "--out", str(out), *named, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
