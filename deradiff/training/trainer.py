@@ -37,6 +37,7 @@ from deradiff.training.checkpoint import (
     writes_into,
 )
 from deradiff.training.data_order import DataOrder, StreamOrder, batches, default_num_workers
+from deradiff.training.recipe import Recipe
 
 # Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL,
 # "try again"; slurm/*.sbatch requeues the job on it.
@@ -113,6 +114,16 @@ class Throughput:
         steps, step_s, data_s = self.total
         return {**self._metrics(steps, step_s, data_s), "perf/steps_timed": float(steps),
                 "perf/train_s": step_s, "perf/data_wait_s": data_s}
+
+
+def lora_info(recipe: Recipe, step: int) -> dict:
+    """What lora/lora_info.json records beside the weights, so a LoRA folder says what it is:
+    method, beta, base model, step and, for reward methods, the reward it was aligned to (a name
+    or a weighted spec such as "toy=1,toy_contrast=0.5")."""
+    info = {"method": recipe.method.name, "beta": recipe.method.beta, "base": recipe.model.name_or_path, "step": step}
+    if recipe.method.name != "dpo":
+        info["reward"] = recipe.method.reward
+    return info
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -433,8 +444,7 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
             summary = {"step": state.step, "wall_s": round(time.perf_counter() - start, 1), **last, **perf.totals()}
             with writes_into(run_dir, f"the final LoRA and summary.json were not written; checkpoint "
                                       f"step-{state.step:06d} and metrics.jsonl are intact"):
-                save_lora(pipe, run_dir / "lora", metadata={"method": method.name, "beta": recipe.method.beta,
-                                                             "base": recipe.model.name_or_path, "step": state.step})
+                save_lora(pipe, run_dir / "lora", metadata=lora_info(recipe, state.step))
                 write_json_atomic(run_dir / "summary.json", summary)
             accelerator.print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in summary.items())

@@ -340,3 +340,14 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_loading(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"trainer.compile=true on CPU needs a C\+\+ compiler"):
         preflight(recipe)
+
+
+def test_lora_info_records_method_beta_base_step_and_the_reward_of_reward_methods():
+    from deradiff.training.recipe_load import load_recipe
+    from deradiff.training.trainer import lora_info
+
+    kl = load_recipe("toy-kl-grad", ["method.reward=toy=1,toy_contrast=0.5"])
+    assert lora_info(kl, 7) == {"method": "kl_grad", "beta": 1e-6, "base": "toy", "step": 7,
+                                "reward": "toy=1,toy_contrast=0.5"}
+    dpo = load_recipe("toy-dpo")
+    assert lora_info(dpo, 3) == {"method": "dpo", "beta": 2000.0, "base": "toy", "step": 3}
