@@ -86,7 +86,7 @@ if [ "${RETRAIN_SELECTED:-1}" = 1 ] && [ "$LSTAR" != 0 ] && [ "$LSTAR" != 0.0 ];
     align recipe="$RECIPE" trainer.output_dir="$SWEEP" "sweep.lambdas=[$LSTAR]" "${DATA[@]}" "${TRAIN_OVERRIDES[@]}"
     SELECTED=("$SWEEP/lambda-$LSTAR")
 fi
-"$BIN/deradiff" validate --out "$EVAL" "${EVAL_ARGS[@]}" --baselines "${BASELINES[@]}" "${SELECTED[@]}" \
+"$BIN/deradiff" validate --out "$EVAL" "${EVAL_ARGS[@]}" --baselines "${BASELINES[@]}" \
     ${SELECTED:+--selected "${SELECTED[0]}"} --no-lora-scale
 
 step "4/4 report"
