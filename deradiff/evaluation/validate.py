@@ -473,6 +473,11 @@ def run(args: argparse.Namespace) -> int:
     record["compute"] = compute_ratio(record, ev, search, str(search_file))
     if search is not None:
         record["search_check"] = search_check(record, search, selected.label if selected else None)
+    return _write_record(record, out, start)
+
+
+def _write_record(record: dict, out: Path, start: float) -> int:
+    """Stamp the wall time, write validation.json and validation.md, print the table."""
     record["wall_s"] = round(time.perf_counter() - start, 2)
     write_json(out / "validation.json", record)
     write_text_atomic(out / "validation.md", "\n".join(["# Validation", "", *validation_markdown(record)]))
@@ -490,9 +495,4 @@ def _run_vectors(ev: Evaluator, args: argparse.Namespace, out: Path, search_file
     if search is not None and search.get("kind") != "vector":
         search = None
     record["compute"] = compute_ratio(record, ev, search, str(search_file), {b["lam"] for b in record["baselines"]})
-    record["wall_s"] = round(time.perf_counter() - start, 2)
-    write_json(out / "validation.json", record)
-    write_text_atomic(out / "validation.md", "\n".join(["# Validation", "", *validation_markdown(record)]))
-    print(format_validation(record))
-    print(f"-> {out / 'validation.json'}, {out / 'validation.md'}")
-    return 0
+    return _write_record(record, out, start)
