@@ -82,7 +82,8 @@ step "3/4 retrain at the searched beta0 / lambda*, then validate: the matching t
 # nearest baseline, must meet the budget and rival the best feasible baseline.
 LSTAR="$("$BIN/python" -c 'import json, sys; d = json.load(open(sys.argv[1])); print("%g" % d["chosen_lambda"])' "$EVAL/search.json")"
 SELECTED=()
-if [ "${RETRAIN_SELECTED:-1}" = 1 ] && [ "$LSTAR" != 0 ] && [ "$LSTAR" != 0.0 ]; then
+# (Not when lambda* is 0 or a baseline's lambda: then that baseline is the retrained model.)
+if [ "${RETRAIN_SELECTED:-1}" = 1 ] && [ "$LSTAR" != 0 ] && [[ " ${LAMS[*]} " != *" $LSTAR "* ]]; then
     align recipe="$RECIPE" trainer.output_dir="$SWEEP" "sweep.lambdas=[$LSTAR]" "${DATA[@]}" "${TRAIN_OVERRIDES[@]}"
     SELECTED=("$SWEEP/lambda-$LSTAR")
 fi
