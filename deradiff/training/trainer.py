@@ -478,9 +478,7 @@ def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
     from deradiff.grids import save_image_grid
 
     s = recipe.sample
-    zero3 = accelerator.state.deepspeed_plugin is not None and \
-        accelerator.state.deepspeed_plugin.zero_stage == 3
-    if not s.prompts or not accelerator.is_main_process or zero3:  # ZeRO-3 shards weights over ranks
+    if not s.prompts or not accelerator.is_main_process or _zero3(accelerator):  # ZeRO-3 shards weights over ranks
         return
     with _complete_pipeline(recipe, pipe, accelerator) as full:
         rows = _sample_rows(s, full)
