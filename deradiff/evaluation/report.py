@@ -13,6 +13,8 @@ commands.txt, search.json, validation.json, adapt.json) and writes:
   reward_vs_lambda.png      each reward against lambda: realigned (band = interval), weight
                             scaling, retrained baselines as points, the chosen lambda
   frontier.png              reward against a fidelity metric (or path KL): the trade-off curve
+  validation.png            every validated metric against lambda: realigned, retrained (and the
+                            weight-scaled LoRA), each with its interval (if validated)
   pareto.png                lambda vectors (named LoRAs): each evaluated vector as a point in
                             (reward A, reward B) with intervals, the non-dominated ones joined and
                             labelled, LoRAs retrained on weighted rewards as distinct markers;
@@ -32,6 +34,7 @@ from pathlib import Path
 from deradiff.errors import UserError
 from deradiff.evaluation.adapt import ADAPT, adapt_markdown
 from deradiff.evaluation.config import CONFIG, load_saved_config, parse_reward_spec
+from deradiff.evaluation.plots import Series, metric_panels, save_fig
 from deradiff.evaluation.results import (
     LORA_SCALE,
     LOWER_IS_BETTER,
@@ -98,7 +101,7 @@ def plot_reward_vs_lambda(summary: Sequence[dict], rewards: Sequence[str], path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_frontier(summary: Sequence[dict], reward: str, x_metric: str, path: Path) -> Path:
@@ -131,18 +134,28 @@ def plot_frontier(summary: Sequence[dict], reward: str, x_metric: str, path: Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
-def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+def plot_validation(record: dict, path: Path) -> Path | None:
+    """validation.png: one panel per metric, the realigned model and the retrained baselines against
+    lambda (= beta0 / beta), each with its interval; None for a record without scalar comparisons."""
+    comps = record.get("comparisons", [])
+    if record.get("kind") == "vector" or not comps:  # vectors have no lambda axis (pareto.png shows them)
+        return None
+    panels = {}
+    for metric in dict.fromkeys(c["metric"] for c in comps):
+        rows = sorted((c for c in comps if c["metric"] == metric), key=lambda c: c["lam"])
+        lams = [c["lam"] for c in rows]
+        panels[metric] = [Series("realigned", lams, *map(list, zip(*(c["realigned"] for c in rows), strict=True)),
+                                 fmt="o-", color="C0"),
+                          Series("retrained at beta0 / lambda", lams,
+                                 *map(list, zip(*(c["retrained"] for c in rows), strict=True)), fmt="D--", color="C3")]
+        if all("lora_scale" in c for c in rows):
+            panels[metric].append(Series("LoRA scale = lambda", lams,
+                                         *map(list, zip(*(c["lora_scale"] for c in rows), strict=True)),
+                                         fmt="s:", color="C1"))
+    return metric_panels(panels, path, "lambda  (beta = beta0 / lambda)", log_y=("path_kl",))
 
 
 def image_grid(rows: Sequence[dict], eval_dir: Path, path: Path) -> Path | None:
@@ -242,7 +255,7 @@ def plot_pareto(points: Sequence[dict], retrained: Sequence[dict], x: str, y: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def pareto_section(summary: Sequence[dict], metrics: Sequence[str], cfg, path: Path,
@@ -340,9 +353,10 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
         plot_frontier(summary, rewards[0], x_metric, out / "frontier.png")
     pareto = pareto_section(summary, metrics, cfg, out / "pareto.png", pareto_x, pareto_y)
     grid = image_grid(rows, eval_dir, out / "grid.png")
+    has_validation_plot = bool(validation) and plot_validation(validation, out / "validation.png") is not None
     adapt = json.loads((eval_dir / ADAPT).read_text()) if (eval_dir / ADAPT).exists() else None
     md = _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric if scalar else None,
-                   grid is not None, adapt, scalar=scalar, pareto=pareto)
+                   grid is not None, adapt, scalar=scalar, pareto=pareto, validation_plot=has_validation_plot)
     if validation:
         write_json(out / "validation.json", validation)
         write_csv(out / "validation.csv", validation["comparisons"])
@@ -352,7 +366,7 @@ def build_report(eval_dir: Path, out: Path, n_boot: int = 1000, alpha: float = 0
 
 
 def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric, has_grid, adapt=None,
-              scalar: bool = True, pareto: list[str] | None = None) -> str:
+              scalar: bool = True, pareto: list[str] | None = None, validation_plot: bool = False) -> str:
     rel = os.path.relpath(eval_dir, out)
     parts = ["# DeRaDiff evaluation report", ""]
     if cfg is not None:
@@ -396,10 +410,14 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
     parts += [markdown_table(["arm", "lambda", *metrics],
                              [[r["arm"], r["lam"], *[format_estimate(r.get(m), r.get(f"{m}_lo"), r.get(f"{m}_hi")) for m in metrics]]
                               for r in summary]), ""]
-    if scalar or x_metric or has_grid:
+    if scalar or x_metric or has_grid or validation_plot:
         parts += ["## Plots", ""] + (["![reward vs lambda](reward_vs_lambda.png)", ""] if scalar else [])
     if x_metric:
         parts += [f"![reward / {x_metric} frontier](frontier.png)", ""]
+    if validation_plot:
+        parts += ["Every validated metric against lambda: the realigned model and the baselines retrained at "
+                  "beta0 / lambda, with their intervals (path KL on a log scale):", "",
+                  "![realigned vs retrained](validation.png)", ""]
     if has_grid:
         axis = (f"lambda vector ({' / '.join(sorted(cfg.loras))})" if cfg is not None and cfg.loras and not scalar
                 else "lambda")

@@ -133,3 +133,18 @@ def test_report_shows_the_matching_test_and_the_path_kl_budget(eval_dir, tmp_pat
     with open(tmp_path / "report" / "matching.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 and {r["distance"] for r in rows} == {"reward/toy"}
+
+
+def test_report_plots_every_validated_metric_against_lambda(eval_dir, tmp_path):
+    """validation.png: one panel per validated metric (here reward/toy and path_kl, realigned vs
+    retrained, the weight-scaled arm where validated); linked from report.md; none for vectors."""
+    from deradiff.evaluation.report import plot_validation
+
+    text = build_report(eval_dir, tmp_path / "report", n_boot=50).read_text()
+    assert "![realigned vs retrained](validation.png)" in text
+    image = Image.open(tmp_path / "report" / "validation.png")
+    assert image.width > 2 * 400  # two metric panels side by side
+    record = json.loads((eval_dir / "validation.json").read_text())
+    assert plot_validation({**record, "kind": "vector"}, tmp_path / "v.png") is None
+    assert plot_validation({**record, "comparisons": []}, tmp_path / "v.png") is None
+    assert not (tmp_path / "v.png").exists()
