@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("deradiff.evaluation.search", "choose lambda from realigned samples only (budgeted or weighted objective, golden-section, bootstrap)"),
     "adapt": ("deradiff.evaluation.adapt", "choose lambda per prompt from a pilot on few seeds, then compare with the best single lambda on fresh seeds (paired intervals)"),
     "validate": ("deradiff.evaluation.validate", "realigned vs baselines retrained at beta0/lambda: per-metric gaps with intervals, compute saved"),
+    "compare": ("deradiff.evaluation.compare", "several validations side by side (e.g. baselines trained 1x/2x/4x as long): matching, gaps, path-KL growth"),
     "report": ("deradiff.evaluation.report", "report.md + CSV/JSON tables + plots (reward vs lambda, frontier, image grid) of an evaluation folder"),
     "cache": ("deradiff.training.cache", "encode a DPO recipe's preference pairs once (VAE latents of both flips + caption embeddings) into data.latent_cache"),
     "lab": ("deradiff.analytic", "exact realignment errors on analytic Gaussian(-mixture) diffusions and rectified flows (--family flow)"),
