@@ -312,7 +312,7 @@ def adapt_markdown(record: dict) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_eval_arguments(p)
+    add_eval_arguments(p, seeds=False)
     p.add_argument("--pilot-seeds", nargs="+", type=int, required=True,
                    help="seeds of the pilot that picks each prompt's lambda (few, e.g. 0 1)")
     p.add_argument("--eval-seeds", nargs="+", type=int, required=True,
@@ -328,9 +328,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_seeds(args.pilot_seeds, args.eval_seeds)  # before any work
     if hasattr(args, "seeds"):
         raise UserError("adapt takes --pilot-seeds and --eval-seeds instead of --seeds")
+    check_seeds(args.pilot_seeds, args.eval_seeds)  # before any work
     grid = parse_grid(args.grid, "--grid")
     if any(lam.value is None for lam in grid):
         raise UserError("--grid takes constant lambdas only (each prompt gets one number)")

@@ -117,8 +117,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:
                    help="pipeline dtype (default: float32)")
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by evaluate, search and validate (what to sample and how)."""
+def add_eval_arguments(p: argparse.ArgumentParser, seeds: bool = True) -> None:
+    """Options shared by evaluate, search, validate and adapt (what to sample and how); `seeds=False`
+    leaves out --seeds (adapt takes --pilot-seeds and --eval-seeds instead)."""
     from deradiff.plugins import judge_names
     from deradiff.prompts import describe_sets
 
@@ -135,7 +136,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=unset, help=f"prompt set: {describe_sets()} (default: toy:test)")
     p.add_argument("--max-prompts", default=unset, type=positive_int, help="use only the first N prompts of the set")
     p.add_argument("--seeds", default=unset, nargs="+", type=int,
-                   help="one image per prompt and seed (default: 0 1 2 3)")
+                   help="one image per prompt and seed (default: 0 1 2 3)" if seeds else argparse.SUPPRESS)
     add_sampler_arguments(p, unset)
     p.add_argument("--reward", default=unset, nargs="+", metavar="NAME[:K=V,...]",
                    help="rewards to score with, options after a colon, e.g. toy, pickscore, "

@@ -36,6 +36,7 @@ from deradiff.training.checkpoint import (
     write_failure,
     writes_into,
 )
+from deradiff.training.conditioning import TEXT_ENCODERS, drop_modules
 from deradiff.training.data_order import DataOrder, StreamOrder, batches, default_num_workers
 from deradiff.training.recipe import Recipe
 
@@ -227,7 +228,7 @@ def _whole_modules(accelerator) -> Iterator[None]:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-FROZEN_ENCODERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+FROZEN_ENCODERS = ("vae", *TEXT_ENCODERS)
 
 
 def drop_frozen_encoders(pipe) -> int:
@@ -235,16 +236,7 @@ def drop_frozen_encoders(pipe) -> int:
     training never calls them (prepare_pipeline left them on the CPU; the method factory has seen
     the whole pipeline); sample grids load them again for their duration. Returns the number of
     parameters freed."""
-    import gc
-
-    freed = 0
-    for name in FROZEN_ENCODERS:
-        module = getattr(pipe, name, None)
-        if module is not None:
-            freed += sum(p.numel() for p in module.parameters())
-            setattr(pipe, name, None)
-    gc.collect()
-    return freed
+    return drop_modules(pipe, FROZEN_ENCODERS)
 
 
 def compile_denoiser(denoiser: torch.nn.Module, backend: str = "inductor") -> None:

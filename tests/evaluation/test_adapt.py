@@ -132,6 +132,13 @@ def test_overlapping_seeds_are_refused_before_sampling(world, tmp_path, capsys):
     assert "instead of --seeds" in capsys.readouterr().err and not out.exists()
 
 
+def test_adapt_help_lists_its_own_seed_options_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    text = capsys.readouterr().out
+    assert "--pilot-seeds" in text and "--eval-seeds" in text and "--seeds SEEDS" not in text
+
+
 def test_adapt_end_to_end_is_consistent_with_the_results_and_resumes(world, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = adapt_argv(world, out)
