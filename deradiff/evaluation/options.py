@@ -119,7 +119,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:
 
 def add_eval_arguments(p: argparse.ArgumentParser, seeds: bool = True) -> None:
     """Options shared by evaluate, search, validate and adapt (what to sample and how); `seeds=False`
-    leaves out --seeds (adapt takes --pilot-seeds and --eval-seeds instead)."""
+    hides --seeds from --help (adapt takes --pilot-seeds and --eval-seeds, and refuses --seeds)."""
     from deradiff.plugins import judge_names
     from deradiff.prompts import describe_sets
 
