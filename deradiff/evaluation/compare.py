@@ -26,7 +26,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,13 @@ def _num(v, fmt: str = ".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _by_label(head: str, keys: Sequence[str], labels: Sequence[str], per_label: Sequence[dict],
+              cell: Callable[[dict], str]) -> str:
+    """A markdown table: one row per key, one column per label, `cell` of that label's entry ("-" if none)."""
+    return markdown_table([head, *labels], [[k, *["-" if d.get(k) is None else cell(d[k]) for d in per_label]]
+                                            for k in keys])
+
+
 def compare_markdown(labels: Sequence[str], folders: Sequence[Path], summaries: Sequence[dict], rows: Sequence[dict],
                      out: Path, has_path_kl: bool) -> str:
     parts = ["# Validations compared", "",
@@ -144,28 +151,16 @@ def compare_markdown(labels: Sequence[str], folders: Sequence[Path], summaries: 
                   "Per distance: lambdas whose nearest baseline is the matching one, and the median distance to "
                   "the matching baseline as a fraction of the spacing to its nearer neighbour (lower is closer; "
                   "below 0.5 is nearer its own baseline than halfway to the neighbour).", ""]
-        body = []
-        for name in names:
-            cells = []
-            for s in summaries:
-                m = s["matching"].get(name)
-                cells.append("-" if m is None else f"{m['accuracy'][0]}/{m['accuracy'][1]}, {_num(m['median_fraction'])}"
-                             + ("" if m["large_enough"] else " (unresolved)"))
-            body.append([name, *cells])
-        parts += [markdown_table(["distance", *labels], body), ""]
+        parts += [_by_label("distance", names, labels, [s["matching"] for s in summaries],
+                            lambda m: f"{m['accuracy'][0]}/{m['accuracy'][1]}, {_num(m['median_fraction'])}"
+                            + ("" if m["large_enough"] else " (unresolved)")), ""]
     metrics = list(dict.fromkeys(m for s in summaries for m in s["metrics"]))
     parts += ["## Gaps per metric", "",
               "Mean |gap| over the tested lambdas (lambda 1 is the aligned LoRA itself), then how many lambdas have "
               "the realigned value inside the retrained value's interval and a gap interval containing 0.", ""]
-    body = []
-    for metric in metrics:
-        cells = []
-        for s in summaries:
-            m = s["metrics"].get(metric)
-            cells.append("-" if m is None else f"{m['mean_abs_gap']:.4g} (in CI {m['in_baseline_ci']}/{m['lambdas']}, "
-                         f"gap 0 {m['gap_ci_has_zero']}/{m['lambdas']})")
-        body.append([metric, *cells])
-    parts += [markdown_table(["metric", *labels], body), ""]
+    parts += [_by_label("metric", metrics, labels, [s["metrics"] for s in summaries],
+                        lambda m: f"{m['mean_abs_gap']:.4g} (in CI {m['in_baseline_ci']}/{m['lambdas']}, "
+                        f"gap 0 {m['gap_ci_has_zero']}/{m['lambdas']})"), ""]
     if has_path_kl:
         parts += ["## How path KL grows with lambda", "",
                   "Slope of log path KL on log lambda over the validated lambdas. Realignment's drift from the "
