@@ -10,11 +10,13 @@
 # do the gaps shrink, does matching improve, does path KL's growth with lambda (realigned: lambda^2,
 # exactly; retrained at 400 steps: about linear) move toward lambda^2 as the baselines converge?
 # It could come out either way; the report says which.
-# Cost on 2 idle cores: training 2x (5 x ~4 min) beside 4x (5 x ~8 min) about 40 min, then about
-# 4 min of sampling per multiplier (12 prompts x 8 seeds, 25 DDIM steps, 5 baselines + 4 lambdas).
-# Stages resume: a finished run or evaluation is reused (the 1x sweep is toy_validation.sh's /
-# toy_matching.sh's runs/toy-sweep). Knobs: MULTIPLIERS (default "1 2 4"), SEEDS, MAX_PROMPTS,
-# SAMPLE_STEPS, RUNS, OUT, PARALLEL=0 to train one multiplier after another.
+# Cost: one 400-step run is ~2 min of one idle core, so the 2x and 4x sweeps are 60 core-minutes at
+# 5 lambdas (LAMBDAS="0.5 1 2": 24); then ~4 min of sampling per multiplier (12 prompts x 8 seeds,
+# 25 DDIM steps, the baselines + the realigned model at their lambdas).
+# Stages resume: a finished run or evaluation is reused, a killed run resumes from its checkpoint
+# (the 1x sweep is toy_validation.sh's / toy_matching.sh's runs/toy-sweep). Knobs: MULTIPLIERS
+# (default "1 2 4"), LAMBDAS (default "0.25 0.5 1 2 4"; must hold 1), JOBS (training runs at once,
+# one thread each; default 2), SEEDS, MAX_PROMPTS, SAMPLE_STEPS, RUNS, OUT.
 cd "$(dirname "$0")/.." || exit 1
 source scripts/common.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -22,31 +24,35 @@ RUNS="${RUNS:-runs}"
 OUT="${OUT:-docs/toy-convergence}"
 read -r -a MULTS <<< "${MULTIPLIERS:-1 2 4}"
 read -r -a SEED_ARGS <<< "${SEEDS:-0 1 2 3 4 5 6 7}"
-LAMS=(0.25 0.5 1 2 4)
+read -r -a LAMS <<< "${LAMBDAS:-0.25 0.5 1 2 4}"
 BASE_STEPS=400
 DATA=(data.path="$RUNS/toy-prefs/train.parquet" data.eval_path="$RUNS/toy-prefs/test.parquet")
 
 sweep_dir() { if [ "$1" = 1 ]; then echo "$RUNS/toy-sweep"; else echo "$RUNS/toy-sweep-steps${1}x"; fi; }
 eval_dir() { echo "$RUNS/toy-convergence-${1}x"; }
 
-train_multiplier() {  # the whole sweep at M x the recipe's steps; checkpoints and evals keep their count
-    local m="$1"
-    align recipe=recipes/toy-sweep.yaml trainer.output_dir="$(sweep_dir "$m")" "${DATA[@]}" \
+train_point() {  # one lambda at M x the recipe's steps; checkpoints and evals keep their count
+    local m="$1" lam="$2"
+    align recipe=recipes/toy-sweep.yaml trainer.output_dir="$(sweep_dir "$m")" "sweep.lambdas=[$lam]" "${DATA[@]}" \
         trainer.max_steps=$((BASE_STEPS * m)) trainer.checkpoint_every=$((100 * m)) \
-        trainer.eval_every=$((50 * m)) trainer.sample_every=$((100 * m)) > "$(sweep_dir "$m").log" 2>&1
+        trainer.eval_every=$((50 * m)) trainer.sample_every=$((100 * m)) > "$(sweep_dir "$m")-lambda-$lam.log" 2>&1
 }
 
 step "1/3 the toy-dpo sweep at ${MULTS[*]} x $BASE_STEPS steps"
 if [ ! -f "$RUNS/toy-prefs/train.parquet" ]; then
     "$BIN/deradiff" toy make-prefs --out "$RUNS/toy-prefs" --threads 2
 fi
-pids=()
+mkdir -p "$RUNS"
+running=0
 for m in "${MULTS[@]}"; do
-    mkdir -p "$RUNS"
-    echo "training ${m}x -> $(sweep_dir "$m") (log: $(sweep_dir "$m").log)"
-    if [ "${PARALLEL:-1}" = 1 ]; then train_multiplier "$m" & pids+=($!); else train_multiplier "$m"; fi
+    for lam in "${LAMS[@]}"; do
+        if [ "$running" -ge "${JOBS:-2}" ]; then wait -n; running=$((running - 1)); fi
+        echo "training ${m}x lambda $lam -> $(sweep_dir "$m")/lambda-$lam (log: $(sweep_dir "$m")-lambda-$lam.log)"
+        train_point "$m" "$lam" &
+        running=$((running + 1))
+    done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+wait
 
 step "2/3 validate each multiplier's realigned lambda = 1 run against its own baselines"
 evals=()
