@@ -3,9 +3,12 @@ against diffusers' example examples/research_projects/diffusion_dpo/train_diffus
 side by side on the same SD1.5-shaped model, data, batch and LoRA.
 
     # the example is not part of this repository: save its source outside it first (see below)
-    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py            # 256 px, ~1 h on 2 cores
-    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py --tiny \\
-        --out /tmp/diffusers_dpo.json                                                      # toy widths, ~3 min
+    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py        # 256 px, 37 min, ~7 GB RAM
+    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py --tiny --repeats 1 \\
+        --out /tmp/diffusers_dpo.json                                                  # toy widths, ~2 min
+
+The 256 px run (benchmarks/results/diffusers_dpo.json) took 37 min on 2 cores shared with other
+jobs (load average 4-6): world 1 min, cache 1.3 min, 9 runs of 2.5-5 min each.
 
 Getting the example (the copy measured: blob a65767d0 of huggingface/diffusers, identical at tag
 v0.40.0 and on main at 58eb52c0; its last change is c9c82173, 2025-08-11):
@@ -28,11 +31,16 @@ its time reported separately. Per run:
   step_s        seconds per optimizer step, median of steps 2..N (the first holds one-off warm-up):
                 ours from metrics.jsonl perf/sec_per_step (batch fetch to optimizer step), the
                 example from the times of its "Steps" progress-bar updates (recorded by a shim
-                that wraps tqdm; the example's code is run unchanged)
+                that wraps tqdm around the example, whose code is otherwise unchanged)
   peak_rss_mib  peak resident memory of the training process (ru_maxrss of the launched process
                 tree from wait4: the largest process, i.e. the trainer), load included
   steps_rss_mib the trainer's largest resident memory sampled every 0.5 s after its first step
                 (load transients excluded)
+
+Peak memory cannot fall below the UNet's share of the weights by leaving out the VAE and text
+encoders: fp32 SD1.5 is UNet 859.5M of 1066.2M parameters, 0.806, and everything else a step
+holds (activations, LoRA, optimizer, the Python runtime) is common to both tools and only raises
+the ratio toward 1.
 
 The example's code runs unchanged but for one line, patched in memory only when wandb is not
 installed: its top-level `import wandb` becomes `wandb = None` (wandb is used only with
@@ -389,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="training side in px (default 256; --tiny 64)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (>= 2; step 1 is not counted)")
     p.add_argument("--repeats", type=int, default=3, help="runs per tool, alternated example, cached, uncached")
-    p.add_argument("--pairs", type=int, default=8, help="JPEG pairs written (and cached)")
+    p.add_argument("--pairs", type=int, default=4, help="JPEG pairs written (and cached); steps cycle over them")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
