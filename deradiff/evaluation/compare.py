@@ -67,12 +67,16 @@ def tested(record: dict) -> list[dict]:
     return [c for c in record["comparisons"] if not math.isclose(c["lam"], 1.0)]
 
 
+def path_kl_rows(record: dict) -> list[dict]:
+    """The record's path-KL comparisons, by lambda (every validated lambda, 1 included)."""
+    return sorted((c for c in record["comparisons"] if c["metric"] == PATH_KL), key=lambda c: c["lam"])
+
+
 def path_kl_slopes(record: dict) -> dict:
     """Slopes of log path KL on log lambda, realigned and retrained, over every validated lambda."""
-    rows = sorted((c for c in record["comparisons"] if c["metric"] == PATH_KL), key=lambda c: c["lam"])
+    rows = path_kl_rows(record)
     lams = [c["lam"] for c in rows]
-    return {"realigned": log_slope(lams, [c["realigned"][0] for c in rows]),
-            "retrained": log_slope(lams, [c["retrained"][0] for c in rows])}
+    return {arm: log_slope(lams, [c[arm][0] for c in rows]) for arm in ("realigned", "retrained")}
 
 
 def summarize_validation(record: dict) -> dict:
@@ -109,19 +113,16 @@ def plot_gaps(rows: Sequence[dict], labels: Sequence[str], path: Path) -> Path:
         for i, label in enumerate(labels):
             pts = sorted((r for r in rows if r["metric"] == metric and r["label"] == label), key=lambda r: r["lam"])
             if pts:
-                panels[metric].append(Series(label, [r["lam"] for r in pts], *map(list, zip(*(r["gap"] for r in pts),
-                                             strict=True)), fmt="o-", color=f"C{i}"))
+                panels[metric].append(Series.of(label, [r["lam"] for r in pts], [r["gap"] for r in pts], "o-", f"C{i}"))
     return metric_panels(panels, path, "lambda  (beta = beta0 / lambda)", zero_line=True)
 
 
 def plot_path_kl(labels: Sequence[str], records: Sequence[dict], path: Path) -> Path:
     series = []
     for i, (label, record) in enumerate(zip(labels, records, strict=True)):
-        rows = sorted((c for c in record["comparisons"] if c["metric"] == PATH_KL), key=lambda c: c["lam"])
-        lams = [c["lam"] for c in rows]
+        rows = path_kl_rows(record)
         for arm, fmt in (("realigned", "o-"), ("retrained", "D--")):
-            series.append(Series(f"{label}: {arm}", lams, *map(list, zip(*(c[arm] for c in rows), strict=True)),
-                                 fmt=fmt, color=f"C{i}"))
+            series.append(Series.of(f"{label}: {arm}", [c["lam"] for c in rows], [c[arm] for c in rows], fmt, f"C{i}"))
     return metric_panels({"path KL (nats)": series}, path, "lambda  (beta = beta0 / lambda)",
                          log_y=("path KL (nats)",))
 

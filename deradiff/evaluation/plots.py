@@ -22,6 +22,13 @@ class Series:
     fmt: str = "o-"
     color: str | None = None
 
+    @classmethod
+    def of(cls, label: str, x: Sequence[float], estimates: Sequence[Sequence[float]], fmt: str = "o-",
+           color: str | None = None) -> Series:
+        """A series from one [estimate, lo, hi] triple per x (the form validation records store)."""
+        y, lo, hi = (list(v) for v in zip(*estimates, strict=True)) if estimates else ([], [], [])
+        return cls(label, list(x), y, lo, hi, fmt, color)
+
 
 def save_fig(fig, path: Path) -> Path:
     """Write a matplotlib figure as PNG, whole or not at all, and close it."""
@@ -43,12 +50,11 @@ def metric_panels(panels: dict[str, Sequence[Series]], path: Path, xlabel: str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
     for ax, (metric, series) in zip(axes.flat, panels.items(), strict=False):
         positive = metric in log_y
         for i, s in enumerate(series):

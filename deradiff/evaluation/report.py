@@ -147,14 +147,10 @@ def plot_validation(record: dict, path: Path) -> Path | None:
     for metric in dict.fromkeys(c["metric"] for c in comps):
         rows = sorted((c for c in comps if c["metric"] == metric), key=lambda c: c["lam"])
         lams = [c["lam"] for c in rows]
-        panels[metric] = [Series("realigned", lams, *map(list, zip(*(c["realigned"] for c in rows), strict=True)),
-                                 fmt="o-", color="C0"),
-                          Series("retrained at beta0 / lambda", lams,
-                                 *map(list, zip(*(c["retrained"] for c in rows), strict=True)), fmt="D--", color="C3")]
+        panels[metric] = [Series.of("realigned", lams, [c["realigned"] for c in rows], "o-", "C0"),
+                          Series.of("retrained at beta0 / lambda", lams, [c["retrained"] for c in rows], "D--", "C3")]
         if all("lora_scale" in c for c in rows):
-            panels[metric].append(Series("LoRA scale = lambda", lams,
-                                         *map(list, zip(*(c["lora_scale"] for c in rows), strict=True)),
-                                         fmt="s:", color="C1"))
+            panels[metric].append(Series.of("LoRA scale = lambda", lams, [c["lora_scale"] for c in rows], "s:", "C1"))
     return metric_panels(panels, path, "lambda  (beta = beta0 / lambda)", log_y=("path_kl",))
 
 
