@@ -23,18 +23,20 @@ Arms, each one "step" (what one realigned denoiser call costs), on the same inpu
   (same mix)    two_forward_merged  reference with the adapter off, aligned with W + s B A swapped
                                   into the LoRA layers' base weights (kept precomputed, swapped by
                                   reference: no merge/unmerge arithmetic, exact restore)
-                mixed_peft        RealignedDenoiser(mode="mixed_batch"): peft's per-row routing
-                                  (adapter_names with "__base__"; per layer: a Python scan of the
-                                  names, x[index list] gather, result[index list] += scatter)
+                mixed_batch       RealignedDenoiser(mode="mixed_batch"): deradiff.routing's
+                                  routing, one batched matmul per LoRA layer against precomputed
+                                  stacked [W; W + s B A] (as many ops as the plain UNet)
+                mixed_peft        the same call routed by peft's per-row routing (adapter_names
+                                  with "__base__"; per layer: a Python scan of the names,
+                                  x[index list] gather, result[index list] += scatter), which
+                                  mixed_batch used before deradiff.routing
                 mixed_slice       one call of [reference rows; aligned rows]; each LoRA layer
                                   adds s B A x[n:] to out[n:] (contiguous views: no index lists)
                 mixed_mask        each LoRA layer adds m * s B A x, m a per-row 0/1 mask
                 mixed_merged      each LoRA layer computes x[:n] W^T and x[n:] (W + s B A)^T
                                   (precomputed merged weights) and concatenates
-                mixed_stacked     each LoRA layer does one batched matmul of [x[:n]; x[n:]] with
-                                  the stacked [W; W + s B A] (as many ops as the plain UNet)
-The mixed_* variants other than mixed_peft are RealignedDenoiser with `_mixed_forward` routed
-by `routed_rows` below instead of peft's adapter_names. Arms are interleaved (rotated order each
+The mixed_* variants other than mixed_batch are RealignedDenoiser with `_mixed_forward` routed
+by `routed_rows` below instead of deradiff.routing. Arms are interleaved (rotated order each
 repeat, so drifting load hits all alike), times are medians over repeats, ratios are taken
 within the run. Every realignment arm's output (the lam 0.5 mix, and aligned - reference from a
 recorded call) is checked against two_forward (max abs difference). A torch.profiler pass
@@ -58,10 +60,10 @@ from common import write_results
 
 FLOOR_ARMS = ("plain_two_calls", "plain_one_call")
 LORA_ARMS = ("lora_off", "lora_on", "lora_on_double")
-MIX_ARMS = ("two_forward", "two_forward_merged", "mixed_peft", "mixed_slice", "mixed_mask", "mixed_merged",
-            "mixed_stacked")
+MIX_ARMS = ("two_forward", "two_forward_merged", "mixed_batch", "mixed_peft", "mixed_slice", "mixed_mask",
+            "mixed_merged")
 ARMS = FLOOR_ARMS + LORA_ARMS + MIX_ARMS
-ROUTINGS = ("slice", "mask", "merged", "stacked")
+ROUTINGS = ("peft", "slice", "mask", "merged")
 LAM = 0.5
 TIMESTEP = 500
 
@@ -115,31 +117,7 @@ def _merged_forward(layer, adapter: str, n: int, prepared: dict, **_) -> Callabl
     return forward
 
 
-def _stacked_forward(layer, adapter: str, n: int, prepared: dict, **_) -> Callable:
-    """One batched matmul for both row groups: [x[:n]; x[n:]] against prepared[layer], the
-    stacked [W; W + s B A] (see stacked_lora_weights)."""
-    import torch
-
-    base, weights = layer.base_layer, prepared[layer]
-    bias = base.bias
-    if isinstance(base, torch.nn.Conv2d):  # 1x1: a matmul over channels, per pixel
-        def forward(x, *args, **kwargs):
-            rows, channels, height, width = x.shape
-            out = torch.matmul(weights, x.reshape(2, n, channels, height * width))  # (2, n, out, H W)
-            if bias is not None:
-                out = out + bias.view(1, 1, -1, 1)
-            return out.view(rows, -1, height, width)
-        return forward
-
-    def forward(x, *args, **kwargs):
-        flat = x.reshape(2, -1, x.shape[-1])  # [reference rows; aligned rows], tokens flattened
-        out = torch.bmm(flat, weights) if bias is None else torch.baddbmm(bias, flat, weights)
-        return out.view(*x.shape[:-1], -1)
-    return forward
-
-
-ROUTE_FORWARDS = {"slice": _slice_forward, "mask": _mask_forward, "merged": _merged_forward,
-                  "stacked": _stacked_forward}
+ROUTE_FORWARDS = {"slice": _slice_forward, "mask": _mask_forward, "merged": _merged_forward}
 
 
 def merged_lora_weights(layers) -> dict:
@@ -151,38 +129,29 @@ def merged_lora_weights(layers) -> dict:
                                   requires_grad=False) for m in layers}
 
 
-def stacked_lora_weights(layers) -> dict:
-    """{peft LoRA layer: [W; W + s B A] laid out for _stacked_forward}: Linear (2, in, out),
-    Conv2d 1x1 (stride 1, unpadded, ungrouped, as proj_in/out are) (2, 1, out, in); ValueError
-    for other layers."""
-    import torch
-
-    stacked = {}
-    for layer, merged in merged_lora_weights(layers).items():
-        base = layer.base_layer
-        both = torch.stack([base.weight.detach(), merged.detach()])
-        if isinstance(base, torch.nn.Linear):
-            stacked[layer] = both.transpose(1, 2).contiguous()
-        elif isinstance(base, torch.nn.Conv2d) and base.kernel_size == (1, 1) and base.stride == (1, 1) \
-                and base.padding == (0, 0) and base.groups == 1:
-            stacked[layer] = both.flatten(2).unsqueeze(1)
-        else:
-            raise ValueError(f"stacked routing handles Linear and 1x1 Conv2d LoRA layers, not {base}")
-    return stacked
-
-
-PREPARE = {"merged": merged_lora_weights, "stacked": stacked_lora_weights}
+PREPARE = {"merged": merged_lora_weights}
 
 
 @contextmanager
 def routed_rows(layers, adapter: str, n: int, routing: str, prepared: dict | None = None) -> Iterator[None]:
     """Every peft LoRA layer in `layers` applies `adapter` to batch rows n: only, for a batch of
-    2 n rows (routing: a ROUTE_FORWARDS key; merged and stacked need PREPARE[routing](layers)
-    as `prepared`), by an instance `forward` removed afterwards."""
+    2 n rows (routing: "peft" (peft's adapter_names, by a pre-hook) or a ROUTE_FORWARDS key, by
+    an instance `forward` removed afterwards; merged needs PREPARE[routing](layers) as `prepared`)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
+    from deradiff.routing import RESERVED_ADAPTER, _names_injector
+
     lora = [m for m in layers if isinstance(m, LoraLayer)]
+    if routing == "peft":
+        inject = _names_injector([RESERVED_ADAPTER] * n + [adapter] * n)
+        hooks = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in lora]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return
     rows = torch.cat([torch.zeros(n), torch.ones(n)])
     masks = {ndim: rows.view(-1, *([1] * (ndim - 1))) for ndim in (2, 3, 4)}
     for layer in lora:
@@ -303,7 +272,7 @@ def make_arms(lora_unet, plain, layers, merged, inputs) -> dict[str, Callable]:
         "lora_on_double": lambda: unet_call(lora_unet, d_sample, d_context),
         "two_forward": denoiser(mode="two_forward"),
         "two_forward_merged": two_forward_merged,
-        "mixed_peft": denoiser(mode="mixed_batch"),
+        "mixed_batch": denoiser(mode="mixed_batch"),
         **{f"mixed_{r}": denoiser(routed, routing=r) for r in ROUTINGS},
     }
     assert tuple(arms) == ARMS
@@ -327,7 +296,7 @@ def check_outputs(lora_unet, inputs, arms: dict[str, Callable]) -> dict[str, dic
         return d.records[-1].delta
 
     routed = routed_denoiser_class()
-    deltas = {"two_forward": recorded_delta(mode="two_forward"), "mixed_peft": recorded_delta(mode="mixed_batch"),
+    deltas = {"two_forward": recorded_delta(mode="two_forward"), "mixed_batch": recorded_delta(mode="mixed_batch"),
               **{f"mixed_{r}": recorded_delta(routed, routing=r) for r in ROUTINGS}}
     checks = {}
     for name in MIX_ARMS:
@@ -388,6 +357,7 @@ def ratios(t: dict[str, float]) -> dict[str, float]:
         "two_forward_vs_plain_two_calls": t["two_forward"] / t["plain_two_calls"],
         "two_forward_merged_vs_plain_two_calls": t["two_forward_merged"] / t["plain_two_calls"],
         **{f"{a}_vs_two_forward": t[a] / t["two_forward"] for a in MIX_ARMS[1:]},
+        "mixed_batch_vs_mixed_peft": t["mixed_batch"] / t["mixed_peft"],
         "mixed_peft_vs_lora_on_double": t["mixed_peft"] / t["lora_on_double"],
         **{f"{a}_vs_plain_one_call": t[a] / t["plain_one_call"] for a in MIX_ARMS[2:]},
     }
@@ -403,7 +373,7 @@ def measure_shape(models, rows: int, side: int, repeats: int, profile: bool) -> 
               "ratios": ratios(times), "checks": checks}
     if profile:
         result["profile"] = profile_arms(arms, ARMS)
-    print(f"{rows}x{side}: mixed_peft / two_forward {result['ratios']['mixed_peft_vs_two_forward']:.3f}, "
+    print(f"{rows}x{side}: mixed_batch / two_forward {result['ratios']['mixed_batch_vs_two_forward']:.3f}, "
           f"floor {result['ratios']['floor_one_call_vs_two_calls']:.3f}", file=sys.stderr, flush=True)
     return result
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from deradiff.errors import UserError
 from deradiff.models import adapters_disabled, denoiser_name, lora_adapter_names, tuner_layers
+from deradiff.routing import RESERVED_ADAPTER, RowGroupRouter
 
 Mode = Literal["two_forward", "mixed_batch"]
 MODES = ("two_forward", "mixed_batch")
@@ -154,8 +155,6 @@ def emulated_beta(beta0: float, lam: float) -> float:
 
 # -- lambda vectors: several adapters, one lambda each ---------------------------------------------
 
-# peft's mixed-batch routing reserves "__base__" for rows without any adapter.
-_RESERVED_ADAPTER = "__base__"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 # Pairs are split at a comma followed by NAME=; commas inside a schedule ("linear:0,2") are not.
 _PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_.-]*\s*=)")
@@ -187,9 +186,9 @@ class LambdaVector:
             raise UserError(f"a lambda vector needs at least one adapter: {_VECTOR_FORMAT}")
         names = [n for n, _ in items]
         for name in names:
-            if not _ADAPTER_NAME.fullmatch(name) or name == _RESERVED_ADAPTER:
+            if not _ADAPTER_NAME.fullmatch(name) or name == RESERVED_ADAPTER:
                 raise UserError(f"adapter name {name!r} in a lambda vector: use letters, digits, '_', '.' and '-', "
-                                f"not starting with a digit, and not {_RESERVED_ADAPTER!r}")
+                                f"not starting with a digit, and not {RESERVED_ADAPTER!r}")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise UserError(f"adapter {duplicates[0]!r} is given twice in a lambda vector: give each adapter one lambda")
@@ -302,9 +301,10 @@ class RealignedDenoiser(nn.Module):
             adapters disabled (LoRA mode: one set of base weights in memory).
         mode: "two_forward" (one call for the reference, then one per adapter) or "mixed_batch"
             (one call on the batch repeated 1 + K times, the reference rows with no adapter and
-            each following block with one adapter, K = 1 for a scalar lambda; LoRA mode. A scalar
-            lambda needs exactly one active adapter, because peft routes one adapter name per
-            batch row).
+            each following block with one adapter, K = 1 for a scalar lambda; LoRA mode. Routed
+            by deradiff.routing: one batched matmul per plain LoRA layer against stacked merged
+            weights, which cost 1 + K copies of those layers' weights while the denoiser lives.
+            A scalar lambda needs exactly one active adapter: one adapter per row block).
         record: keep a StepRecord per call for path_kl() (a lambda vector's record holds the
             combined delta, see StepRecord).
         num_train_timesteps: length of the scheduler's training axis, which schedules over t are
@@ -360,6 +360,7 @@ class RealignedDenoiser(nn.Module):
         self._flow_grid = _FlowGrid() if _is_flow_matching(scheduler) else None
         self._arg_names = _positional_names(aligned)
         self._layers = tuner_layers(aligned) if reference is None else []
+        self._router = RowGroupRouter(self._layers)
         if self.vector is not None:
             _check_vector_adapters(self.vector, aligned, self._layers, reference)
         elif mode == "mixed_batch":
@@ -438,8 +439,7 @@ class RealignedDenoiser(nn.Module):
         args, kwargs = _repeat_call(batch.args, batch.kwargs, n, 2, self._arg_names)
         # Checked per call too: adapters can be switched on `aligned` after construction.
         adapter = _single_active_adapter(self._layers)
-        names = ["__base__"] * n + [adapter] * n
-        with _adapter_names_for_rows(self._layers, names):
+        with self._router.route([None, adapter], n):
             out = self.aligned(*args, **kwargs)
         both = _first_tensor(out)
         return _replace_first_tensor(out, both[:n]), _replace_first_tensor(out, both[n:])
@@ -465,8 +465,7 @@ class RealignedDenoiser(nn.Module):
         """One call on the rows repeated 1 + K times: no adapter, then adapter names[k] alone."""
         n = batch.size
         args, kwargs = _repeat_call(batch.args, batch.kwargs, n, 1 + len(names), self._arg_names)
-        rows = [_RESERVED_ADAPTER] * n + [name for name in names for _ in range(n)]
-        with _adapter_state(self._layers), _adapter_names_for_rows(self._layers, rows):
+        with _adapter_state(self._layers), self._router.route([None, *names], n):
             out = self.aligned(*args, **kwargs)
         every = _first_tensor(out)
         outs = {name: every[(k + 1) * n:(k + 2) * n] for k, name in enumerate(names)}
@@ -838,23 +837,3 @@ def _replace_first_tensor(out, tensor: torch.Tensor):
         return (tensor, *out[1:])
     # diffusers BaseOutput dataclasses (UNet2DConditionOutput, Transformer2DModelOutput, ...)
     return type(out)(**{**out, next(iter(out.keys())): tensor})
-
-
-@contextmanager
-def _adapter_names_for_rows(layers: list[nn.Module], names: list[str]):
-    """Make every peft LoRA layer use `names[i]` for batch row i (peft's mixed-batch forward).
-
-    The diffusers UNet forward does not accept `adapter_names`, so it is injected per layer with
-    forward pre-hooks; this works in train mode too (peft's own PeftModel route refuses there).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    def inject(_module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in layers if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
