@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -397,22 +397,29 @@ def set_lora_scale(denoiser: nn.Module, scale: float) -> None:
 
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  revision: str | None = None, variant: str | None = None, vae: str | None = None):
+                  revision: str | None = None, variant: str | None = None, vae: str | None = None,
+                  components: Mapping[str, nn.Module | None] | None = None):
     """A diffusers pipeline from a registered model name (deradiff.plugins, e.g. "toy"), a local
     folder, or a hub id (safetensors only).
 
     `vae` replaces the pipeline's VAE (e.g. "madebyollin/sdxl-vae-fp16-fix" for SDXL in fp16).
+    `components` are taken instead of loaded, as diffusers' from_pretrained takes them: a module
+    (e.g. an already trained UNet), or None to leave the component out (neither downloaded nor
+    loaded; e.g. the VAE and text encoders when a latent cache holds their outputs). Names the
+    pipeline does not have are ignored. A registered model whose `load` takes a `components`
+    keyword is handed them; one whose `load` does not is loaded whole, then they replace its own.
     """
     from deradiff.plugins import model_entry
 
+    components = dict(components or {})
     entry = model_entry(name_or_path)
     if entry is not None:
-        return entry.load(dtype=dtype, device=device)
+        return _load_registered(entry, dtype, device, components)
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     try:
-        extra = {}
-        if vae:
+        extra = pipeline_components(name_or_path, components, revision)
+        if vae and "vae" not in extra:
             extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, use_safetensors=True)
         pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True,
                                                  revision=revision, variant=variant, **extra)
@@ -422,6 +429,35 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device:
                         f"{str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def pipeline_components(name_or_path: str | os.PathLike, components: Mapping[str, nn.Module | None],
+                        revision: str | None = None) -> dict[str, nn.Module | None]:
+    """The entries of `components` that name components of the pipeline at `name_or_path` (in its
+    model_index.json): keyword arguments of DiffusionPipeline.from_pretrained, which loads none of
+    them (a None is left out, a module is used as it is). Others would be warned about and ignored."""
+    if not components:
+        return {}
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
+    return {name: module for name, module in components.items() if name in index}
+
+
+def _load_registered(entry, dtype: torch.dtype, device: str, components: dict):
+    """entry.load(dtype, device), with `components` handed to a loader that takes them, else put
+    in place after loading (the replaced modules are then freed)."""
+    import inspect
+
+    if not components:
+        return entry.load(dtype=dtype, device=device)
+    if "components" in inspect.signature(entry.load).parameters:
+        return entry.load(dtype=dtype, device=device, components=components)
+    pipe = entry.load(dtype=dtype, device=device)
+    for name, module in components.items():
+        if name in pipe.config:
+            setattr(pipe, name, module)
+    return pipe
 
 
 def set_scheduler(pipe, name: str, **overrides) -> None:

@@ -100,8 +100,9 @@ def test_set_scheduler_turns_off_x0_clipping(sd15):
 
 
 def test_missing_pipeline_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="cannot load pipeline"):
-        load_pipeline(str(tmp_path / "nothing-here"))
+    for components in (None, {"vae": None}):  # leaving a component out reads model_index.json first
+        with pytest.raises(UserError, match="cannot load pipeline"):
+            load_pipeline(str(tmp_path / "nothing-here"), components=components)
 
 
 def test_denoiser_name_picks_the_module_attribute():

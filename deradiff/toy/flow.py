@@ -131,14 +131,18 @@ def resolve_flow_root(path: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_flow_pipeline(path: str | os.PathLike | None = None):
+def load_flow_pipeline(path: str | os.PathLike | None = None, components: dict | None = None):
     """The pretrained toy `StableDiffusion3Pipeline` (CPU, float32, eval, no progress bar).
 
     `path` is an asset root written by `deradiff toy pretrain --family flow --out DIR` (default:
     the weights shipped in deradiff/toy/assets/flow/). Every file is checked against the root's
     SHA-256 manifest first; a missing or corrupt file raises UserError saying how to rebuild.
+    `components`: modules to use instead of loading, None to leave one out
+    (deradiff.models.load_pipeline).
     """
     from diffusers import StableDiffusion3Pipeline
+
+    from deradiff.models import pipeline_components
 
     root = resolve_flow_root(path)
     verify_manifest(root, FLOW_REBUILD_HINT)
@@ -146,7 +150,8 @@ def load_flow_pipeline(path: str | os.PathLike | None = None):
     if not (pipe_dir / "model_index.json").exists():
         raise UserError(f"no {PIPELINE_SUBDIR}/model_index.json in {root}; {FLOW_REBUILD_HINT}")
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(pipe_dir), local_files_only=True, use_safetensors=True, text_encoder_3=None, tokenizer_3=None,
+        str(pipe_dir), local_files_only=True, use_safetensors=True,
+        **{"text_encoder_3": None, "tokenizer_3": None, **pipeline_components(pipe_dir, components or {})},
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -136,14 +136,17 @@ def resolve_asset_root(path: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_toy_pipeline(path: str | os.PathLike | None = None):
+def load_toy_pipeline(path: str | os.PathLike | None = None, components: dict | None = None):
     """The pretrained toy `StableDiffusionPipeline` (CPU, float32, eval, no progress bar).
 
     `path` is an asset root written by `deradiff toy pretrain --out DIR` (default: the weights
     shipped in the package). Every file is checked against the root's SHA-256 manifest first;
-    a missing or corrupt file raises UserError saying how to rebuild.
+    a missing or corrupt file raises UserError saying how to rebuild. `components`: modules to
+    use instead of loading, None to leave one out (deradiff.models.load_pipeline).
     """
     from diffusers import StableDiffusionPipeline
+
+    from deradiff.models import pipeline_components
 
     root = resolve_asset_root(path)
     verify_manifest(root)
@@ -152,7 +155,7 @@ def load_toy_pipeline(path: str | os.PathLike | None = None):
         raise UserError(f"no {PIPELINE_SUBDIR}/model_index.json in {root}; {REBUILD_HINT}")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(pipe_dir), local_files_only=True, use_safetensors=True, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        feature_extractor=None, requires_safety_checker=False, **pipeline_components(pipe_dir, components or {}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

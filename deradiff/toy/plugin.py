@@ -25,22 +25,29 @@ JUDGE_IMAGE_METRICS = {"color": "fidelity/color_acc", "shape": "fidelity/shape_a
 JUDGE_SET_METRICS = ("fidelity/kid", "fidelity/diversity_rel")  # per prompt, from all its seeds' images
 
 
-def _load_pipeline(dtype=None, device: str = "cpu"):
-    import torch
-
+def _load_pipeline(dtype=None, device: str = "cpu", components: dict | None = None):
     from deradiff.toy.pipeline import load_toy_pipeline
 
-    pipe = load_toy_pipeline().to(device)
-    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+    return _placed(load_toy_pipeline(components=components), dtype, device, components)
 
 
-def _load_flow_pipeline(dtype=None, device: str = "cpu"):
-    import torch
-
+def _load_flow_pipeline(dtype=None, device: str = "cpu", components: dict | None = None):
     from deradiff.toy.flow import load_flow_pipeline
 
-    pipe = load_flow_pipeline().to(device)
-    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
+    return _placed(load_flow_pipeline(components=components), dtype, device, components)
+
+
+def _placed(pipe, dtype, device: str, components: dict | None):
+    """`pipe` on `device`, its loaded modules in `dtype`; modules handed in `components` (a trained
+    denoiser) keep their dtypes, as diffusers' from_pretrained(torch_dtype=...) leaves them."""
+    import torch
+
+    pipe = pipe.to(device)
+    if dtype not in (None, torch.float32):
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and name not in (components or {}):
+                module.to(dtype=dtype)
+    return pipe
 
 
 def _flow_identity() -> dict:

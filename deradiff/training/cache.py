@@ -5,10 +5,11 @@
 
 `deradiff cache` runs the frozen VAE over every training (and held-out) pair and the frozen text
 encoder(s) over every distinct caption, and writes safetensors shards into the folder named by
-data.latent_cache. A run whose recipe names the folder reads them instead: the VAE and the text
-encoders are dropped from the pipeline before it moves to the device (sample grids load them
-again for their duration), and no image is decoded. Every run of a beta sweep, and a run resumed
-on another machine, reads the same cache.
+data.latent_cache. A run whose recipe names the folder reads them instead: the VAE, the text
+encoders and their tokenizers are neither downloaded nor loaded (the pipeline holds the denoiser
+and the scheduler; sample grids load the rest for their duration, deradiff.training.trainer), and
+no image is decoded. Every run of a beta sweep, and a run resumed on another machine, reads the
+same cache.
 
 What is stored, per pair i of the filtered training set (the same rows, in the same order, as
 the uncached run indexes; a pair whose image does not decode holds the next decodable pair, as

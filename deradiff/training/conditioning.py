@@ -105,6 +105,7 @@ def encode_prompts(
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class PromptCache:

@@ -228,7 +228,8 @@ def get_family(name: str) -> UNetFamily | FlowFamily:
 
 
 def family_of(pipe) -> str:
-    """The family of a loaded pipeline, from its denoiser and text encoders."""
+    """The family of a loaded pipeline, from its denoiser and text encoders (a second text
+    encoder, loaded or left out: a pipeline loaded for a latent cache has none in memory)."""
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None:
         name = type(transformer).__name__
@@ -237,7 +238,8 @@ def family_of(pipe) -> str:
         if name.startswith("Flux"):
             return "flux"
         raise UserError(f"{type(pipe).__name__} with a {name} is not a supported family (sd15, sdxl, sd3, flux)")
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    has_second = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "config", {})
+    return "sdxl" if has_second else "sd15"
 
 
 def check_family(kind: str, pipe, where: str = "model.kind") -> UNetFamily | FlowFamily:

@@ -36,7 +36,7 @@ from deradiff.training.checkpoint import (
     write_failure,
     writes_into,
 )
-from deradiff.training.conditioning import TEXT_ENCODERS, drop_modules
+from deradiff.training.conditioning import TEXT_ENCODERS, TOKENIZERS
 from deradiff.training.data_order import DataOrder, StreamOrder, batches, default_num_workers
 from deradiff.training.recipe import Recipe
 
@@ -176,19 +176,19 @@ def weight_dtype(accelerator) -> torch.dtype:
 
 
 def prepare_pipeline(recipe, accelerator):
-    """Load the pipeline, freeze it in the compute dtype, add the LoRA with fp32 parameters."""
+    """Load the pipeline (without the components of `left_out(recipe)`), freeze it in the compute
+    dtype, add the LoRA with fp32 parameters."""
     from deradiff.models import load_pipeline
 
     m = recipe.model
     with _whole_modules(accelerator):
-        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
+        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
+                             components=dict.fromkeys(left_out(recipe)))
     dtype = weight_dtype(accelerator)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
-            if recipe.data.latent_cache and name in FROZEN_ENCODERS:
-                continue  # the cache holds their outputs: never on the device, dropped after setup
             module.to(accelerator.device)
             if dtype != torch.float32:
                 module.to(dtype=dtype)
@@ -229,14 +229,15 @@ def _whole_modules(accelerator) -> Iterator[None]:
 
 
 FROZEN_ENCODERS = ("vae", *TEXT_ENCODERS)
+# What a latent cache replaces: it holds the outputs of these, and its identity is checked from
+# their files (deradiff.training.cache.model_identity), not from their weights.
+REPLACED_BY_CACHE = (*FROZEN_ENCODERS, *TOKENIZERS)
 
 
-def drop_frozen_encoders(pipe) -> int:
-    """Remove the VAE and the text encoders from the pipeline (set to None): with a latent cache
-    training never calls them (prepare_pipeline left them on the CPU; the method factory has seen
-    the whole pipeline); sample grids load them again for their duration. Returns the number of
-    parameters freed."""
-    return drop_modules(pipe, FROZEN_ENCODERS)
+def left_out(recipe) -> tuple[str, ...]:
+    """Pipeline components that training does not load: REPLACED_BY_CACHE with a latent cache,
+    else none. Sample grids load them for their duration (_complete_pipeline)."""
+    return REPLACED_BY_CACHE if recipe.data.latent_cache else ()
 
 
 def compile_denoiser(denoiser: torch.nn.Module, backend: str = "inductor") -> None:
@@ -319,11 +320,10 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     t = recipe.trainer
     set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
     pipe = prepare_pipeline(recipe, accelerator)
-    method: Method = method_factory(recipe, pipe, accelerator)
     if recipe.data.latent_cache:
-        freed = drop_frozen_encoders(pipe)
-        accelerator.print(f"latent cache {recipe.data.latent_cache}: the VAE and text encoders are not kept "
-                          f"({freed / 1e6:.2f}M parameters freed)")
+        accelerator.print(f"latent cache {recipe.data.latent_cache}: the VAE and text encoders are not kept in "
+                          f"memory (not loaded: {', '.join(n for n in left_out(recipe) if n in pipe.config)})")
+    method: Method = method_factory(recipe, pipe, accelerator)
     if hasattr(method.dataset, "__len__"):
         order = DataOrder(len(method.dataset), t.per_device_batch_size, accelerator.num_processes,
                           t.gradient_accumulation, t.seed)
@@ -481,18 +481,20 @@ def save_sample_grid(recipe, pipe, accelerator, path: Path) -> None:
 
 @contextmanager
 def _complete_pipeline(recipe, pipe, accelerator) -> Iterator:
-    """`pipe` when it has its VAE and text encoders; else (a latent cache dropped them) a freshly
-    loaded pipeline around the trained denoiser, freed when the block ends."""
+    """`pipe` when it has its VAE and text encoders; else (a latent cache left them out) a pipeline
+    of the trained denoiser and freshly loaded other components, freed when the block ends."""
     if all(getattr(pipe, name, None) is not None for name in FROZEN_ENCODERS if name in pipe.config):
         yield pipe
         return
     from deradiff.models import load_pipeline
 
     m = recipe.model
+    name = denoiser_name(pipe)
+    # handed to the loader, not loaded a second time; the pipeline is built around it (SD3 and
+    # SDXL read their default image size from the denoiser they are built with)
     full = load_pipeline(m.name_or_path, dtype=weight_dtype(accelerator), device=str(accelerator.device),
-                         revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
-    name = denoiser_name(full)
-    setattr(full, name, getattr(pipe, name))  # the trained one; the loaded copy is freed
+                         revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
+                         components={name: getattr(pipe, name)})
     try:
         yield full
     finally:
