@@ -58,6 +58,43 @@ def test_sweep_benchmark_tiny_shares_the_reference_errors_and_agrees(tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_benchmark_sd15_tiny_shares_the_reference_errors_and_agrees(tmp_path):
+    """benchmarks/sweep.py --model sd15 --tiny (train_breakdown's SD1.5-shaped pipeline at toy
+    widths, 64 px JPEG pairs, the SD1.5 recipe) at 2 betas x 2 steps: the JSON's structure, the
+    second shared run reads every micro-batch's reference errors, both sweeps log the same numbers."""
+    out = tmp_path / "sweep_sd15.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--model", "sd15", "--tiny", "--betas", "2",
+         "--steps", "2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert (config["model"], config["tiny"], config["resolution"]) == ("sd15", True, 64)
+    assert (config["batch"], config["pairs"], config["heldout"], config["draws"]) == (1, 2, 1, 4)
+    assert "world" not in config and result["repeats_done"] == 1  # no removed temporary folder recorded
+    params = result["world"]["params"]
+    assert params["unet"] > params["vae"] > 0 and params["text_encoder"] > 0
+    repeat = result["results"]["repeats"][0]
+    for sweep in ("independent", "shared"):
+        runs = repeat[sweep]
+        assert [r["beta"] for r in runs["runs"]] == [500.0, 1000.0]
+        assert runs["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs["runs"]))
+        for r in runs["runs"]:
+            assert len(r["losses"]) == 2 and r["eval"] and 0 < r["train_s"] < r["wall_s"] and r["peak_rss_mib"] > 0
+    shared = repeat["shared"]["runs"]
+    assert [r["stored"] for r in shared] == [0, 2] and [r["computed"] for r in shared] == [2, 0]
+    summary = result["summary"]
+    assert summary["max_loss_diff"] <= 1e-6 and summary["max_eval_diff"] <= 1e-6
+    assert (summary["stored_micro_batches"], summary["micro_batches"]) == (2, 4)
+    for key in ("wall_ratio", "cpu_ratio", "train_ratio", "peak_rss_mib"):
+        assert summary[key] > 0, key
+    assert "on tiny shape, 64 px" in proc.stdout and "summary: wall_ratio=" in proc.stdout
+
+
+@pytest.mark.slow
 def test_realign_benchmark_flow_family_tiny(tmp_path):
     """benchmarks/realign.py --family flow at the smallest size: an SD3 pipeline whose MM-DiT carries
     a LoRA, all four approaches, and the three realigned ones (LoRA toggle on two forwards or one
