@@ -335,8 +335,11 @@ def precompute(recipe, epochs: int, batch_size: int = 8, device: str | None = No
     cache = open_cache(recipe)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = recipe.model
-    if pipe is None:
-        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path)
+    if pipe is None:  # the cache stands in for the VAE and text encoders: only the denoiser is loaded
+        from deradiff.training.trainer import REPLACED_BY_CACHE
+
+        pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
+                             components=dict.fromkeys(REPLACED_BY_CACHE))
     settings = dpo_settings(recipe, pipe)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(m.mixed_precision)
     denoiser = getattr(pipe, denoiser_name(pipe)).to(device, dtype or torch.float32)

@@ -120,10 +120,20 @@ def test_a_resumed_run_stores_and_reads_its_errors_and_trains_as_the_uninterrupt
     assert later["calls"]["reference"] == 0 and later["summary"]["data/reference_errors_stored"] == STEPS
 
 
-def test_precomputed_errors_serve_every_micro_batch(world, independent):
+def test_precomputed_errors_serve_every_micro_batch(world, independent, monkeypatch):
     """`deradiff cache ... --reference-epochs 1`: epoch 0 and the held-out draws, computed in other
-    batches than training's (so equal to float rounding), then no reference forward in training."""
+    batches than training's (so equal to float rounding), then no reference forward in training;
+    the precomputation loads the denoiser alone (the cache stands in for the encoders)."""
+    import deradiff.models
     from deradiff.training.cache import add_arguments, run
+
+    loaded = []
+    real_load = deradiff.models.load_pipeline
+
+    def spy(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+    monkeypatch.setattr(deradiff.models, "load_pipeline", spy)
 
     toy_world, cache, root = world
     store = root / "store-precomputed"
@@ -136,6 +146,8 @@ def test_precomputed_errors_serve_every_micro_batch(world, independent):
         run(parser.parse_args([*items, "--reference-epochs", "1"]))
     assert run(parser.parse_args([*items, f"data.reference_errors={store}", "--reference-epochs", "1",
                                   "--batch-size", "8", "--device", "cpu", "--num-workers", "0"])) == 0
+    assert loaded and all(p.vae is None and p.text_encoder is None for p in loaded)
+    monkeypatch.undo()
     [folder] = [p for p in store.iterdir() if p.is_dir()]
     got = _fit(_recipe(toy_world, cache, root / "precomputed", "method.beta=500", f"data.reference_errors={store}"))
     assert got["calls"]["reference"] == 0 and got["summary"]["data/reference_errors_stored"] == STEPS
