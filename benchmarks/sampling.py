@@ -54,7 +54,7 @@ def build(model: str):
         pipe = build_toy_pipeline(seed=0)
         _random_lora(pipe.unet)
     else:
-        from realign import build as build_sd  # benchmarks/realign.py: a tiny SD pipeline, LoRA included
+        from realign import build_unet as build_sd  # benchmarks/realign.py: a tiny SD pipeline, LoRA included
 
         pipe = build_sd(64)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)

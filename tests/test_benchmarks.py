@@ -125,3 +125,22 @@ def test_realign_benchmark_flow_family_tiny(tmp_path):
     assert summary["realigned_checksum_rel_spread"] <= 1e-5
     assert summary["two_forward_mem_vs_two_copies"] > 0 and summary["mixed_batch_time_vs_aligned_only"] > 0
     assert "two_copies" in proc.stdout and "targets:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_runs_both_models(tmp_path):
+    """benchmarks/sampling.py (what choose_mode's rule is measured by) at one batch and one step,
+    both models: each builds, samples in every approach and lands in the JSON with its rule."""
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--batches", "1", "--steps", "1", "--repeats", "1",
+         "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for model in ("toy", "unet8m"):
+        batch = result["results"][model]["batches"]["1"]
+        assert all(batch[a]["sec_per_call"] > 0 for a in ("plain", "two_forward", "mixed_batch"))
+        assert f"{model}_mixed_batch_max_rows" in result["summary"]

@@ -35,7 +35,7 @@ AUTO = "auto"
 MODES = (AUTO, *REALIGN_MODES)  # --mode choices
 # choose_mode's measured rule: on CPU, mixed_batch while the denoiser sees at most this many rows
 # per call (images x 2 with classifier-free guidance); see choose_mode for the measurement.
-CPU_MIXED_BATCH_MAX_ROWS = 4
+CPU_MIXED_BATCH_MAX_ROWS = 16
 # Interleaved (realigned, plain) call pairs timed per input shape for the realignment overhead;
 # the median of their ratios counts, so one timing disturbed by other load does not set it.
 PLAIN_TIMING_REPEATS = 5
@@ -46,24 +46,23 @@ def choose_mode(rows: int, device: str | torch.device, adapters: int = 1) -> str
     under classifier-free guidance) on `device`: "mixed_batch" (one forward on 2 x rows) or
     "two_forward" (two forwards on rows). Both give the same images up to float rounding.
 
-    Rule: on CPU, mixed_batch while rows <= CPU_MIXED_BATCH_MAX_ROWS (4: one or two images per
+    Rule: on CPU, mixed_batch while rows <= CPU_MIXED_BATCH_MAX_ROWS (16: up to 8 images per
     call with CFG), else two_forward; on CUDA and other accelerators, two_forward (not measured
     here: `make bench-gpu` measures both modes at SD shapes).
 
     Measured with `OMP_NUM_THREADS=2 python benchmarks/sampling.py` (-> benchmarks/results/
     sampling.json; `--threads 1 --out benchmarks/results/sampling_1thread.json` for the second),
-    toy pipeline (1.9M-param UNet) and an 8.7M-param tiny UNet, CFG 3, 2 DDIM steps, on a
-    2-core machine shared with other jobs (absolute img/s are low; ratios within a run count).
-    Time of mixed_batch / two_forward per call:
-        rows                      2      4      8
-        toy, 2 threads          0.66   0.34     -      (larger batches cut by the time limit)
-        toy, 1 thread           0.87   0.39   0.57
-        unet8m, 2 threads       1.03   0.80     -
-        unet8m, 1 thread        0.52   0.45   0.78
-    An earlier 1-thread run of the toy with 3 steps: 0.86, 0.74, 1.10 at rows 2, 4, 8, 0.96 at
-    16 and 1.22 at 32; benchmarks/results/realign_batch4.json (8.7M UNet, 16x16 latents, rows 4,
-    no CFG) 1.10. So: the one call pays off at small rows, where per-call overhead dominates, and
-    stops paying at about 8 rows; 4 is the bound every measurement supports.
+    toy pipeline (1.9M-param UNet) and an 8.7M-param tiny UNet, CFG 3, 2 DDIM steps, on an
+    idle 2-core machine, with the mixed batch routed by deradiff.routing (one batched matmul
+    per LoRA layer). Time of mixed_batch / two_forward per call:
+        rows                      2      4      8     16     32
+        toy, 2 threads          0.60   0.71   0.76   0.86   1.06
+        toy, 1 thread           0.72   0.67   0.76   0.97   0.92
+        unet8m, 2 threads       0.66   0.72   0.74   0.69   1.05
+        unet8m, 1 thread        0.74   0.58   0.73   0.85   0.98
+    So the one call pays off while per-call overhead matters and stops paying at about 32
+    rows; 16 is the bound every measurement supports. (With peft's per-row routing, before
+    deradiff.routing, the same benchmark under load gave a bound of 4.)
 
     A lambda vector over `adapters` (K) LoRAs runs mixed_batch on (1 + K) x rows rows, so the
     bound is on that: (1 + K) x rows <= 2 x CPU_MIXED_BATCH_MAX_ROWS (K = 1: the rule above).

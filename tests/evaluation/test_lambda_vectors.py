@@ -12,7 +12,7 @@ from PIL import Image
 
 from deradiff.cli import main
 from deradiff.evaluation.lams import Lam, parse_lam
-from deradiff.evaluation.sampling import choose_mode
+from deradiff.evaluation.sampling import CPU_MIXED_BATCH_MAX_ROWS, choose_mode
 from deradiff.models import load_pipeline, save_lora
 from tests.conftest import add_random_lora
 
@@ -81,10 +81,11 @@ def test_bad_vectors_are_one_line_errors(loras, tmp_path, capsys, lora_args, lam
 
 
 def test_mixed_batch_rule_counts_one_plus_k_rows():
-    assert choose_mode(2, "cpu", adapters=1) == "mixed_batch"  # 2 x 2 rows
-    assert choose_mode(2, "cpu", adapters=3) == "mixed_batch"  # 4 x 2 = 8 rows
-    assert choose_mode(2, "cpu", adapters=4) == "two_forward"  # 5 x 2 = 10 rows
-    assert choose_mode(4, "cpu", adapters=2) == "two_forward"  # 3 x 4 = 12 rows
+    bound = 2 * CPU_MIXED_BATCH_MAX_ROWS  # rows of the mixed call: (1 + K) x rows
+    assert choose_mode(2, "cpu", adapters=bound // 2 - 1) == "mixed_batch"  # exactly the bound
+    assert choose_mode(2, "cpu", adapters=bound // 2) == "two_forward"  # 2 rows over
+    assert choose_mode(bound // 3, "cpu", adapters=2) == "mixed_batch"
+    assert choose_mode(bound // 3 + 1, "cpu", adapters=2) == "two_forward"
     lam = parse_lam("b=1,a=linear:0,2")
     assert isinstance(lam, Lam) and lam.name == "a=linear:0,2,b=1" and lam.adapters == 2 and lam.value is None
     assert parse_lam(lam.name) == lam
