@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import build_tiny_sd15
 
-from deradiff.models import add_lora, adapters_disabled, tuner_layers
+from deradiff.models import adapters_disabled, add_lora, tuner_layers
 from deradiff.routing import RowGroupRouter
-from tests.conftest import build_tiny_sd15
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
