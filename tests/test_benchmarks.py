@@ -14,16 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_benchmark(script: str, args: list[str], out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """benchmarks/<script>.py with args and --out out, one thread, offline; asserts it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--out", str(out)],
+        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_tiny_runs_and_agrees(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu", "--dtype", "fp32",
-         "--repeats", "1", "--steps", "2", "--out", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_benchmark("gpu", ["--tiny", "--device", "cpu", "--dtype", "fp32", "--repeats", "1", "--steps", "2"], out, timeout=300)
     result = json.loads(out.read_text())
     sampling = [r for r in result["rows"] if r["bench"] == "sampling"]
     assert {(r["family"], r["approach"], r["batch"]) for r in sampling} == {
@@ -43,13 +48,7 @@ def test_sweep_benchmark_tiny_shares_the_reference_errors_and_agrees(tmp_path):
     """benchmarks/sweep.py at 2 betas x 2 steps: the second shared run reads every micro-batch's
     reference errors and both sweeps log the same numbers."""
     out = tmp_path / "sweep.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--betas", "2", "--steps", "2", "--pairs", "16",
-         "--heldout", "4", "--out", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_benchmark("sweep", ["--betas", "2", "--steps", "2", "--pairs", "16", "--heldout", "4"], out, timeout=600)
     result = json.loads(out.read_text())
     shared = result["results"]["repeats"][0]["shared"]["runs"]
     assert [r["stored"] for r in shared] == [0, 2] and [r["computed"] for r in shared] == [2, 0]
@@ -63,13 +62,7 @@ def test_sweep_benchmark_sd15_tiny_shares_the_reference_errors_and_agrees(tmp_pa
     widths, 64 px JPEG pairs, the SD1.5 recipe) at 2 betas x 2 steps: the JSON's structure, the
     second shared run reads every micro-batch's reference errors, both sweeps log the same numbers."""
     out = tmp_path / "sweep_sd15.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--model", "sd15", "--tiny", "--betas", "2",
-         "--steps", "2", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_benchmark("sweep", ["--model", "sd15", "--tiny", "--betas", "2", "--steps", "2", "--threads", "1"], out, timeout=300)
     result = json.loads(out.read_text())
     config = result["config"]
     assert (config["model"], config["tiny"], config["resolution"]) == ("sd15", True, 64)
@@ -100,13 +93,7 @@ def test_realign_benchmark_flow_family_tiny(tmp_path):
     a LoRA, all four approaches, and the three realigned ones (LoRA toggle on two forwards or one
     doubled batch, or a second transformer with the LoRA merged) sample the same latents."""
     out = tmp_path / "realign_flow.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "realign.py"), "--family", "flow", "--width", "128", "--size", "16",
-         "--steps", "1", "--repeats", "1", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_benchmark("realign", ["--family", "flow", "--width", "128", "--size", "16", "--steps", "1", "--repeats", "1", "--threads", "1"], out, timeout=300)
     result = json.loads(out.read_text())
     assert result["config"]["family"] == "flow" and result["config"]["width"] == 128
     setup = result["setup"]
@@ -132,13 +119,7 @@ def test_sampling_benchmark_runs_both_models(tmp_path):
     """benchmarks/sampling.py (what choose_mode's rule is measured by) at one batch and one step,
     both models: each builds, samples in every approach and lands in the JSON with its rule."""
     out = tmp_path / "sampling.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--batches", "1", "--steps", "1", "--repeats", "1",
-         "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_benchmark("sampling", ["--batches", "1", "--steps", "1", "--repeats", "1", "--threads", "1"], out, timeout=300)
     result = json.loads(out.read_text())
     for model in ("toy", "unet8m"):
         batch = result["results"][model]["batches"]["1"]
