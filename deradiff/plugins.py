@@ -29,7 +29,8 @@ FIDELITY_PREFIX = "fidelity/"  # the namespace of judge metrics in results table
 class ModelEntry:
     """A pipeline usable by name wherever a pipeline is named (`--pipeline`, `model.name_or_path`).
 
-    load: (dtype, device) -> a diffusers pipeline.
+    load: (dtype, device) -> a diffusers pipeline; a loader that also takes `components` (as
+        deradiff.models.load_pipeline does: a module, or None to leave it out) is handed them.
     family: the recipe's model.family for it ("sd15", "sdxl", ...).
     sampling_defaults: keyword arguments for `pipe(prompts, **kwargs)` (steps, guidance, size,
         output_type) that replace the command-line defaults.
