@@ -110,7 +110,8 @@ def _effective_names(layer: nn.Module, names: Sequence[str | None]) -> tuple[str
     all None while the layer's adapters are disabled (peft then runs the base layer alone)."""
     if layer.disable_adapters:
         return tuple(None for _ in names)
-    return tuple(name if name is not None and name in layer.lora_A else None for name in names)
+    held = set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
+    return tuple(name if name in held else None for name in names)
 
 
 def _can_stack(layer: nn.Module, names: tuple[str | None, ...]) -> bool:

@@ -181,3 +181,25 @@ def test_rows_not_in_whole_groups_are_refused(tmp_path):
     router = RowGroupRouter(tuner_layers(model))
     with torch.no_grad(), router.route([None, "a"], 2), pytest.raises(RuntimeError, match="multiple of the 2 row groups"):
         model(x, 400, encoder_hidden_states=ehs)
+
+
+@torch.no_grad()
+def test_an_embedding_lora_is_routed_by_peft_not_dropped():
+    """LoRA on an nn.Embedding keeps its weights in lora_embedding_A/B: its adapter must still apply
+    to its row block (through peft's route), not be taken for absent."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False), model,
+                            adapter_name="a")
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    layers = tuner_layers(model)
+    expected = model(tokens)
+    with adapters_disabled(model, layers):
+        base = model(tokens)
+    with RowGroupRouter(layers).route([None, "a"], 2) as counts:
+        out = model(torch.cat([tokens, tokens]))
+    assert counts.peft == 1 and counts.stacked == 1 and counts.base == 0
+    torch.testing.assert_close(out[2:], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:2], base, atol=1e-6, rtol=0)
+    assert (expected - base).abs().max() > 1e-3
