@@ -68,16 +68,17 @@ class RowGroupRouter:
         for layer in self.layers:
             effective = _effective_names(layer, names)
             if all(name is None for name in effective):
-                patched[layer] = layer.__dict__.get("forward")
-                layer.forward = _base_only(layer)
+                forward = _base_only(layer)
                 counts.base += 1
             elif stackable and _can_stack(layer, effective):
-                patched[layer] = layer.__dict__.get("forward")
-                layer.forward = _stacked_forward(layer.base_layer, self._stack(layer, effective), groups)
+                forward = _stacked_forward(layer.base_layer, self._stack(layer, effective), groups)
                 counts.stacked += 1
             else:
                 hooks.append(layer.register_forward_pre_hook(_names_injector(rows), with_kwargs=True))
                 counts.peft += 1
+                continue
+            patched[layer] = layer.__dict__.get("forward")
+            layer.forward = forward
         try:
             yield counts
         finally:
