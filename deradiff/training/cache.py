@@ -61,14 +61,12 @@ import torch
 from deradiff.errors import UserError
 from deradiff.io import atomic_dir, sha256_file, write_json_atomic
 from deradiff.seeding import SALT_DPO_VAE, keyed_randn
+from deradiff.training.conditioning import REPLACED_BY_CACHE
 from deradiff.training.data import pair_generator
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Files of a pipeline folder that make its VAE and text encoders (diffusers loads safetensors only).
-_ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                  "tokenizer_3")
 _ENCODER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 _DENOISER_PARTS = ("unet", "transformer")  # what makes the reference (deradiff.training.reference_errors)
 
@@ -145,14 +143,14 @@ def _component_folder(name_or_path: str, revision: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = [f"{p}/*" for p in _ENCODER_PARTS] + ["*.json", "*.safetensors"]
+        patterns = [f"{p}/*" for p in REPLACED_BY_CACHE] + ["*.json", "*.safetensors"]
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns,
                                       local_files_only=True))
     except Exception:  # not a hub id, or not downloaded: identified by name and revision only
         return None
 
 
-def _encoder_files(folder: Path, top_level: bool, parts: tuple[str, ...] = _ENCODER_PARTS) -> list[Path]:
+def _encoder_files(folder: Path, top_level: bool, parts: tuple[str, ...] = REPLACED_BY_CACHE) -> list[Path]:
     parts = [folder] if top_level else [folder / p for p in parts]
     found = []
     for part in parts:

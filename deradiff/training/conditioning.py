@@ -106,6 +106,9 @@ def encode_prompts(
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+# The pipeline components a latent cache stands in for (deradiff.training.cache): it holds their
+# outputs, its identity hashes their files, and training runs from it do not load them.
+REPLACED_BY_CACHE = ("vae", *TEXT_ENCODERS, *TOKENIZERS)
 
 
 class PromptCache:

@@ -329,15 +329,19 @@ def precompute(recipe, epochs: int, batch_size: int = 8, device: str | None = No
     compute them: the recipe's latent cache, the denoiser in model.mixed_precision under autocast.
     Draws already stored are skipped. pipe: an already loaded pipeline (None = load the model)."""
     from deradiff.models import denoiser_name, load_pipeline
-    from deradiff.training.cache import cached_conditioning, cached_latents, collate_cached, open_cache
+    from deradiff.training.cache import (
+        REPLACED_BY_CACHE,
+        cached_conditioning,
+        cached_latents,
+        collate_cached,
+        open_cache,
+    )
     from deradiff.training.dpo import dpo_reference_errors, dpo_settings
 
     cache = open_cache(recipe)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = recipe.model
     if pipe is None:  # the cache stands in for the VAE and text encoders: only the denoiser is loaded
-        from deradiff.training.trainer import REPLACED_BY_CACHE
-
         pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
                              components=dict.fromkeys(REPLACED_BY_CACHE))
     settings = dpo_settings(recipe, pipe)

@@ -36,7 +36,7 @@ from deradiff.training.checkpoint import (
     write_failure,
     writes_into,
 )
-from deradiff.training.conditioning import TEXT_ENCODERS, TOKENIZERS
+from deradiff.training.conditioning import REPLACED_BY_CACHE, TEXT_ENCODERS
 from deradiff.training.data_order import DataOrder, StreamOrder, batches, default_num_workers
 from deradiff.training.recipe import Recipe
 
@@ -185,7 +185,7 @@ def prepare_pipeline(recipe, accelerator):
         pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
                              components=dict.fromkeys(left_out(recipe)))
     dtype = weight_dtype(accelerator)
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
+    for name in (*FROZEN_ENCODERS, "unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
@@ -229,9 +229,6 @@ def _whole_modules(accelerator) -> Iterator[None]:
 
 
 FROZEN_ENCODERS = ("vae", *TEXT_ENCODERS)
-# What a latent cache replaces: it holds the outputs of these, and its identity is checked from
-# their files (deradiff.training.cache.model_identity), not from their weights.
-REPLACED_BY_CACHE = (*FROZEN_ENCODERS, *TOKENIZERS)
 
 
 def left_out(recipe) -> tuple[str, ...]:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from deradiff.models import denoiser_name, load_pipeline
+from deradiff.training.conditioning import REPLACED_BY_CACHE
 from deradiff.training.recipe_load import load_recipe
-from deradiff.training.trainer import REPLACED_BY_CACHE
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
