@@ -13,9 +13,11 @@ the toy domain. --model sd15: recipes/sd15-dpo-pickapic.yaml (fp32, no gradient 
 constant lr) on the SD1.5-shaped pipeline of benchmarks/train_breakdown.py (random weights: UNet
 860M, VAE 84M, CLIP-L-sized text encoder 123M; --tiny: its toy widths), written with
 save_pretrained, and its smooth random 5:4 JPEG pairs, resized and center-cropped to
---resolution px; each run loads the whole pipeline and drops the VAE and text encoders after
-set-up. Both: pairs read from one latent cache (data.latent_cache, built once in a process of
-its own, both flips), LoRA rank 8 (sd15: on to_q, to_k, to_v, to_out.0), --batch pairs per step,
+--resolution px; each run loads the denoiser and scheduler only (the cache stands in for the
+VAE and text encoders; benchmarks/results/sweep_sd15.json was measured while that change was
+landing, so its runs may have loaded the whole pipeline and dropped the encoders after set-up).
+Both: pairs read from one latent cache (data.latent_cache, built once in a process of its own,
+both flips), LoRA rank 8 (sd15: on to_q, to_k, to_v, to_out.0), --batch pairs per step,
 --steps steps, the held-out evaluation at the end with its --draws draws per pair, a checkpoint
 at the last step, no sample grids; betas 500, 1000, 2000, ... through the trainer's fit, in one
 process per repeat, after an untimed one-step warm-up run (imports and first allocations, which
