@@ -24,7 +24,9 @@ clip 1.0, random flips, no DataLoader workers, no evaluation, checkpoints or sam
 the timed steps, the same gradient checkpointing setting (off by default), each through
 `accelerate launch --num_processes 1` with --threads torch threads, offline.
 
-Runs alternate example, ours cached, ours uncached, --repeats times, one at a time, so that other
+Runs alternate example, ours cached, ours uncached, ours cached with model.split_backward=true
+(each image of a pair backpropagated on its own: the same gradient, one image's activations),
+--repeats times, one at a time, so that other
 load on the machine hits all alike. The cache (`deradiff cache`) is built once before them and
 its time reported separately. Per run:
 
@@ -66,7 +68,9 @@ from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("example", "cached", "uncached")
+TOOLS = ("example", "cached", "uncached", "split")
+# our runs' extra recipe keys per tool (split: the cached run, each image backpropagated on its own)
+OUR_OVERRIDES = {"cached": ["CACHE"], "uncached": [], "split": ["CACHE", "model.split_backward=true"]}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the example's LoraConfig target_modules
 # git blob ids of example copies we know: what the JSON records about the file measured
 KNOWN_EXAMPLES = {
@@ -236,7 +240,7 @@ def lora_params(path: Path) -> dict:
 
 
 def run_tool(tool: str, world: Path, run_dir: Path, args) -> dict:
-    """One training run of `tool` (example, cached, uncached) with its step times and memory."""
+    """One training run of `tool` (example, cached, uncached, split) with its step times and memory."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -250,7 +254,7 @@ def run_tool(tool: str, world: Path, run_dir: Path, args) -> dict:
     else:
         cmd = [*launch_prefix(args), str(ROOT / "train" / "align.py"), f"recipe={world / 'recipe.yaml'}",
                f"trainer.output_dir={run_dir / 'out'}"]
-        cmd += [f"data.latent_cache={world / 'cache'}"] if tool == "cached" else []
+        cmd += [f"data.latent_cache={world / 'cache'}" if o == "CACHE" else o for o in OUR_OVERRIDES[tool]]
         out = run_once(cmd, run_env(args), run_dir, lambda: bool(_lines(run_dir / "out" / "metrics.jsonl")))
         out["steps_s"], out["losses"], out["trainer_peak_mem_mib"] = our_steps(run_dir / "out")
         lora = run_dir / "out" / "lora" / "pytorch_lora_weights.safetensors"
@@ -330,9 +334,9 @@ def _median(xs: list[float]) -> float | None:
 
 def summarize(runs: list[dict]) -> tuple[dict, dict]:
     """Per tool: median step seconds over steps 2..N of all its runs, median first step, median
-    peak and during-steps RSS over its runs; then ours / example for cached and uncached, the
-    issue's targets (cached step <= 0.85x, peak memory <= 0.8x), and the largest cached-vs-
-    uncached loss difference within a repeat. `runs`: {"tool", "repeat", "steps_s", ...}."""
+    peak and during-steps RSS over its runs; then ours / example for each of our tools, the
+    issue's targets (cached step <= 0.85x, peak memory <= 0.8x; the latter for split too), and the
+    largest loss difference of cached vs uncached and vs split within a repeat. `runs`: {"tool", "repeat", "steps_s", ...}."""
     tools: dict[str, dict] = {}
     for tool in TOOLS:
         mine = [r for r in runs if r["tool"] == tool]
@@ -348,7 +352,7 @@ def summarize(runs: list[dict]) -> tuple[dict, dict]:
         }
     summary: dict = {}
     ex = tools.get("example")
-    for tool in ("cached", "uncached"):
+    for tool in OUR_OVERRIDES:
         if ex is None or tool not in tools:
             continue
         for key in ("step_s", "peak_rss_mib", "steps_rss_mib"):
@@ -362,10 +366,13 @@ def summarize(runs: list[dict]) -> tuple[dict, dict]:
         summary["target_step_0.85_met"] = summary["cached/step_s_vs_example"] <= 0.85
     if "cached/peak_rss_mib_vs_example" in summary:
         summary["target_memory_0.8_met"] = summary["cached/peak_rss_mib_vs_example"] <= 0.8
-    diffs = [abs(a - b) for c in runs for u in runs if c["tool"] == "cached" and u["tool"] == "uncached"
-             and c["repeat"] == u["repeat"] for a, b in zip(c.get("losses", []), u.get("losses", []), strict=True)]
-    if diffs:
-        summary["cached_vs_uncached_max_loss_diff"] = max(diffs)
+    if "split/peak_rss_mib_vs_example" in summary:
+        summary["split/target_memory_0.8_met"] = summary["split/peak_rss_mib_vs_example"] <= 0.8
+    for other in ("uncached", "split"):
+        diffs = [abs(a - b) for c in runs for u in runs if c["tool"] == "cached" and u["tool"] == other
+                 and c["repeat"] == u["repeat"] for a, b in zip(c.get("losses", []), u.get("losses", []), strict=True)]
+        if diffs:
+            summary[f"cached_vs_{other}_max_loss_diff"] = max(diffs)
     return tools, summary
 
 
@@ -396,7 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="toy widths at 64 px (a smoke test of the harness)")
     p.add_argument("--resolution", type=int, default=None, help="training side in px (default 256; --tiny 64)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (>= 2; step 1 is not counted)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per tool, alternated example, cached, uncached")
+    p.add_argument("--repeats", type=int, default=3, help="runs per tool, alternated in --tools order")
     p.add_argument("--pairs", type=int, default=4, help="JPEG pairs written (and cached); steps cycle over them")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -451,7 +458,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         made = pool.submit(make_world, world, args).result()
     print(f"world in {world}: {made['build_s']:.0f} s; parameters {made['params']}", flush=True)
-    cache = build_cache(world, args) if "cached" in args.tools else None
+    cache = build_cache(world, args) if {"cached", "split"} & set(args.tools) else None
     if cache:
         print(f"cache: {cache['wall_s']:.0f} s for {args.pairs} pairs (both flips), peak RSS "
               f"{cache['peak_rss_mib']:.0f} MiB", flush=True)

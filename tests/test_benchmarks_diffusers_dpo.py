@@ -52,7 +52,8 @@ def test_summarize_skips_the_first_step_and_takes_ratios():
     runs = [_run("example", 0, [9.0, 4.0, 4.0], 1000.0), _run("cached", 0, [9.0, 3.0, 3.0], 700.0, [0.5, 0.6, 0.7]),
             _run("uncached", 0, [9.0, 4.0, 5.0], 1100.0, [0.5, 0.6, 0.7005]),
             _run("example", 1, [9.0, 6.0, 6.0], 1000.0), _run("cached", 1, [9.0, 3.0, 3.0], 800.0, [0.5, 0.6, 0.7]),
-            _run("uncached", 1, [9.0, 4.0, 4.0], 1000.0, [0.5, 0.6, 0.7])]
+            _run("uncached", 1, [9.0, 4.0, 4.0], 1000.0, [0.5, 0.6, 0.7]),
+            _run("split", 0, [9.0, 3.5, 3.5], 850.0, [0.5, 0.6, 0.7002])]
     tools, summary = bench.summarize(runs)
     assert tools["example"]["step_s"] == 5.0 and tools["example"]["first_step_s"] == 9.0
     assert tools["cached"]["step_s"] == 3.0 and tools["cached"]["peak_rss_mib"] == 750.0
@@ -62,6 +63,9 @@ def test_summarize_skips_the_first_step_and_takes_ratios():
     assert summary["uncached/step_s_vs_example"] == pytest.approx(0.8)
     assert summary["target_step_0.85_met"] and summary["target_memory_0.8_met"]
     assert summary["cached_vs_uncached_max_loss_diff"] == pytest.approx(5e-4)
+    assert summary["split/peak_rss_mib_vs_example"] == pytest.approx(0.85)
+    assert not summary["split/target_memory_0.8_met"]
+    assert summary["cached_vs_split_max_loss_diff"] == pytest.approx(2e-4)
     table = bench.format_table(tools, summary)
     assert "step_s vs example" in table and "0.600x" in table
 

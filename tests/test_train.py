@@ -239,11 +239,13 @@ def test_a_csv_as_data_path_fails_before_loading_anything(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["ddp", "zero2"])
 def test_two_processes_match_one_process(reference_run, toy_world, tmp_path, launcher):
-    """Same global batch (4): 1 process x 4 == 2 processes x 2, with DDP or DeepSpeed ZeRO-2."""
+    """Same global batch (4): 1 process x 4 == 2 processes x 2, with DDP or DeepSpeed ZeRO-2, each
+    image of a micro-batch backpropagated on its own (model.split_backward) against the batched run."""
     ref_out, _ = reference_run
     out = tmp_path / launcher
+    # split_backward under both: per-image gradients carried into DDP's / DeepSpeed's one backward
     args = _args(toy_world, out, **{"trainer.per_device_batch_size": 2, "trainer.max_steps": 4,
-                                    "data.eval_path": "null"})
+                                    "data.eval_path": "null", "model.split_backward": "true"})
     port = str(29600 + (os.getpid() % 200) + (0 if launcher == "ddp" else 1))
     if launcher == "ddp":
         cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port]

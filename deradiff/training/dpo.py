@@ -53,6 +53,7 @@ def dpo_errors(
     seed: int,
     epoch: int,
     sampling: TimestepSampling | None = None,
+    split_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair denoising errors of the model and the reference on B preference pairs.
 
@@ -66,18 +67,21 @@ def dpo_errors(
         pair_ids, seed, epoch: key the noise, timestep and VAE draw of each pair, so results do
             not depend on how pairs are split across processes or on resuming.
         sampling: flow families: how sigma is drawn (default logit-normal(0, 1), as SD3).
+        split_backward: run the model on one image at a time, each backpropagated before the
+            next (see `model_errors_one_at_a_time`): the same gradient, one image's activations.
     Returns (model_err_w, model_err_l, ref_err_w, ref_err_l), each (B,) (per-sample MSE).
     """
     # Image keys: 2 * id for the preferred image of pair `id`, 2 * id + 1 for the rejected one.
     image_keys = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     latents = encode_latents(vae, torch.cat([pixel_values_w, pixel_values_l]), image_keys, seed, epoch)
     return dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents, cond, pair_ids, seed, epoch,
-                                   sampling)
+                                   sampling, split_backward=split_backward)
 
 
 def dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning,
                             pair_ids: list[int], seed: int, epoch: int, sampling: TimestepSampling | None = None,
-                            ref_errors: tuple[torch.Tensor, torch.Tensor] | None = None):
+                            ref_errors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            split_backward: bool = False):
     """`dpo_errors` from scaled latents (2B, C, h, w): the B preferred, then the B rejected.
 
     ref_errors: the reference's (err_w, err_l), each (B,), when they are known already (stored by
@@ -87,15 +91,59 @@ def dpo_errors_from_latents(unet, reference_unet, noise_scheduler, latents: torc
     family = get_family(cond.family)
     noisy, timesteps, target, both = _noised_pairs(family, noise_scheduler, latents, cond, pair_ids, seed, epoch,
                                                    sampling)
-    model_pred = family.predict(unet, noisy, timesteps, both)
-    m_w, m_l = per_sample_mse(model_pred.float(), target.float()).chunk(2)
+    # The reference runs first: its transient activations are freed before the model's forward
+    # keeps its own for the backward, so the step's peak holds one set, not both.
     if ref_errors is None:
         r_w, r_l = _reference_errors(family, reference_unet, noisy, timesteps, both, target)
     else:
         r_w, r_l = (e.to(latents.device, torch.float32) for e in ref_errors)
-        if r_w.shape != m_w.shape or r_l.shape != m_l.shape:
+        if r_w.shape != (len(pair_ids),) or r_l.shape != (len(pair_ids),):
             raise ValueError(f"ref_errors of shapes {tuple(r_w.shape)}, {tuple(r_l.shape)} for {len(pair_ids)} pairs")
+    if split_backward and torch.is_grad_enabled():
+        errors = model_errors_one_at_a_time(family, unet, reference_unet, noisy, timesteps, both, target)
+    else:
+        errors = per_sample_mse(family.predict(unet, noisy, timesteps, both).float(), target.float())
+    m_w, m_l = errors.chunk(2)
     return m_w, m_l, r_w, r_l
+
+
+def model_errors_one_at_a_time(family, unet, module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                               cond: Conditioning, target: torch.Tensor) -> torch.Tensor:
+    """Per-row errors (N,) of the model, computed one row at a time, holding one row's activations.
+
+    Every row but the last is run through `module` (the unwrapped denoiser) and backpropagated at
+    once into its own gradient g_i over the trainable parameters theta (LoRA-sized); its error is
+    returned as err_i + <theta, g_i> - <theta, g_i>.detach(): the same value, and the gradient
+    g_i when the loss is backpropagated. The last row runs through `unet` (possibly DDP- or
+    DeepSpeed-wrapped) and keeps its graph, so the trainer's one backward call reaches every
+    row's gradient scaled by dloss/derr_i, exactly the batched gradient up to float rounding, and
+    gradient synchronisation and loss scaling see an ordinary forward and backward. The compute
+    is the batched step's (N forwards and backwards of one row: less efficient where a batch of
+    N fills the device better); the memory is one row's activations plus N - 1 LoRA-sized
+    gradients. LoRA dropout draws its masks per row.
+    noisy, target: (N, C, h, w); timesteps: (N,); cond: N rows.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    errors = []
+    for i in range(noisy.shape[0]):
+        last = i == noisy.shape[0] - 1
+        row_cond = cond.map_rows(lambda t, i=i: t[i:i + 1])
+        pred = family.predict(unet if last else module, noisy[i:i + 1], timesteps[i:i + 1], row_cond)
+        err = per_sample_mse(pred.float(), target[i:i + 1].float())
+        if not last:
+            grads = torch.autograd.grad(err.sum(), params, allow_unused=True)
+            err = err.detach() + _gradient_carrier(params, grads)
+        errors.append(err)
+    return torch.cat(errors)
+
+
+def _gradient_carrier(params: list[torch.Tensor], grads) -> torch.Tensor:
+    """A scalar of value 0 whose gradient with respect to each of `params` is its entry of `grads`."""
+    terms = [(p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None]
+    if not terms:  # no trainable parameter reached this row
+        return torch.zeros((), device=params[0].device if params else None)
+    inner = torch.stack(terms).sum()
+    return inner - inner.detach()
 
 
 def dpo_reference_errors(reference_unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning,

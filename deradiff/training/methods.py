@@ -40,7 +40,8 @@ def make_dpo(recipe, pipe, accelerator) -> Method:
         with accelerator.autocast():
             return dpo_errors(unet, reference, pipe.vae, pipe.scheduler, batch["pixel_values_w"].to(device),
                               batch["pixel_values_l"].to(device), cond, pair_ids=batch["ids"],
-                              seed=recipe.trainer.seed, epoch=epoch, sampling=settings.sampling)
+                              seed=recipe.trainer.seed, epoch=epoch, sampling=settings.sampling,
+                              split_backward=recipe.model.split_backward)
 
     eval_set = None
     if recipe.data.eval_path or recipe.data.eval_split:
@@ -77,7 +78,7 @@ def _cached_dpo(recipe, pipe, accelerator, settings) -> Method:
         with accelerator.autocast():
             errs = dpo_errors_from_latents(unet, accelerator.unwrap_model(unet), pipe.scheduler, latents, cond,
                                            pair_ids=batch["ids"], seed=seed, epoch=epoch, sampling=settings.sampling,
-                                           ref_errors=stored)
+                                           ref_errors=stored, split_backward=recipe.model.split_backward)
         if store is not None and stored is None:
             store.add(batch["ids"], epoch, errs[2], errs[3])
         return errs

@@ -46,6 +46,14 @@ class ModelSection:
         gradient_checkpointing: recompute UNet / transformer activations in the backward pass
             (less memory, about 30% more time); needed for SD-scale DPO and for backpropagating
             through sampling steps (kl_grad).
+        split_backward: dpo: run the trained forward and backward on one image of a
+            micro-batch's 2 x per_device_batch_size (preferred, rejected) at a time, each
+            image's LoRA gradient kept until the DPO loss weighs them
+            (deradiff.training.dpo.model_errors_one_at_a_time): the same gradient to float
+            rounding, the activations of one image instead of all, the same compute in smaller
+            calls (slower where a batch fills a GPU better). Combines with
+            gradient_checkpointing; not with fp16 (its per-image backward is not loss-scaled)
+            nor with DeepSpeed ZeRO-3.
         max_sequence_length: sd3 / flux: T5 tokens per prompt; null = the pipeline's default
             (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128; fewer tokens, less memory.
         drop_text_encoders: kl_grad / kl_pg: encode the training and evaluation prompts (and "")
@@ -63,6 +71,7 @@ class ModelSection:
     vae_name_or_path: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    split_backward: bool = False
     max_sequence_length: int | None = None
     drop_text_encoders: bool = False
 

@@ -89,6 +89,11 @@ def validation_errors(recipe: Recipe) -> list[str]:
                  f"method.eta must be in (0, 1], got {me.eta}: the per-step KL needs a stochastic sampler (1.0 = DDPM)")
     need(finite(me.logit_mean), f"method.logit_mean must be a finite number, got {me.logit_mean}")
     need(finite(me.logit_std) and me.logit_std > 0, f"method.logit_std must be > 0, got {me.logit_std}")
+    if m.split_backward:
+        need(me.name == "dpo", f"model.split_backward applies to dpo (one backward per preference image); method "
+             f"{me.name} does not read it: set model.split_backward=false")
+        need(m.mixed_precision != "fp16", "model.split_backward=true with model.mixed_precision=fp16: its per-image "
+             "backward has no loss scaling; use bf16 or no")
     if m.drop_text_encoders:
         need(sampling, f"model.drop_text_encoders applies to kl_grad / kl_pg (a fixed prompt list); method {me.name} "
              "encodes every batch's captions: set model.drop_text_encoders=false")

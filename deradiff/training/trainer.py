@@ -314,6 +314,9 @@ def fit(recipe, method_factory: Callable, run_dir: Path) -> dict:
     from deradiff.training.recipe_runs import save_resolved
 
     accelerator = make_accelerator(recipe, run_dir)
+    if recipe.model.split_backward and _zero3(accelerator):
+        raise UserError("model.split_backward=true under DeepSpeed ZeRO-3: each rank holds only shards of the LoRA, "
+                        "which the per-image gradients need whole; use ZeRO-2 or set model.split_backward=false")
     t = recipe.trainer
     set_seed(t.seed)  # the LoRA init (and anything else drawing from global RNGs) is reproducible
     pipe = prepare_pipeline(recipe, accelerator)

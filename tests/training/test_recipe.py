@@ -409,3 +409,11 @@ def test_preflight_names_missing_files_and_unknown_names(tmp_path, monkeypatch):
         with pytest.raises(UserError, match="fp16 needs a CUDA device"):
             preflight(load_recipe(RECIPES_DIR / "toy-dpo.yaml", ["model.mixed_precision=fp16"]))
     assert os.getcwd() == str(tmp_path)
+
+
+def test_split_backward_is_refused_where_it_cannot_hold():
+    assert load_recipe(None, ["method.beta=2000", "model.split_backward=true"]).model.split_backward
+    with pytest.raises(UserError, match="model.split_backward applies to dpo.*set model.split_backward=false"):
+        load_recipe(None, ["method.beta=1", "method.name=kl_grad", "model.split_backward=true"])
+    with pytest.raises(UserError, match="model.split_backward=true with model.mixed_precision=fp16.*use bf16"):
+        load_recipe(None, ["method.beta=2000", "model.split_backward=true", "model.mixed_precision=fp16"])

@@ -223,7 +223,7 @@ def _toy_dpo_step(toy_world, tmp_path, *overrides: str, objective: str = "dpo"):
                           accelerator.device)
     with accelerator.autocast():
         errors = dpo_errors(pipe.unet, pipe.unet, pipe.vae, pipe.scheduler, pixels[:2], pixels[2:], cond,
-                            pair_ids=[0, 1], seed=0, epoch=0)
+                            pair_ids=[0, 1], seed=0, epoch=0, split_backward=recipe.model.split_backward)
     loss, _ = diffusion_dpo_loss(*errors, beta=2000)
     (loss if objective == "dpo" else (errors[0] + errors[1]).mean()).backward()
     grads = {n: p.grad.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
@@ -258,6 +258,36 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(toy_world
     assert grads.keys() == grads_plain.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_split_backward_gives_the_batched_loss_and_lora_gradients(toy_world, tmp_path, fresh_accelerate_state,
+                                                                 checkpointing):
+    flags = ["model.gradient_checkpointing=true"] if checkpointing else []
+    _, errors, loss, grads = _toy_dpo_step(toy_world, tmp_path, "model.split_backward=true", *flags)
+    _, errors_plain, loss_plain, grads_plain = _toy_dpo_step(toy_world, tmp_path)
+    torch.testing.assert_close(errors, errors_plain, rtol=1e-5, atol=1e-7)
+    # beta / 2 = 1000 multiplies differences of errors: one-image and batched kernels' rounding
+    # (1e-7 in an error) moves the loss by ~1e-4 of itself, and the gradients' weights with it.
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-4, atol=1e-6)
+    assert grads.keys() == grads_plain.keys()
+    assert sum(float(g.abs().sum()) for g in grads_plain.values()) > 0
+    for name in grads:  # to 1e-4 of each tensor's largest entry (measured: 5e-6 of the largest overall)
+        scale = float(grads_plain[name].abs().max())
+        torch.testing.assert_close(grads[name], grads_plain[name], rtol=0, atol=1e-4 * scale, msg=name)
+
+
+def test_split_backward_under_zero3_is_refused_before_loading(toy_world, tmp_path, fresh_accelerate_state,
+                                                             monkeypatch):
+    from deradiff.errors import UserError
+    from deradiff.training import trainer
+
+    monkeypatch.setattr(trainer, "_zero3", lambda accelerator: True)
+    monkeypatch.setattr(trainer, "prepare_pipeline", lambda *a: pytest.fail("loaded the pipeline"))
+    recipe = load_recipe(ROOT / "recipes" / "toy-dpo.yaml", [f"model.name_or_path={toy_world / 'pipe'}",
+                                                             "model.split_backward=true"])
+    with pytest.raises(UserError, match="model.split_backward=true under DeepSpeed ZeRO-3.*use ZeRO-2"):
+        trainer.fit(recipe, None, tmp_path / "run")
 
 
 def test_attention_runs_through_sdpa_processors(toy_world, tmp_path, fresh_accelerate_state, monkeypatch):
