@@ -15,11 +15,12 @@ What it measures (each row in benchmarks/results/gpu.json and in the printed tab
   official approach). Text encoding and VAE decoding are left out: they are the same for every
   approach. The final latents of `two_forward` and `two_models` must agree (same lambda, same
   noise): the script checks it and records the difference.
-- dpo_step: one Diffusion-DPO step (forward of the LoRA model on 2 pairs, reference forward
-  with the LoRA disabled, backward, AdamW) on the SD1.5-shaped UNet at 512 px, with and without
-  gradient checkpointing, with and without the VAE and text encoder (`cached`: latents and
-  text embeddings precomputed, the encoders not in memory; `uncached`: 512 px images are
-  VAE-encoded and captions CLIP-encoded inside the step).
+- dpo_step: one Diffusion-DPO step (the trainer's deradiff.training.dpo: reference forward with
+  the LoRA disabled, forward of the LoRA model on 2 pairs, backward, AdamW) on the SD1.5-shaped
+  UNet at 512 px, with and without gradient checkpointing, with and without the VAE and text
+  encoder (`cached`: latents and text embeddings precomputed, the encoders not in memory;
+  `uncached`: 512 px images are VAE-encoded and captions CLIP-encoded inside the step), and
+  cached with model.split_backward (each image's forward and backward on its own).
 Time: median of `--repeats` after a warm-up, CUDA-synchronized. Peak memory: the CUDA allocator's
 peak during the measured work (weights included); on CPU it is not measured (null).
 The whole default run takes a few minutes on one H100/H200-class GPU (budget: under 8).
@@ -234,28 +235,35 @@ def sampling_rows(args, device, dtype) -> list[dict]:
     return rows
 
 
+DPO_VARIANTS = [  # (gradient_checkpointing, cached, split_backward)
+    (False, False, False), (False, True, False), (True, False, False), (True, True, False),
+    (False, True, True), (True, True, True),
+]
+
+
 def dpo_rows(args, device, dtype) -> list[dict]:
     rows = []
-    for checkpointing in (False, True):
-        for cached in (True, False):
-            _reset_peak(device)
-            step = make_dpo_step(args, device, dtype, checkpointing, cached)
-            seconds, loss = timed(step, args.repeats, device)
-            rows.append({"bench": "dpo_step", "family": "sd15", "gradient_checkpointing": checkpointing,
-                         "cached": cached, "pairs": args.dpo_pairs, "sec_per_step": seconds,
-                         "peak_gib": _peak_gib(device), "loss": float(loss)})
-            print(_fmt(rows[-1]), flush=True)
-            del step
+    for checkpointing, cached, split in DPO_VARIANTS:
+        _reset_peak(device)
+        step = make_dpo_step(args, device, dtype, checkpointing, cached, split)
+        seconds, loss = timed(step, args.repeats, device)
+        rows.append({"bench": "dpo_step", "family": "sd15", "gradient_checkpointing": checkpointing,
+                     "cached": cached, "split_backward": split, "pairs": args.dpo_pairs, "sec_per_step": seconds,
+                     "peak_gib": _peak_gib(device), "loss": float(loss)})
+        print(_fmt(rows[-1]), flush=True)
+        del step
     return rows
 
 
-def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool):
-    """A closure running one Diffusion-DPO LoRA step on the SD1.5-shaped UNet (fp32 weights,
-    autocast in `dtype`); uncached steps VAE-encode 512 px images and CLIP-encode captions."""
+def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool, split: bool = False):
+    """A closure running one Diffusion-DPO LoRA step (deradiff.training.dpo, as the trainer runs it)
+    on the SD1.5-shaped UNet (fp32 weights, autocast in `dtype`); uncached steps VAE-encode 512 px
+    images and CLIP-encode captions; `split`: model.split_backward."""
     from torch.nn import functional as F
 
-    from deradiff.models import adapters_disabled
-    from deradiff.training.losses import diffusion_dpo_loss, per_sample_mse
+    from deradiff.training.conditioning import Conditioning
+    from deradiff.training.dpo import dpo_errors_from_latents
+    from deradiff.training.losses import diffusion_dpo_loss
 
     unet = build("sd15", args.tiny, device, dtype=torch.float32, lora_rank=8).train()
     if checkpointing:
@@ -269,10 +277,11 @@ def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool):
     g = torch.Generator().manual_seed(3)
     pixels = torch.rand(2 * pairs, 3, side * 8, side * 8, generator=g).to(device) * 2 - 1
     latents0 = torch.randn(2 * pairs, 4, side, side, generator=g).to(device)
-    emb0 = torch.randn(2 * pairs, 77, unet.config.cross_attention_dim, generator=g).to(device)
-    ids = torch.randint(0, 1000, (2 * pairs, 77), generator=g).to(device)
+    emb0 = torch.randn(pairs, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    ids = torch.randint(0, 1000, (pairs, 77), generator=g).to(device)
     sched = scheduler_for("sd15")
     autocast = dict(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    calls = iter(range(10**9))
 
     def step():
         with torch.autocast(**autocast):
@@ -283,14 +292,9 @@ def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool):
                     latents = vae.encode(pixels).latent_dist.sample() * 0.18215
                     emb = text(ids % text.config.vocab_size)[0]
                     emb = F.pad(emb, (0, unet.config.cross_attention_dim - emb.shape[-1]))
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
-            noisy = sched.add_noise(latents, noise, t)
-            pred = unet(noisy, t, emb).sample
-            with torch.no_grad(), adapters_disabled(unet):
-                ref = unet(noisy, t, emb).sample
-            m, r = per_sample_mse(pred.float(), noise.float()), per_sample_mse(ref.float(), noise.float())
-            loss, _ = diffusion_dpo_loss(m[:pairs], m[pairs:], r[:pairs], r[pairs:], beta=2000)
+            errors = dpo_errors_from_latents(unet, unet, sched, latents, Conditioning(emb), list(range(pairs)),
+                                             seed=0, epoch=next(calls), split_backward=split)
+            loss, _ = diffusion_dpo_loss(*errors, beta=2000)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -323,7 +327,8 @@ def _fmt(row: dict) -> str:
     if row["bench"] == "sampling":
         return (f"sampling {row['family']:<5} {row['approach']:<13} batch {row['batch']}: "
                 f"{row['sec_per_step'] * 1e3:8.1f} ms/step  {row['images_per_s']:7.2f} img/s  peak {peak}")
-    return (f"dpo_step sd15 checkpointing={row['gradient_checkpointing']!s:<5} cached={row['cached']!s:<5}: "
+    return (f"dpo_step sd15 checkpointing={row['gradient_checkpointing']!s:<5} cached={row['cached']!s:<5} "
+            f"split={row['split_backward']!s:<5}: "
             f"{row['sec_per_step'] * 1e3:8.1f} ms/step  peak {peak}")
 
 
@@ -339,11 +344,11 @@ def summarize(rows: list[dict]) -> dict:
         out[f"{key}/time_vs_aligned_only"] = r["sec_per_step"] / plain["sec_per_step"]
         if r["peak_gib"] is not None:
             out[f"{key}/mem_vs_two_models"] = r["peak_gib"] / two["peak_gib"]
-    dpo = {(r["gradient_checkpointing"], r["cached"]): r for r in rows if r["bench"] == "dpo_step"}
-    if (False, False) in dpo:
-        base = dpo[(False, False)]
-        for (ckpt, cached), r in dpo.items():
-            key = f"dpo/ckpt={ckpt}/cached={cached}"
+    dpo = {(r["gradient_checkpointing"], r["cached"], r["split_backward"]): r for r in rows if r["bench"] == "dpo_step"}
+    if (False, False, False) in dpo:
+        base = dpo[(False, False, False)]
+        for (ckpt, cached, split), r in dpo.items():
+            key = f"dpo/ckpt={ckpt}/cached={cached}/split={split}"
             out[f"{key}/time_vs_uncached"] = r["sec_per_step"] / base["sec_per_step"]
             if r["peak_gib"] is not None:
                 out[f"{key}/mem_vs_uncached"] = r["peak_gib"] / base["peak_gib"]

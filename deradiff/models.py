@@ -121,10 +121,13 @@ def lora_state_dict(denoiser: nn.Module, adapter_name: str = "default") -> dict[
     return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
 
 
+DENOISERS = ("unet", "transformer")  # the pipeline attributes a denoiser may live in
+
+
 def denoiser_name(pipe) -> str:
     """The pipeline attribute holding the denoiser module: "unet" (SD1.x/2.x/XL) or "transformer"
     (SD3, Flux). The one place that knows it, for LoRA loading, training and realignment."""
-    for name in ("unet", "transformer"):
+    for name in DENOISERS:
         if isinstance(getattr(pipe, name, None), nn.Module):
             return name
     raise UserError(
@@ -429,6 +432,21 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, device:
                         f"{str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def component_config(name_or_path: str | os.PathLike, component: str, revision: str | None = None) -> dict:
+    """The config.json of one component of a diffusers pipeline (local folder or hub id), read
+    without its weights, e.g. component_config(path, "transformer")["guidance_embeds"]."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class ComponentConfig(ConfigMixin):
+        config_name = "config.json"  # what every diffusers model writes; ConfigMixin itself names none
+
+    try:
+        return dict(ComponentConfig.load_config(str(name_or_path), subfolder=component, revision=revision))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {component}/config.json of {str(name_or_path)!r}: "
+                        f"{str(err).splitlines()[0]}") from None
 
 
 def pipeline_components(name_or_path: str | os.PathLike, components: Mapping[str, nn.Module | None],

@@ -38,8 +38,12 @@ def test_gpu_benchmark_tiny_runs_and_agrees(tmp_path):
         assert r["two_forward_vs_two_models_max_abs"] <= 1e-4 * max(1.0, r["final_latent_max_abs"]), r
         assert r["sec_per_step"] > 0 and r["peak_gib"] is None  # memory is measured on CUDA only
     dpo = [r for r in result["rows"] if r["bench"] == "dpo_step"]
-    assert {(r["gradient_checkpointing"], r["cached"]) for r in dpo} == {(a, b) for a in (False, True) for b in (False, True)}
+    variants = {(r["gradient_checkpointing"], r["cached"], r["split_backward"]): r for r in dpo}
+    assert set(variants) == {(a, b, False) for a in (False, True) for b in (False, True)} | {(False, True, True),
+                                                                                             (True, True, True)}
     assert all(0 < r["loss"] < 10 for r in dpo)
+    for ckpt in (False, True):  # the same steps from the same weights: split_backward changes no number
+        assert variants[(ckpt, True, True)]["loss"] == pytest.approx(variants[(ckpt, True, False)]["loss"], rel=1e-4)
     assert result["summary"]["sd15/b1/two_models/time_vs_two_models"] == 1.0
 
 

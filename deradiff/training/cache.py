@@ -481,8 +481,7 @@ def _text_table(pipe, captions: list[str], recipe, device, chunk: int, dtype: to
     from deradiff.training.conditioning import encode_prompts
 
     m = recipe.model
-    kwargs = {"max_sequence_length": m.max_sequence_length,
-              "guidance": recipe.method.guidance_scale if m.kind == "flux" else None}
+    kwargs = {"max_sequence_length": m.max_sequence_length, "guidance": _flux_guidance(recipe, pipe)}
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(captions), chunk):
         cond = encode_prompts(pipe, captions[start:start + chunk], device, recipe.data.resolution, **kwargs)
@@ -493,6 +492,20 @@ def _text_table(pipe, captions: list[str], recipe, device, chunk: int, dtype: to
         if table[name].is_floating_point() and name != "guidance":
             table[name] = table[name].to(dtype)
     return table
+
+
+def _flux_guidance(recipe, pipe) -> float | None:
+    """method.guidance_scale where the transformer takes the guidance as an input (FLUX.1-dev's
+    guidance_embeds, read from its config when it is not loaded), else None."""
+    from deradiff.models import component_config
+
+    m = recipe.model
+    if m.kind != "flux":
+        return None
+    transformer = getattr(pipe, "transformer", None)
+    config = transformer.config if transformer is not None else component_config(m.name_or_path, "transformer",
+                                                                                 m.revision)
+    return recipe.method.guidance_scale if config.get("guidance_embeds") else None
 
 
 def _write_split(out: Path, split: str, encoded: dict, text: dict, shard_pairs: int, stats: dict) -> dict:
@@ -522,8 +535,9 @@ def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str
     folder. A folder already holding this recipe's cache is kept as it is; one holding another
     cache is refused (choose another folder). pipe: an already loaded pipeline of the recipe's
     model (benchmarks build one in memory); None = load model.name_or_path."""
-    from deradiff.models import load_pipeline
+    from deradiff.models import DENOISERS, load_pipeline
     from deradiff.training.data import load_preference_dataset
+    from deradiff.training.families import check_family
     from deradiff.training.data_order import default_num_workers
     from deradiff.training.recipe_checks import prefs_hint
 
@@ -548,9 +562,10 @@ def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = default_num_workers() if num_workers is None else num_workers
     m, d, start = recipe.model, recipe.data, time.perf_counter()
-    if pipe is None:
+    if pipe is None:  # the denoiser is not needed (nor read: FLUX.1's would be 48 GB in float32)
         pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
-                             device=device)
+                             device=device, components=dict.fromkeys(DENOISERS))
+    check_family(m.kind, pipe)
     flips = [False, True] if d.random_flip else [False]
     splits = {"train": flips}
     if d.eval_path or d.eval_split:

@@ -124,7 +124,8 @@ class FlowFamily:
                guidance: float | None = None, max_sequence_length: int | None = None) -> Conditioning:
         """The stock pipeline's encode_prompt: SD3 concatenates CLIP-L and CLIP-G states with T5's
         and pools the two CLIPs; FLUX takes T5 states and the CLIP-L pooled embedding. FLUX.1-dev
-        also needs `guidance` (the distilled guidance scale, e.g. 3.5), stored per row.
+        also needs `guidance` (the distilled guidance scale, e.g. 3.5), stored per row; a transformer
+        without guidance_embeds ignores it (with the transformer left out, a given one is stored).
         max_sequence_length: T5 tokens; None = the pipeline's default (SD3 256, FLUX 512)."""
         length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         if self.name == "sd3":
@@ -135,7 +136,9 @@ class FlowFamily:
         embeds, pooled, txt_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                      num_images_per_prompt=1, **length)
         rows = None
-        if pipe.transformer.config.guidance_embeds:
+        # with the transformer left out (building a latent cache) the caller knows whether it takes guidance
+        takes_guidance = guidance is not None if pipe.transformer is None else pipe.transformer.config.guidance_embeds
+        if takes_guidance:
             if guidance is None:
                 raise ValueError("this FLUX transformer is guidance-distilled (FLUX.1-dev): pass guidance=, "
                                  "e.g. method.guidance_scale=3.5")
@@ -228,15 +231,16 @@ def get_family(name: str) -> UNetFamily | FlowFamily:
 
 
 def family_of(pipe) -> str:
-    """The family of a loaded pipeline, from its denoiser and text encoders (a second text
-    encoder, loaded or left out: a pipeline loaded for a latent cache has none in memory)."""
+    """The family of a loaded pipeline, from its denoiser (or, left out as when a latent cache is
+    built, the pipeline's class) and text encoders (a second text encoder, loaded or left out: a
+    pipeline loaded for training from a latent cache has none in memory)."""
     transformer = getattr(pipe, "transformer", None)
+    name = type(transformer).__name__ if transformer is not None else type(pipe).__name__
+    if name.startswith(("SD3", "StableDiffusion3")):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
     if transformer is not None:
-        name = type(transformer).__name__
-        if name.startswith("SD3"):
-            return "sd3"
-        if name.startswith("Flux"):
-            return "flux"
         raise UserError(f"{type(pipe).__name__} with a {name} is not a supported family (sd15, sdxl, sd3, flux)")
     has_second = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "config", {})
     return "sdxl" if has_second else "sd15"

@@ -125,13 +125,48 @@ def test_cached_losses_and_sample_grids_are_those_of_the_whole_pipeline(toy_worl
 
 
 def _tiny_pipeline(family: str, tmp_path: Path) -> Path:
+    """A tiny pipeline of `family` saved in a folder; "flux-schnell": FLUX without guidance_embeds."""
     from conftest import build_tiny_sd15, build_tiny_sdxl
     from tiny_flow import build_tiny_flux, build_tiny_sd3
 
-    build = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+    build = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux,
+             "flux-schnell": lambda folder: build_tiny_flux(folder, guidance_embeds=False)}
     folder = tmp_path / family
     build[family](tmp_path / "parts").save_pretrained(folder)
     return folder
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "flux-schnell"])
+def test_building_a_cache_never_loads_the_denoiser_and_writes_what_the_whole_pipeline_writes(family, tmp_path):
+    """`deradiff cache` loads the VAE and text encoders only (FLUX.1's transformer would be 48 GB
+    in float32); its shards are those of a cache built from the whole pipeline, FLUX.1-dev's
+    guidance stored and schnell's not, as the loaded transformer's config says."""
+    from conftest import write_pick_a_pic_parquet
+    from safetensors.torch import load_file
+
+    from deradiff.training.cache import build_cache
+
+    folder = _tiny_pipeline(family, tmp_path)
+    write_pick_a_pic_parquet(tmp_path / "train.parquet", 6, seed=1, size=40)
+    kind = family.split("-")[0]
+
+    def recipe(cache: Path):
+        return load_recipe(None, [f"model.name_or_path={folder}", f"model.kind={kind}", "method.beta=100",
+                                  "method.guidance_scale=3.5", f"data.path={tmp_path / 'train.parquet'}",
+                                  "data.eval_path=null", "data.resolution=32", f"data.latent_cache={cache}"])
+
+    with loaded_components() as names:
+        build_cache(recipe(tmp_path / "lean"), batch_size=4, num_workers=0, log=lambda _: None)
+    assert "scheduler" in names and not {"unet", "transformer"} & set(names), names
+    build_cache(recipe(tmp_path / "whole"), batch_size=4, num_workers=0, log=lambda _: None,
+                pipe=load_pipeline(str(folder)))
+    for name in ("train-00000.safetensors", "train-text.safetensors"):
+        lean, whole = (load_file(str(tmp_path / c / name)) for c in ("lean", "whole"))
+        assert lean.keys() == whole.keys(), name
+        for key in lean:
+            torch.testing.assert_close(lean[key], whole[key], rtol=0, atol=0, msg=f"{name}: {key}")
+    text = load_file(str(tmp_path / "lean" / "train-text.safetensors"))
+    assert ("guidance" in text) == (family == "flux")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
