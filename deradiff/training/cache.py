@@ -537,8 +537,8 @@ def build_cache(recipe, batch_size: int = 8, shard_pairs: int = 1024, dtype: str
     model (benchmarks build one in memory); None = load model.name_or_path."""
     from deradiff.models import DENOISERS, load_pipeline
     from deradiff.training.data import load_preference_dataset
-    from deradiff.training.families import check_family
     from deradiff.training.data_order import default_num_workers
+    from deradiff.training.families import check_family
     from deradiff.training.recipe_checks import prefs_hint
 
     problems = cache_problems(recipe)
