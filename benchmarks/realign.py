@@ -16,7 +16,9 @@ Approaches, same pipeline, prompts, seeds and scheduler, output_type="latent" so
 dominates:
   aligned_only   one denoiser with the LoRA, one forward per step (plain sampling, no realignment)
   two_forward    RealignedDenoiser, LoRA mode, reference by disabling the adapter
-  mixed_batch    RealignedDenoiser, LoRA mode, one forward on the doubled batch
+  mixed_batch    RealignedDenoiser, LoRA mode, one forward on the doubled batch (stacked weights,
+                 deradiff.routing's CPU default)
+  mixed_sliced   the same, sliced route (no weight copies; the default on accelerators)
   two_copies     the official approach: a second full denoiser (LoRA merged), two forwards
 Each approach runs in its own process so peak memory (ru_maxrss above the post-import
 baseline: weights + activations) is not polluted by the others. Times are medians over
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from common import parse_and_run, peak_rss_mib, write_results
 
-APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "two_copies")
+APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "mixed_sliced", "two_copies")
 FLOW_LAYERS = 6  # joint (MM-DiT) blocks of the flow family's transformer
 FLOW_HEAD_DIM = 64  # SD3's head width; --width sets the number of heads
 
@@ -193,8 +195,9 @@ def worker(approach: str, args) -> dict:
         gen = torch.Generator().manual_seed(0)
         if approach == "aligned_only":
             return pipe(prompts, num_inference_steps=args.steps, generator=gen, **kw).images
-        mode = "mixed_batch" if approach == "mixed_batch" else "two_forward"
-        with realigned(pipe, lam=0.5, reference=reference, mode=mode, record=False):
+        mode = "mixed_batch" if approach.startswith("mixed") else "two_forward"
+        with realigned(pipe, lam=0.5, reference=reference, mode=mode, record=False,
+                       stack_weights=approach == "mixed_batch"):
             return pipe(prompts, num_inference_steps=args.steps, generator=gen, **kw).images
 
     with torch.no_grad():
@@ -235,7 +238,7 @@ def ratios(results: dict[str, dict]) -> dict:
         r["mem_ratio_vs_two_copies"] = r["peak_mib"] / official["peak_mib"]
         r["time_ratio_vs_aligned_only"] = r["sec_per_image"] / plain["sec_per_image"]
         r["mem_ratio_vs_aligned_only"] = r["peak_mib"] / plain["peak_mib"]
-    realigned_sums = [results[a]["checksum"] for a in ("two_forward", "mixed_batch", "two_copies")]
+    realigned_sums = [results[a]["checksum"] for a in ("two_forward", "mixed_batch", "mixed_sliced", "two_copies")]
     return {
         "two_forward_time_vs_two_plain_evals": results["two_forward"]["time_ratio_vs_two_copies"],
         "two_forward_mem_vs_two_copies": results["two_forward"]["mem_ratio_vs_two_copies"],
@@ -244,7 +247,10 @@ def ratios(results: dict[str, dict]) -> dict:
         "mixed_batch_time_vs_aligned_only": results["mixed_batch"]["time_ratio_vs_aligned_only"],
         "two_forward_mem_vs_aligned_only": results["two_forward"]["mem_ratio_vs_aligned_only"],
         "mixed_batch_mem_vs_aligned_only": results["mixed_batch"]["mem_ratio_vs_aligned_only"],
-        # The three realigned approaches sample the same lam=0.5 path: their outputs must agree.
+        "mixed_sliced_time_vs_two_forward": (results["mixed_sliced"]["sec_per_image"]
+                                             / results["two_forward"]["sec_per_image"]),
+        "mixed_sliced_mem_vs_aligned_only": results["mixed_sliced"]["mem_ratio_vs_aligned_only"],
+        # The four realigned approaches sample the same lam=0.5 path: their outputs must agree.
         "realigned_checksum_rel_spread": (max(realigned_sums) - min(realigned_sums)) / max(map(abs, realigned_sums)),
     }
 

@@ -30,13 +30,15 @@ Arms, each one "step" (what one realigned denoiser call costs), on the same inpu
                                   with "__base__"; per layer: a Python scan of the names,
                                   x[index list] gather, result[index list] += scatter), which
                                   mixed_batch used before deradiff.routing
-                mixed_slice       one call of [reference rows; aligned rows]; each LoRA layer
-                                  adds s B A x[n:] to out[n:] (contiguous views: no index lists)
+                mixed_slice       RealignedDenoiser(mode="mixed_batch", stack_weights=False):
+                                  deradiff.routing's sliced route, each LoRA layer adds
+                                  s B A x[n:] to out[n:] (contiguous views: no index lists, no
+                                  weight copies; the default on accelerators)
                 mixed_mask        each LoRA layer adds m * s B A x, m a per-row 0/1 mask
                 mixed_merged      each LoRA layer computes x[:n] W^T and x[n:] (W + s B A)^T
                                   (precomputed merged weights) and concatenates
-The mixed_* variants other than mixed_batch are RealignedDenoiser with `_mixed_forward` routed
-by `routed_rows` below instead of deradiff.routing. Arms are interleaved (rotated order each
+mixed_peft, mixed_mask and mixed_merged are RealignedDenoiser with `_mixed_forward` routed by
+`routed_rows` below instead of deradiff.routing. Arms are interleaved (rotated order each
 repeat, so drifting load hits all alike), times are medians over repeats, ratios are taken
 within the run. Every realignment arm's output (the lam 0.5 mix, and aligned - reference from a
 recorded call) is checked against two_forward (max abs difference). A torch.profiler pass
@@ -63,7 +65,7 @@ LORA_ARMS = ("lora_off", "lora_on", "lora_on_double")
 MIX_ARMS = ("two_forward", "two_forward_merged", "mixed_batch", "mixed_peft", "mixed_slice", "mixed_mask",
             "mixed_merged")
 ARMS = FLOOR_ARMS + LORA_ARMS + MIX_ARMS
-ROUTINGS = ("peft", "slice", "mask", "merged")
+ROUTINGS = ("peft", "mask", "merged")  # mixed_slice: deradiff.routing's sliced route
 LAM = 0.5
 TIMESTEP = 500
 
@@ -73,18 +75,6 @@ TIMESTEP = 500
 def _lora_parts(layer, adapter: str):
     """(lora_A, lora_B, dropout, scaling) of one peft LoRA layer for `adapter`."""
     return layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter], layer.scaling[adapter]
-
-
-def _slice_forward(layer, adapter: str, n: int, **_) -> Callable:
-    """base(x), with s B A x[n:] added to rows n: (views of contiguous rows: no gathers)."""
-    lora_a, lora_b, dropout, scaling = _lora_parts(layer, adapter)
-    base = layer.base_layer
-
-    def forward(x, *args, **kwargs):
-        out = base(x, *args, **kwargs)
-        out[n:] += lora_b(lora_a(dropout(x[n:]))) * scaling
-        return out
-    return forward
 
 
 def _mask_forward(layer, adapter: str, n: int, masks: dict, **_) -> Callable:
@@ -117,7 +107,7 @@ def _merged_forward(layer, adapter: str, n: int, prepared: dict, **_) -> Callabl
     return forward
 
 
-ROUTE_FORWARDS = {"slice": _slice_forward, "mask": _mask_forward, "merged": _merged_forward}
+ROUTE_FORWARDS = {"mask": _mask_forward, "merged": _merged_forward}
 
 
 def merged_lora_weights(layers) -> dict:
@@ -175,7 +165,7 @@ def routed_denoiser_class():
     )
 
     class RoutedDenoiser(RealignedDenoiser):
-        def __init__(self, *args, routing: str = "slice", **kwargs):
+        def __init__(self, *args, routing: str = "mask", **kwargs):
             super().__init__(*args, mode="mixed_batch", **kwargs)
             self.routing = routing
             self.prepared = PREPARE[routing](self._layers) if routing in PREPARE else None
@@ -272,10 +262,11 @@ def make_arms(lora_unet, plain, layers, merged, inputs) -> dict[str, Callable]:
         "lora_on_double": lambda: unet_call(lora_unet, d_sample, d_context),
         "two_forward": denoiser(mode="two_forward"),
         "two_forward_merged": two_forward_merged,
-        "mixed_batch": denoiser(mode="mixed_batch"),
+        "mixed_batch": denoiser(mode="mixed_batch", stack_weights=True),
+        "mixed_slice": denoiser(mode="mixed_batch", stack_weights=False),
         **{f"mixed_{r}": denoiser(routed, routing=r) for r in ROUTINGS},
     }
-    assert tuple(arms) == ARMS
+    arms = {name: arms[name] for name in ARMS}
     return {name: torch.no_grad()(fn) for name, fn in arms.items()}
 
 
@@ -296,7 +287,9 @@ def check_outputs(lora_unet, inputs, arms: dict[str, Callable]) -> dict[str, dic
         return d.records[-1].delta
 
     routed = routed_denoiser_class()
-    deltas = {"two_forward": recorded_delta(mode="two_forward"), "mixed_batch": recorded_delta(mode="mixed_batch"),
+    deltas = {"two_forward": recorded_delta(mode="two_forward"),
+              "mixed_batch": recorded_delta(mode="mixed_batch", stack_weights=True),
+              "mixed_slice": recorded_delta(mode="mixed_batch", stack_weights=False),
               **{f"mixed_{r}": recorded_delta(routed, routing=r) for r in ROUTINGS}}
     checks = {}
     for name in MIX_ARMS:

@@ -303,8 +303,11 @@ class RealignedDenoiser(nn.Module):
             (one call on the batch repeated 1 + K times, the reference rows with no adapter and
             each following block with one adapter, K = 1 for a scalar lambda; LoRA mode. Routed
             by deradiff.routing: one batched matmul per plain LoRA layer against stacked merged
-            weights, which cost 1 + K copies of those layers' weights while the denoiser lives.
+            weights, which cost 1 + K copies of those layers' weights while the denoiser lives,
+            or, sliced, each block's LoRA added to its rows, no copies; see stack_weights.
             A scalar lambda needs exactly one active adapter: one adapter per row block).
+        stack_weights: mixed_batch: the stacked route (fewest ops, weight copies) or, False, the
+            sliced one (no copies); None = stacked on CPU, sliced on accelerators.
         record: keep a StepRecord per call for path_kl() (a lambda vector's record holds the
             combined delta, see StepRecord).
         num_train_timesteps: length of the scheduler's training axis, which schedules over t are
@@ -334,6 +337,7 @@ class RealignedDenoiser(nn.Module):
         num_train_timesteps: int | None = None,
         scheduler: Any = None,
         timestep_scale: float | None = None,
+        stack_weights: bool | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -360,7 +364,7 @@ class RealignedDenoiser(nn.Module):
         self._flow_grid = _FlowGrid() if _is_flow_matching(scheduler) else None
         self._arg_names = _positional_names(aligned)
         self._layers = tuner_layers(aligned) if reference is None else []
-        self._router = RowGroupRouter(self._layers)
+        self._router = RowGroupRouter(self._layers, stack_weights)
         if self.vector is not None:
             _check_vector_adapters(self.vector, aligned, self._layers, reference)
         elif mode == "mixed_batch":
@@ -621,7 +625,7 @@ def _single_active_adapter(layers: list[nn.Module]) -> str:
 def realigned(pipe, lam: float | str | LambdaSchedule | Mapping | LambdaVector = 1.0,
               reference: nn.Module | None = None,
               mode: Mode = "two_forward", record: bool = True, num_train_timesteps: int | None = None,
-              timestep_scale: float | None = None):
+              timestep_scale: float | None = None, stack_weights: bool | None = None):
     """Install a RealignedDenoiser as the pipeline's unet/transformer for the `with` block.
 
     lam: a scalar lambda or schedule, or a lambda vector over the pipeline's LoRA adapters
@@ -639,7 +643,7 @@ def realigned(pipe, lam: float | str | LambdaSchedule | Mapping | LambdaVector =
         num_train_timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     denoiser = RealignedDenoiser(original, lam=lam, reference=reference, mode=mode, record=record,
                                  num_train_timesteps=num_train_timesteps, scheduler=scheduler,
-                                 timestep_scale=timestep_scale)
+                                 timestep_scale=timestep_scale, stack_weights=stack_weights)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config.
     object.__setattr__(pipe, attr, denoiser)
     try:

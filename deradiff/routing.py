@@ -4,23 +4,30 @@ block g runs as the base model with adapter names[g] alone (None: no adapter at 
 Realignment's mixed batch (deradiff.realign, mode="mixed_batch") is G = 2 (reference rows, then
 aligned rows), or 1 + K for a lambda vector over K adapters.
 
-Every plain LoRA Linear layer, and every 1x1 Conv2d one (SD1.5's proj_in/proj_out), computes its
-G blocks in ONE batched matmul against the stacked weights [W_1; ...; W_G], W_g = W + s_g B_g A_g
-(W itself for a block without adapter): as many ops per layer as the plain model. peft's own
-per-row routing (the `adapter_names` argument) instead scans the row names in Python and runs a
-gather, two LoRA matmuls and a scatter-add per layer and adapter, which is what kept the mixed
-batch at 0.77-0.83x of two forwards where calls are launch-bound (benchmarks/realign_floor.py).
+Two routes per plain LoRA layer (nn.Linear or nn.Conv2d base), chosen by `stack_weights`:
 
-The stacks are built on first use and rebuilt whenever an adapter's weights or scaling, or the base
-weight, change (tensor data pointers and version counters are the key). Memory: G copies of
-every stacked layer's weight while the router lives (realign.RealignedDenoiser keeps one per
-denoiser, so per pipeline call in deradiff.evaluation). The merged weights are rounded to the
-base weight's dtype, as fusing a LoRA is; in fp32 the mix agrees with peft's routing to ~1e-6.
+- stacked (stack_weights=True; the default on CPU): every Linear and 1x1 Conv2d layer (SD1.5's
+  proj_in/proj_out) computes its G blocks in ONE batched matmul against the stacked weights
+  [W_1; ...; W_G], W_g = W + s_g B_g A_g (W itself for a block without adapter): as many ops per
+  layer as the plain model. Memory: G copies of every stacked layer's weight while the router
+  lives (realign.RealignedDenoiser keeps one per denoiser, so per pipeline call in
+  deradiff.evaluation), built on first use and rebuilt whenever an adapter's weights or scaling,
+  or the base weight, change (tensor data pointers and version counters are the key). The merged
+  weights are rounded to the base weight's dtype, as fusing a LoRA is; in fp32 the mix agrees
+  with peft's routing to ~1e-6.
+- sliced (stack_weights=False; the default on accelerators, where weights are large and memory
+  scarce; and k x k convolutions on any device): the base layer on all rows, then s_g B_g A_g x_g
+  added to block g's rows in place, each block a contiguous view: no weight copies, two small
+  matmuls per adapted block.
 
-Layers that cannot be stacked keep peft's per-row routing: DoRA and other peft LoRA variants, LoRA
-bias, k x k convolutions and other base types (quantized ones included), merged adapters, dropout
-active in train mode, accelerate offload hooks, and every layer while autograd is on (the
-stacks are constants: gradients must reach the LoRA through peft's path).
+peft's own per-row routing (the `adapter_names` argument) instead scans the row names in Python
+and runs a gather, two LoRA matmuls and a scatter-add per layer and adapter, which is what kept
+the mixed batch at 0.77-0.83x of two forwards where calls are launch-bound
+(benchmarks/realign_floor.py: stacked 0.62-0.67x, sliced 0.68-0.77x). It is kept for what the
+two routes do not reproduce: DoRA and other peft LoRA variants, LoRA bias, base types other than
+nn.Linear / nn.Conv2d (quantized ones included), merged adapters, dropout active in train mode,
+accelerate offload hooks, and every layer while autograd is on (the routes are for sampling;
+gradients reach the LoRA through peft's path).
 """
 
 from __future__ import annotations
@@ -41,17 +48,27 @@ class RouteCounts:
     """How many LoRA layers one `route` block sent each way."""
 
     stacked: int = 0  # one batched matmul against stacked merged weights
+    sliced: int = 0  # the base layer on all rows, each block's LoRA added to its contiguous rows
     peft: int = 0  # peft's per-row routing (adapter_names)
     base: int = 0  # no adapter of the call on this layer: the base layer alone
 
 
 class RowGroupRouter:
-    """Routes the row groups of a mixed batch through the peft LoRA layers among `layers`."""
+    """Routes the row groups of a mixed batch through the peft LoRA layers among `layers`.
 
-    def __init__(self, layers: Sequence[nn.Module]):
+    stack_weights: the stacked route for Linear and 1x1 Conv2d layers (copies of their weights,
+    fewest ops) or, False, the sliced route (no copies); None = stacked when the LoRA layers'
+    weights are on the CPU.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], stack_weights: bool | None = None):
         from peft.tuners.lora import LoraLayer
 
         self.layers = [m for m in layers if isinstance(m, LoraLayer)]
+        if stack_weights is None:
+            stack_weights = all(m.base_layer.weight.device.type == "cpu" for m in self.layers
+                                if isinstance(getattr(m.base_layer, "weight", None), torch.Tensor))
+        self.stack_weights = stack_weights
         self._stacks: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
 
     @contextmanager
@@ -61,18 +78,22 @@ class RowGroupRouter:
         Yields the counts of layers per route."""
         groups = len(names)
         rows = [RESERVED_ADAPTER if name is None else name for name in names for _ in range(n)]
-        stackable = not torch.is_grad_enabled()
+        routable = not torch.is_grad_enabled()
         patched: dict[nn.Module, object] = {}  # layer -> its own instance forward (None: none)
         hooks = []
         counts = RouteCounts()
         for layer in self.layers:
             effective = _effective_names(layer, names)
+            route = _route_of(layer, effective, self.stack_weights) if routable else "peft"
             if all(name is None for name in effective):
                 forward = _base_only(layer)
                 counts.base += 1
-            elif stackable and _can_stack(layer, effective):
+            elif route == "stacked":
                 forward = _stacked_forward(layer.base_layer, self._stack(layer, effective), groups)
                 counts.stacked += 1
+            elif route == "sliced":
+                forward = _sliced_forward(layer, effective)
+                counts.sliced += 1
             else:
                 hooks.append(layer.register_forward_pre_hook(_names_injector(rows), with_kwargs=True))
                 counts.peft += 1
@@ -115,23 +136,24 @@ def _effective_names(layer: nn.Module, names: Sequence[str | None]) -> tuple[str
     return tuple(name if name in held else None for name in names)
 
 
-def _can_stack(layer: nn.Module, names: tuple[str | None, ...]) -> bool:
-    """Whether W + s B A reproduces this layer's adapters in `names` and the base is a plain
-    Linear or 1x1 Conv2d whose weights are at hand."""
+def _route_of(layer: nn.Module, names: tuple[str | None, ...], stack_weights: bool) -> str:
+    """"stacked", "sliced" or "peft": how this layer runs its adapters in `names`. The two
+    routes need a plain Linear or Conv2d base with its weights at hand and adapters that are
+    s B A x alone; stacking also needs a Linear or 1x1 Conv2d (a batched matmul)."""
     base = layer.base_layer
-    plain_conv = (type(base) is nn.Conv2d and base.kernel_size == (1, 1) and base.stride == (1, 1)
-                  and base.padding == (0, 0) and base.groups == 1)
-    if not (type(base) is nn.Linear or plain_conv) or layer.merged:
-        return False
+    if type(base) not in (nn.Linear, nn.Conv2d) or layer.merged:
+        return "peft"
     if hasattr(layer, "_hf_hook") or hasattr(base, "_hf_hook") or base.weight.device.type == "meta":
-        return False
+        return "peft"
     for name in filter(None, names):
         dropout = layer.lora_dropout[name]
         if (name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False)
-                or getattr(layer, "lora_bias", {}).get(name, False)
+                or getattr(layer, "lora_bias", {}).get(name, False) or name not in layer.lora_A
                 or (dropout.training and not isinstance(dropout, nn.Identity))):
-            return False
-    return True
+            return "peft"
+    pointwise = type(base) is nn.Linear or (base.kernel_size == (1, 1) and base.stride == (1, 1)
+                                            and base.padding == (0, 0) and base.groups == 1)
+    return "stacked" if stack_weights and pointwise else "sliced"
 
 
 def _stack_key(layer: nn.Module, names: tuple[str | None, ...]) -> tuple:
@@ -163,6 +185,24 @@ def _stacked_forward(base: nn.Module, weights: torch.Tensor, groups: int):
         out = torch.bmm(flat, weights) if bias is None else torch.baddbmm(bias, flat, weights)
         return out.reshape(*x.shape[:-1], weights.shape[-1])
     return linear_forward
+
+
+def _sliced_forward(layer: nn.Module, names: tuple[str | None, ...]):
+    """A forward running the base layer on all rows, then adding s_g B_g A_g x_g to row block g
+    in place (block g = rows g*n:(g+1)*n, a view: no gather, no weight copy)."""
+    base, groups = layer.base_layer, len(names)
+    parts = [(g, layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
+             for g, name in enumerate(names) if name is not None]
+
+    def forward(x, *args, **kwargs):
+        _check_rows(x.shape[0], groups)
+        out = base(x, *args, **kwargs)
+        n = x.shape[0] // groups
+        for g, lora_a, lora_b, scaling in parts:
+            rows = x[g * n:(g + 1) * n]
+            out[g * n:(g + 1) * n] += (lora_b(lora_a(rows.to(lora_a.weight.dtype))) * scaling).to(out.dtype)
+        return out
+    return forward
 
 
 def _check_rows(rows: int, groups: int) -> None:

@@ -105,7 +105,7 @@ def test_realign_benchmark_flow_family_tiny(tmp_path):
     assert setup["denoiser_config"]["num_attention_heads"] * setup["denoiser_config"]["attention_head_dim"] == 128
     assert setup["denoiser_params_m"] > 10 * setup["other_components_params_m"]  # the transformer dominates
     results = result["results"]
-    assert list(results) == ["aligned_only", "two_forward", "mixed_batch", "two_copies"]
+    assert list(results) == ["aligned_only", "two_forward", "mixed_batch", "mixed_sliced", "two_copies"]
     for name, r in results.items():
         assert r["sec_per_image"] > 0 and r["sec_per_step"] > 0, name
         assert r["peak_mib"] >= 0 and r["transformer_params_m"] > 0, name
@@ -115,6 +115,7 @@ def test_realign_benchmark_flow_family_tiny(tmp_path):
     summary = result["summary"]
     assert summary["realigned_checksum_rel_spread"] <= 1e-5
     assert summary["two_forward_mem_vs_two_copies"] > 0 and summary["mixed_batch_time_vs_aligned_only"] > 0
+    assert summary["mixed_sliced_time_vs_two_forward"] > 0 and summary["mixed_sliced_mem_vs_aligned_only"] > 0
     assert "two_copies" in proc.stdout and "targets:" in proc.stdout
 
 

@@ -10,7 +10,7 @@ from deradiff.routing import RowGroupRouter
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Attention projections (Linear), proj_in/out (1x1 Conv2d: stacked) and the resnets' 3x3 conv1
-# (not stackable: peft's routing), so one call exercises every route.
+# (not stackable: sliced), so one call exercises both routes.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1"]
 
 
@@ -63,16 +63,26 @@ def _routed(unet, router, names, x, ehs):
 
 
 @torch.no_grad()
-def test_each_block_equals_its_adapter_alone_and_every_route_is_taken(unet):
+@pytest.mark.parametrize("stack_weights", [True, False])
+def test_each_block_equals_its_adapter_alone_and_every_route_is_taken(unet, stack_weights):
     x, ehs = _inputs()
-    router = RowGroupRouter(tuner_layers(unet))
+    router = RowGroupRouter(tuner_layers(unet), stack_weights=stack_weights)
     names = [None, "a", "b"]
     blocks, counts = _routed(unet, router, names, x, ehs)
     for name, block in zip(names, blocks, strict=True):
         torch.testing.assert_close(block, _alone(unet, name, x, ehs), atol=2e-5, rtol=0)
-    # 1x1 proj convs and attention Linears are stacked, the 3x3 conv1 layers go through peft.
-    assert counts.stacked > 0 and counts.peft > 0 and counts.base == 0
+    assert counts.sliced > 0 and counts.peft == 0 and counts.base == 0  # 3x3 conv1 layers: sliced either way
+    if stack_weights:  # 1x1 proj convs and attention Linears stacked: a copy of their weights per block
+        assert counts.stacked > 0 and len(router._stacks) == counts.stacked
+    else:  # sliced: no weight copies
+        assert counts.stacked == 0 and not router._stacks
     assert (blocks[1] - blocks[0]).abs().max() > 1e-2 and (blocks[2] - blocks[0]).abs().max() > 1e-2
+
+
+def test_weights_are_stacked_by_default_on_the_cpu_only(unet, monkeypatch):
+    assert RowGroupRouter(tuner_layers(unet)).stack_weights
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    assert not RowGroupRouter(tuner_layers(unet)).stack_weights
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ class EvalConfig:
     guidance: float | None = None
     scheduler: str | None = None
     eta: float = 0.0
+    noise_level: float | None = None  # flow_sde's (None: its default)
     size: int | None = None
     mode: str = "auto"  # auto | two_forward | mixed_batch (deradiff.evaluation.sampling.choose_mode)
     dtype: str = "float32"
@@ -66,6 +67,8 @@ class EvalConfig:
 
         out = {k: v for k, v in asdict(self).items()
                if k not in ("device", "batch_size", "lora", "loras", "classifier", "beta0")}
+        if self.noise_level is None:  # absent, as in folders sampled before the option existed
+            del out["noise_level"]
         if self.loras:
             out["lora_sha256"] = {name: sha256_file(resolve_lora(path)) for name, path in sorted(self.loras.items())}
         else:
@@ -171,7 +174,7 @@ def load_saved_config(out: Path) -> EvalConfig | None:
 
 # -- from the command line ------------------------------------------------------------------------
 
-_GIVEN = ("lora", "pipeline", "seeds", "steps", "guidance", "scheduler", "eta", "size", "mode", "dtype",
+_GIVEN = ("lora", "pipeline", "seeds", "steps", "guidance", "scheduler", "eta", "noise_level", "size", "mode", "dtype",
           "fidelity", "classifier", "beta0")
 
 
@@ -206,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def check_config(cfg: EvalConfig) -> None:
     """Every check that needs no model: LoRA file, seeds, batch size, rewards, prompts, judge."""
-    from deradiff.evaluation.sampling import check_prompts
+    from deradiff.evaluation.sampling import check_noise_level, check_prompts
     from deradiff.plugins import judge_entry
     from deradiff.rewards import available_rewards, get_reward
 
@@ -223,6 +226,7 @@ def check_config(cfg: EvalConfig) -> None:
         if name not in available_rewards():
             get_reward(name)  # raises the registry's listing
     check_prompts(cfg.pipeline, cfg.prompts)
+    check_noise_level(cfg.scheduler, cfg.noise_level)
     if cfg.fidelity not in ("auto", "none") and not judge_entry(cfg.fidelity).accepts(cfg.prompts):
         raise UserError(f"--fidelity {cfg.fidelity}: the judge cannot score these prompts "
                         f"({judge_entry(cfg.fidelity).help}); use --fidelity auto or none")

@@ -198,7 +198,8 @@ class Evaluator:
         loras = {name: resolve_lora(path) for name, path in cfg.loras.items()} if cfg.loras else None
         self._sampler = load_sampler(cfg.pipeline, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler,
                                      lora=loras or self.aligned.file, adapter_name=ALIGNED_ADAPTER, steps=cfg.steps,
-                                     guidance=cfg.guidance, size=cfg.size, eta=cfg.eta, mode=cfg.mode)
+                                     guidance=cfg.guidance, size=cfg.size, eta=cfg.eta, mode=cfg.mode,
+                                     noise_level=cfg.noise_level)
 
     @contextmanager
     def _arm(self, arm: str, lam: Lam):

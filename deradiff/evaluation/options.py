@@ -95,7 +95,7 @@ def check_lora_lams(loras: str | dict[str, str] | None, lams, flag: str = "--lam
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:
-    """--steps, --guidance, --scheduler, --eta, --size, --mode, --dtype; `unset` is the default of
+    """--steps, --guidance, --scheduler, --eta, --noise-level, --size, --mode, --dtype; `unset` is the default of
     each (argparse.SUPPRESS: absent unless given, so a saved configuration can fill it)."""
     from deradiff.models import SCHEDULERS
 
@@ -109,6 +109,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, unset=None) -> None:
                    help="replace the pipeline's scheduler (ddpm, or ddim with --eta > 0, give a path KL)")
     p.add_argument("--eta", default=default(0.0), type=float,
                    help="DDIM eta; > 0 makes DDIM stochastic so the path KL is defined (default: 0)")
+    p.add_argument("--noise-level", default=unset, type=non_negative_float,
+                   help="--scheduler flow_sde: the SDE's noise scale a, g = a sqrt(s / (1 - s)), >= 0; 0 is the "
+                   "Euler ODE, sqrt(2) ~ 1.414 memoryless (default: 0.7, Flow-GRPO's)")
     p.add_argument("--size", default=unset, type=positive_int, help="image side in pixels (default: the pipeline's)")
     p.add_argument("--mode", default=default(AUTO), choices=MODES,
                    help="realignment: two forwards, one mixed batch, or auto: by a rule measured per device and "

@@ -372,7 +372,8 @@ def _markdown(eval_dir, out, cfg, summary, metrics, search, validation, x_metric
                   + (f" (beta0 = {cfg.beta0:g})" if cfg.beta0 else "") + f", {len(cfg.prompts)} prompts x "
                   f"{len(cfg.seeds)} seeds, rewards {', '.join(cfg.rewards)}, sampler "
                   f"{cfg.scheduler or 'pipeline default'} (steps {cfg.steps or 'default'}, guidance "
-                  f"{cfg.guidance if cfg.guidance is not None else 'default'}, eta {cfg.eta:g}).", ""]
+                  f"{cfg.guidance if cfg.guidance is not None else 'default'}, eta {cfg.eta:g}"
+                  + (f", noise level {cfg.noise_level:g}" if cfg.noise_level is not None else "") + ").", ""]
     commands = eval_dir / "commands.txt"
     if commands.exists():
         parts += ["## Commands", "", "```", commands.read_text().strip(), "```", ""]

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from deradiff.errors import UserError
 from deradiff.evaluation.lams import Lam
 from deradiff.io import atomic_write
 from deradiff.realign import MODES as REALIGN_MODES
@@ -298,15 +299,18 @@ class _CallTimer:
 def load_sampler(pipeline: str, *, dtype: str = "float32", device: str = "cpu", scheduler: str | None = None,
                  lora: str | os.PathLike | dict[str, str] | None = None, adapter_name: str = "default",
                  reference_unet: str | None = None, steps: int | None = None, guidance: float | None = None,
-                 size: int | None = None, eta: float = 0.0, mode: str = AUTO) -> Sampler:
+                 size: int | None = None, eta: float = 0.0, mode: str = AUTO,
+                 noise_level: float | None = None) -> Sampler:
     """Load the pipeline (and LoRA, and a reference UNet for two-model mode) and build its Sampler.
-    `lora` may be a dict {adapter name: path}: each LoRA loaded as a named adapter, for lambda vectors."""
+    `lora` may be a dict {adapter name: path}: each LoRA loaded as a named adapter, for lambda vectors.
+    noise_level: the flow_sde scheduler's (None: its default)."""
     from deradiff.models import load_lora, load_pipeline, set_scheduler
 
+    check_noise_level(scheduler, noise_level)
     torch_dtype = getattr(torch, dtype)
     pipe = load_pipeline(pipeline, dtype=torch_dtype, device=device)
     if scheduler:
-        set_scheduler(pipe, scheduler)
+        set_scheduler(pipe, scheduler, **({} if noise_level is None else {"noise_level": noise_level}))
     pipe.set_progress_bar_config(disable=True)
     reference = None
     if reference_unet:
@@ -321,6 +325,13 @@ def load_sampler(pipeline: str, *, dtype: str = "float32", device: str = "cpu", 
         load_lora(pipe, lora, adapter_name=adapter_name)
     call = sampling_kwargs(pipeline, steps, guidance, size, eta)
     return Sampler(pipe, call, eta, mode, reference)
+
+
+def check_noise_level(scheduler: str | None, noise_level: float | None) -> None:
+    """--noise-level is the flow SDE's: refuse it with any other sampler (it would be ignored)."""
+    if noise_level is not None and scheduler != "flow_sde":
+        raise UserError(f"--noise-level sets the flow SDE's noise; it needs --scheduler flow_sde (got --scheduler "
+                        f"{scheduler or 'the pipeline default'})")
 
 
 def save_png(image, path: Path) -> None:

@@ -131,6 +131,8 @@ def _dpo_method(recipe, accelerator, settings, dataset, collate, errors, eval_se
     describe = (f"beta={m.beta:g} ({m.beta_convention} convention: loss = -log sigmoid(-"
                 f"{'beta/2' if m.beta_convention == 'official' else 'beta'} * margin difference)); "
                 f"{settings.describe()}")
+    if recipe.model.split_backward:
+        describe += "; model.split_backward: each image's forward and backward on its own"
     data_stats = _pair_counts(dataset, accelerator)
     if store is not None:
         from deradiff.training.reference_errors import store_counts

@@ -193,6 +193,8 @@ def test_devices_run_one_shard_per_process_with_the_rows_of_one_process(world, t
         (["--lam", "1", "--baselines", "{rank8}"], "LoRA rank 8 != aligned rank 4"),
         (["--lam", "1", "--baselines", "{otherbase}"], "base model 'stable-diffusion-v1-5"),
         (["--lam", "1", "--reward", "pickscor"], "unknown reward 'pickscor'"),
+        (["--lam", "1", "--noise-level", "1"], "--noise-level sets the flow SDE's noise; it needs --scheduler flow_sde "
+                                               "(got --scheduler ddpm)"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(world, tmp_path, extra, message, capsys):
@@ -201,6 +203,18 @@ def test_bad_input_is_refused_before_sampling(world, tmp_path, extra, message, c
     assert main(["evaluate", *common(world, out), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (out / RESULTS).exists()
+
+
+def test_the_noise_level_enters_the_identity_only_when_given(world):
+    from dataclasses import replace
+
+    from deradiff.evaluation.config import EvalConfig
+
+    plain = EvalConfig(lora=str(world / "aligned"), pipeline=str(world / "pipe"), fidelity="none")
+    assert "noise_level" not in plain.identity()  # as folders sampled before the option: they resume
+    sde = replace(plain, scheduler="flow_sde")
+    assert "noise_level" not in sde.identity()  # the scheduler's default
+    assert replace(sde, noise_level=1.0).identity() == {**sde.identity(), "noise_level": 1.0}
 
 
 def test_a_failed_run_does_not_lock_its_folder(world, tmp_path, capsys):

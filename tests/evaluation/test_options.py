@@ -36,6 +36,7 @@ def _refused(command: str, tmp_path, capsys, *argv: str) -> str:
     (["--steps", "-3"], "argument --steps: must be an integer >= 1, got '-3'"),
     (["--guidance", "-1"], "argument --guidance: must be >= 0, got '-1'"),
     (["--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["--noise-level", "-1"], "argument --noise-level: must be >= 0, got '-1'"),
 ])
 def test_non_positive_steps_and_negative_guidance_are_refused(command, argv, message, tmp_path, capsys):
     assert message in _refused(command, tmp_path, capsys, *argv)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import add_random_lora
 
+from deradiff.errors import UserError
 from deradiff.evaluation import sampling as sampling_module
 from deradiff.evaluation.lams import parse_lam
 from deradiff.evaluation.sampling import (
@@ -146,3 +147,15 @@ def test_flow_sde_sampling_is_per_seed_and_has_path_kl(tmp_path, family):
         assert true_cfg_scale(true_cfg) == 2.0 and true_cfg_scale({**call, "true_cfg_scale": 2.0}) == 1.0
         _, kl_cfg = Sampler(pipe, true_cfg, mode="two_forward").sample(["a dog"], [1], lam)
         assert kl_cfg[0] is not None and kl_cfg[0] > 0 and kl_cfg[0] != pytest.approx(kl_one[0], rel=1e-3)
+
+
+def test_the_flow_sde_noise_level_is_set_and_refused_with_other_samplers(monkeypatch):
+    from deradiff.evaluation import sampling
+    from deradiff.flow import DEFAULT_NOISE_LEVEL
+
+    assert sampling.load_sampler("toy-flow", scheduler="flow_sde", noise_level=1.25).pipe.scheduler.config.noise_level == 1.25
+    assert sampling.load_sampler("toy-flow", scheduler="flow_sde").pipe.scheduler.config.noise_level == DEFAULT_NOISE_LEVEL
+    monkeypatch.setattr("deradiff.models.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    for scheduler in (None, "flow_euler", "ddim"):
+        with pytest.raises(UserError, match="--noise-level sets the flow SDE's noise; it needs --scheduler flow_sde"):
+            sampling.load_sampler("toy-flow", scheduler=scheduler, noise_level=1.0)
