@@ -3,12 +3,13 @@ against diffusers' example examples/research_projects/diffusion_dpo/train_diffus
 side by side on the same SD1.5-shaped model, data, batch and LoRA.
 
     # the example is not part of this repository: save its source outside it first (see below)
-    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py        # 256 px, 37 min, ~7 GB RAM
+    python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py        # 256 px, 3 repeats, ~7 GB RAM
     python benchmarks/diffusers_dpo.py --example /tmp/dd/train_diffusion_dpo.py --tiny --repeats 1 \\
         --out /tmp/diffusers_dpo.json                                                  # toy widths, ~2 min
 
-The 256 px run (benchmarks/results/diffusers_dpo.json) took 37 min on 2 cores shared with other
-jobs (load average 4-6): world 1 min, cache 1.3 min, 9 runs of 2.5-5 min each.
+The 256 px run (benchmarks/results/diffusers_dpo.json, --repeats 2) took 9.3 min on 2 quiet
+cores (load average 1.5-2.2): world 1 min, cache 0.8 min, 8 runs of 0.8-1.1 min each (beside
+other jobs, load 4-6, runs took 2.5-5 min).
 
 Getting the example (the copy measured: blob a65767d0 of huggingface/diffusers, identical at tag
 v0.40.0 and on main at 58eb52c0; its last change is c9c82173, 2025-08-11):
