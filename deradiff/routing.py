@@ -22,8 +22,8 @@ Two routes per plain LoRA layer (nn.Linear or nn.Conv2d base), chosen by `stack_
 
 peft's own per-row routing (the `adapter_names` argument) instead scans the row names in Python
 and runs a gather, two LoRA matmuls and a scatter-add per layer and adapter, which is what kept
-the mixed batch at 0.77-0.83x of two forwards where calls are launch-bound
-(benchmarks/realign_floor.py: stacked 0.62-0.67x, sliced 0.68-0.77x). It is kept for what the
+the mixed batch at 0.75-0.80x of two forwards where calls are launch-bound
+(benchmarks/realign_floor.py at 1-4 rows: stacked 0.58-0.66x, sliced 0.67-0.74x). It is kept for what the
 two routes do not reproduce: DoRA and other peft LoRA variants, LoRA bias, base types other than
 nn.Linear / nn.Conv2d (quantized ones included), merged adapters, dropout active in train mode,
 accelerate offload hooks, and every layer while autograd is on (the routes are for sampling;
