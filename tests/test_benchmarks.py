@@ -130,3 +130,29 @@ def test_sampling_benchmark_runs_both_models(tmp_path):
         batch = result["results"][model]["batches"]["1"]
         assert all(batch[a]["sec_per_call"] > 0 for a in ("plain", "two_forward", "mixed_batch"))
         assert f"{model}_mixed_batch_max_rows" in result["summary"]
+
+
+def test_rounds_rotate_the_approaches_and_take_medians(monkeypatch):
+    """--rounds N: every approach's process runs N times, round r starting at approach r, and
+    each numeric field is the median over its rounds."""
+    from argparse import Namespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    order, seconds = [], {"a": iter([3.0, 1.0, 2.0, 7.0]), "b": iter([5.0, 4.0, 6.0])}
+
+    def fake_run(cmd, **kwargs):
+        approach = cmd[cmd.index("--worker") + 1]
+        assert not any(word.startswith("--rounds") for word in cmd)
+        order.append(approach)
+        out = json.dumps({"sec": next(seconds[approach]), "name": approach, "flag": True})
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"log line\n{out}\n", stderr="")
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    results = common.run_workers("bench.py", ["a", "b"], Namespace(rounds=3, worker=None, out="x.json", size=8))
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert results["a"]["sec"] == 2.0 and results["b"]["sec"] == 5.0 and results["a"]["flag"] is True
+    assert [r["sec"] for r in results["a"]["rounds"]] == [3.0, 1.0, 2.0] and results["b"]["name"] == "b"
+    single = common.run_workers("bench.py", ["a"], Namespace(rounds=1, worker=None, out="x.json"))
+    assert "rounds" not in single["a"]
