@@ -814,11 +814,6 @@ def _repeat_call(args: tuple, kwargs: dict, n: int, copies: int,
     return args, kwargs
 
 
-def _double_call(args: tuple, kwargs: dict, n: int, names: tuple[str, ...] | None) -> tuple[tuple, dict]:
-    """The call's arguments with every batched tensor doubled ([rows; rows])."""
-    return _repeat_call(args, kwargs, n, 2, names)
-
-
 def _repeat_batch(obj, n: int, copies: int):
     """Concatenate `copies` times every tensor whose leading dim is the batch size (recursively)."""
     if isinstance(obj, torch.Tensor):

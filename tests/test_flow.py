@@ -14,7 +14,7 @@ from deradiff.errors import UserError
 from deradiff.flow import FlowMatchSDEScheduler, gaussian_log_prob
 from deradiff.realign import (
     RealignedDenoiser,
-    _double_call,
+    _repeat_call,
     path_kl,
     realigned,
     records_guidance_scale,
@@ -141,7 +141,7 @@ def test_mixed_batch_does_not_double_flux_position_ids(flow_pipes):
         "guidance": torch.full((n,), 3.5), "txt_ids": torch.zeros(n, 3), "img_ids": torch.rand(n, 3, generator=gen),
         "joint_attention_kwargs": {}, "return_dict": False,
     }
-    _, doubled = _double_call((), kwargs, n, None)
+    _, doubled = _repeat_call((), kwargs, n, 2, None)
     assert doubled["txt_ids"] is kwargs["txt_ids"] and doubled["img_ids"] is kwargs["img_ids"]
     assert doubled["hidden_states"].shape[0] == doubled["guidance"].shape[0] == 2 * n
     two = RealignedDenoiser(adapted.transformer, lam=1.5)(**kwargs)[0]

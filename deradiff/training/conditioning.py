@@ -143,13 +143,13 @@ class PromptCache:
         return self.table.rows([self.index[p] for p in prompts]).to(device)
 
 
-def drop_modules(pipe, names) -> int:
-    """Set the pipeline's components `names` to None (those present) and return the number of
-    parameters freed."""
+def drop_text_encoders(pipe) -> int:
+    """Remove the pipeline's text encoders (set to None, as the SD3 pipeline allows for T5) and
+    return the number of parameters freed; call after every needed prompt is encoded."""
     import gc
 
     freed = 0
-    for name in names:
+    for name in TEXT_ENCODERS:
         module = getattr(pipe, name, None)
         if module is not None:
             freed += sum(p.numel() for p in module.parameters())
@@ -158,9 +158,3 @@ def drop_modules(pipe, names) -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return freed
-
-
-def drop_text_encoders(pipe) -> int:
-    """Remove the pipeline's text encoders (set to None, as the SD3 pipeline allows for T5) and
-    return the number of parameters freed; call after every needed prompt is encoded."""
-    return drop_modules(pipe, TEXT_ENCODERS)
