@@ -9,10 +9,12 @@ What it measures (each row in benchmarks/results/gpu.json and in the printed tab
 - sampling: the denoising loop of each family at native resolution (SD1.5 64x64 latents, SDXL
   128x128, SD3.5-medium 128x128 x 16 channels) with a random rank-16 LoRA on the attention
   projections, at batch 1 and 4 (rows per denoiser call: with classifier-free guidance a
-  pipeline doubles them), for four approaches: `aligned_only` (one forward per step, no
+  pipeline doubles them), for five approaches: `aligned_only` (one forward per step, no
   realignment), `two_forward` (RealignedDenoiser, LoRA toggled), `mixed_batch` (one forward on
-  the doubled batch) and `two_models` (a second full denoiser with the LoRA merged: the
-  official approach). Text encoding and VAE decoding are left out: they are the same for every
+  the doubled batch, the device's default route: sliced, no weight copies, on GPUs),
+  `mixed_stacked` (the same with stacked merged weights, the CPU default: does stacking pay on
+  a GPU?) and `two_models` (a second full denoiser with the LoRA merged: the official
+  approach). Text encoding and VAE decoding are left out: they are the same for every
   approach. The final latents of `two_forward` and `two_models` must agree (same lambda, same
   noise): the script checks it and records the difference.
 - dpo_step: one Diffusion-DPO step (the trainer's deradiff.training.dpo: reference forward with
@@ -44,7 +46,10 @@ from deradiff.realign import RealignedDenoiser  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MMDIT_TARGETS = [*UNET_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "two_models")
+APPROACHES = ("aligned_only", "two_forward", "mixed_batch", "mixed_stacked", "two_models")
+# RealignedDenoiser stack_weights per mixed approach: mixed_batch is the device's default route
+# (sliced on GPUs, stacked on CPU), mixed_stacked forces the stacked weights (deradiff.routing)
+STACK_WEIGHTS = {"mixed_batch": None, "mixed_stacked": True}
 
 
 # -- model shapes --------------------------------------------------------------------------------
@@ -214,7 +219,9 @@ def sampling_rows(args, device, dtype) -> list[dict]:
                 elif approach == "two_models":
                     model = RealignedDenoiser(merged, lam=args.lam, reference=reference, record=False)
                 else:
-                    model = RealignedDenoiser(aligned, lam=args.lam, mode=approach, record=False)
+                    mode = "two_forward" if approach == "two_forward" else "mixed_batch"
+                    model = RealignedDenoiser(aligned, lam=args.lam, mode=mode, record=False,
+                                              stack_weights=STACK_WEIGHTS.get(approach))
                 seconds, final = timed(lambda m=model, f=family, c=cond, b=batch:
                                        denoise(m, f, b, args.steps, device, dtype, c), args.repeats, device)
                 finals[approach] = final.float().cpu()

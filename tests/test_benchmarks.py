@@ -33,7 +33,7 @@ def test_gpu_benchmark_tiny_runs_and_agrees(tmp_path):
     sampling = [r for r in result["rows"] if r["bench"] == "sampling"]
     assert {(r["family"], r["approach"], r["batch"]) for r in sampling} == {
         (f, a, b) for f in ("sd15", "sdxl", "sd3")
-        for a in ("aligned_only", "two_forward", "mixed_batch", "two_models") for b in (1, 4)}
+        for a in ("aligned_only", "two_forward", "mixed_batch", "mixed_stacked", "two_models") for b in (1, 4)}
     for r in sampling:  # same lambda and noise: LoRA toggle == a second full model with the LoRA merged
         assert r["two_forward_vs_two_models_max_abs"] <= 1e-4 * max(1.0, r["final_latent_max_abs"]), r
         assert r["sec_per_step"] > 0 and r["peak_gib"] is None  # memory is measured on CUDA only
