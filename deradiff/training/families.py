@@ -240,8 +240,9 @@ def family_of(pipe) -> str:
         return "sd3"
     if name.startswith("Flux"):
         return "flux"
-    if transformer is not None:
-        raise UserError(f"{type(pipe).__name__} with a {name} is not a supported family (sd15, sdxl, sd3, flux)")
+    if transformer is not None or "transformer" in getattr(pipe, "config", {}):  # e.g. PixArt, its transformer left out
+        denoiser = f" (its denoiser: {name})" if transformer is not None else ""
+        raise UserError(f"{type(pipe).__name__}{denoiser} is not a supported family (sd15, sdxl, sd3, flux)")
     has_second = getattr(pipe, "text_encoder_2", None) is not None or "text_encoder_2" in getattr(pipe, "config", {})
     return "sdxl" if has_second else "sd15"
 

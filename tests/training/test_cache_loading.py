@@ -191,6 +191,23 @@ def test_every_family_loads_without_its_encoders_and_completes_around_its_denois
     assert getattr(full, "default_sample_size", None) == getattr(plain, "default_sample_size", None)
 
 
+def test_an_unsupported_pipeline_is_refused_with_or_without_its_transformer():
+    from deradiff.errors import UserError
+    from deradiff.training.families import family_of
+
+    class PixArtAlphaPipeline:  # a transformer pipeline of no supported family
+        def __init__(self, transformer):
+            self.transformer, self.config = transformer, {"transformer": ["diffusers", "PixArtTransformer2DModel"]}
+
+    class PixArtTransformer2DModel(torch.nn.Module):
+        pass
+
+    with pytest.raises(UserError, match=r"^PixArtAlphaPipeline \(its denoiser: PixArtTransformer2DModel\) is not a "):
+        family_of(PixArtAlphaPipeline(PixArtTransformer2DModel()))
+    with pytest.raises(UserError, match=r"^PixArtAlphaPipeline is not a supported family"):
+        family_of(PixArtAlphaPipeline(None))  # left out, as `deradiff cache` loads it: not taken for SD1.5
+
+
 @pytest.mark.parametrize("model", ["toy", "toy-flow"])
 def test_the_toy_plugin_leaves_components_out_and_keeps_a_given_denoiser_in_its_dtype(model):
     with loaded_components() as names:
