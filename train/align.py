@@ -27,11 +27,7 @@ from deradiff.errors import UserError
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        from deradiff.training.recipe_load import recipe_keys
-
-        print(__doc__ + "\nRecipe keys (each settable as key=value; see deradiff/training/recipe.py for meanings):\n  "
-              + "\n  ".join(recipe_keys()))
-        return 0
+        return print_help(argv)
     from deradiff.training.recipe_checks import preflight
     from deradiff.training.recipe_load import load_recipe
     from deradiff.training.recipe_runs import check_resume, sweep_recipes
@@ -55,6 +51,25 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"align: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def print_help(argv: list[str]) -> int:
+    """--help: this docstring and every recipe key (default, the start of its meaning);
+    --help TOPIC: the whole description of one key or section, e.g. --help model.split_backward."""
+    from deradiff.training.recipe_help import recipe_help
+
+    at = next(i for i, a in enumerate(argv) if a in ("-h", "--help"))
+    topic = argv[at + 1] if at + 1 < len(argv) and "=" not in argv[at + 1] else None
+    try:
+        if topic is not None:
+            print(recipe_help(topic))
+            return 0
+    except UserError as err:
+        print(f"align: error: {err}", file=sys.stderr)
+        return 2
+    print(__doc__ + "\nRecipe keys = their defaults (key=value sets one; `--help KEY` or `--help SECTION` prints "
+          "the whole description):\n" + recipe_help())
     return 0
 
 

@@ -417,3 +417,44 @@ def test_split_backward_is_refused_where_it_cannot_hold():
         load_recipe(None, ["method.beta=1", "method.name=kl_grad", "model.split_backward=true"])
     with pytest.raises(UserError, match="model.split_backward=true with model.mixed_precision=fp16.*use bf16"):
         load_recipe(None, ["method.beta=2000", "model.split_backward=true", "model.mixed_precision=fp16"])
+
+
+# -- --help ---------------------------------------------------------------------------------------
+
+
+def test_every_recipe_key_is_described_once_in_its_section_docstring():
+    from deradiff.training.recipe_help import key_descriptions
+
+    described = key_descriptions()
+    assert set(described) == set(recipe_keys()), set(recipe_keys()) ^ set(described)
+    assert all(len(text) > 5 for text in described.values())
+
+
+def test_help_lists_every_key_with_its_default_and_explains_one_in_full():
+    from deradiff.training.recipe_help import recipe_help
+
+    listing = recipe_help().splitlines()
+    assert [ln.split()[0] for ln in listing if not ln.startswith("   ")] == recipe_keys()  # long keys wrap
+    assert any(line.split()[:3] == ["model.split_backward", "=", "false"] for line in listing)
+    assert any(line.split()[:3] == ["lora.target_modules", "=", "[to_q,"] for line in listing)
+    one = recipe_help("model.split_backward")
+    assert one.startswith("model.split_backward: true or false, default false\n") and "ZeRO-3" in one
+    section = recipe_help("sample")
+    assert [ln.split(":")[0] for ln in section.splitlines() if ln.startswith("sample.")] == [
+        k for k in recipe_keys() if k.startswith("sample.")]
+    with pytest.raises(UserError, match=r"--help model.splt: no such recipe key or section: did you mean "
+                                        r"'model.split_backward'"):
+        recipe_help("model.splt")
+
+
+def test_align_help_prints_the_keys_and_a_topic(tmp_path):
+    import subprocess
+    import sys
+
+    align = [sys.executable, str(Path(__file__).resolve().parents[2] / "train" / "align.py")]
+    listing = subprocess.run([*align, "--help"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "model.split_backward = false" in listing.stdout
+    topic = subprocess.run([*align, "--help", "trainer.lr"], capture_output=True, text=True, timeout=120)
+    assert topic.returncode == 0 and topic.stdout.startswith("trainer.lr: a number, default 0.0001")
+    bad = subprocess.run([*align, "--help", "trainer.lrr"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "did you mean 'trainer.lr'" in bad.stderr
