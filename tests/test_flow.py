@@ -84,12 +84,13 @@ def test_lambda_0_and_1_are_bit_exact(flow_pipes, family, guidance, scheduler):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stack_weights", [True, False])  # the stacked (CPU default) and sliced routes
 @pytest.mark.parametrize("family,guidance", CASES)
-def test_mixed_batch_equals_two_forward_at_lambda_2(flow_pipes, family, guidance):
+def test_mixed_batch_equals_two_forward_at_lambda_2(flow_pipes, family, guidance, stack_weights):
     adapted, _ = flow_pipes[family]
     with realigned(adapted, lam=2.0) as two:
         want = _run(adapted, guidance)
-    with realigned(adapted, lam=2.0, mode="mixed_batch") as one:
+    with realigned(adapted, lam=2.0, mode="mixed_batch", stack_weights=stack_weights) as one:
         got = _run(adapted, guidance)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert [r.timestep for r in one.records] == pytest.approx([r.timestep for r in two.records])

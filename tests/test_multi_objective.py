@@ -100,12 +100,13 @@ def test_corners_are_bit_exact_in_two_forward_and_close_in_mixed_batch(pipe):
     assert [p.requires_grad for p in pipe.unet.parameters()] == grads  # no set_adapter side effects
 
 
-def test_two_forward_and_mixed_batch_agree(pipe):
+@pytest.mark.parametrize("stack_weights", [True, False])  # the stacked (CPU default) and sliced routes
+def test_two_forward_and_mixed_batch_agree(pipe, stack_weights):
     set_scheduler(pipe, "ddpm")
     for lam in ({"color": 1.5, "contrast": 0.5}, "color=cosine:0,2,contrast=-0.5"):
         with realigned(pipe, lam=lam, mode="two_forward") as two:
             images_two = _run(pipe)
-        with realigned(pipe, lam=lam, mode="mixed_batch") as one:
+        with realigned(pipe, lam=lam, mode="mixed_batch", stack_weights=stack_weights) as one:
             images_one = _run(pipe)
         np.testing.assert_allclose(images_one, images_two, atol=1e-5, rtol=0)
         for a, b in zip(one.records, two.records, strict=True):

@@ -64,13 +64,14 @@ def test_sdxl_pipeline_lambda_0_and_1_exact_and_proxies_add_embedding(tiny_sdxl)
     np.testing.assert_allclose(mixed, two, atol=1e-5)
 
 
+@pytest.mark.parametrize("stack_weights", [True, False])  # the stacked (CPU default) and sliced routes
 @pytest.mark.parametrize("lam", [0.5, 2.0, "cosine:0,2"])
-def test_mixed_batch_equals_two_forward(tiny_sd15, lam):
+def test_mixed_batch_equals_two_forward(tiny_sd15, lam, stack_weights):
     adapted, _ = tiny_sd15
     set_scheduler(adapted, "ddim")
     with realigned(adapted, lam=lam, mode="two_forward"):
         two = _run(adapted)
-    with realigned(adapted, lam=lam, mode="mixed_batch"):
+    with realigned(adapted, lam=lam, mode="mixed_batch", stack_weights=stack_weights):
         one = _run(adapted)
     # Not bit-exact: the doubled batch may pick other CPU kernels (~1e-6 per forward).
     np.testing.assert_allclose(one, two, atol=1e-5)
