@@ -263,7 +263,7 @@ class TrainerSection:
         compile: torch.compile the denoiser (inductor; the first steps compile, which takes
             minutes at SD size and needs a C++ compiler on CPU). Same numbers to float
             tolerance. Memory knobs live in the model section (mixed_precision,
-            gradient_checkpointing); attention is diffusers' SDPA processor by default.
+            gradient_checkpointing, split_backward); attention is diffusers' SDPA processor by default.
     """
 
     output_dir: str = "runs/align"
