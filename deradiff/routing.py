@@ -84,8 +84,11 @@ class RowGroupRouter:
         counts = RouteCounts()
         for layer in self.layers:
             effective = _effective_names(layer, names)
-            route = _route_of(layer, effective, self.stack_weights) if routable else "peft"
             if all(name is None for name in effective):
+                route = "base"
+            else:
+                route = _route_of(layer, effective, self.stack_weights) if routable else "peft"
+            if route == "base":
                 forward = _base_only(layer)
                 counts.base += 1
             elif route == "stacked":
