@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from deradiff.errors import UserError
 from deradiff.io import atomic_write, write_json_atomic
-from deradiff.models import LORA_WEIGHT_NAME, add_lora, denoiser_name, lora_state_dict, save_lora
+from deradiff.models import DENOISERS, LORA_WEIGHT_NAME, add_lora, denoiser_name, lora_state_dict, save_lora
 from deradiff.training.checkpoint import (
     TrainState,
     any_rank,
@@ -185,7 +185,7 @@ def prepare_pipeline(recipe, accelerator):
         pipe = load_pipeline(m.name_or_path, revision=m.revision, variant=m.variant, vae=m.vae_name_or_path,
                              components=dict.fromkeys(left_out(recipe)))
     dtype = weight_dtype(accelerator)
-    for name in (*FROZEN_ENCODERS, "unet", "transformer"):
+    for name in (*FROZEN_ENCODERS, *DENOISERS):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
