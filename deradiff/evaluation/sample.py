@@ -30,7 +30,7 @@ from deradiff.evaluation.baselines import trained_base
 from deradiff.evaluation.config import DEFAULT_PIPELINE
 from deradiff.evaluation.lams import LAM_POLICY, Lam, lambda_arg
 from deradiff.evaluation.options import add_sampler_arguments, check_lora_lams, parse_loras
-from deradiff.evaluation.sampling import Sampler, check_noise_level, check_prompts, load_sampler, save_png
+from deradiff.evaluation.sampling import Sampler, check_prompts, load_sampler, save_png
 from deradiff.grids import save_image_grid
 from deradiff.io import atomic_dir, write_text_atomic
 
@@ -101,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         first = next(iter(loras.values())) if isinstance(loras, dict) else loras
         args.pipeline = trained_base(first, DEFAULT_PIPELINE) if first else DEFAULT_PIPELINE
     check_prompts(args.pipeline, prompts)
-    check_noise_level(args.scheduler, args.noise_level)
     out = Path(args.out)
     check_out(out, args.overwrite)
 
