@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import platform
 import statistics
 import sys
@@ -288,7 +289,7 @@ def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool, split:
     ids = torch.randint(0, 1000, (pairs, 77), generator=g).to(device)
     sched = scheduler_for("sd15")
     autocast = dict(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-    calls = iter(range(10**9))
+    epochs = itertools.count()  # each step draws its own keyed timesteps and noise
 
     def step():
         with torch.autocast(**autocast):
@@ -300,7 +301,7 @@ def make_dpo_step(args, device, dtype, checkpointing: bool, cached: bool, split:
                     emb = text(ids % text.config.vocab_size)[0]
                     emb = F.pad(emb, (0, unet.config.cross_attention_dim - emb.shape[-1]))
             errors = dpo_errors_from_latents(unet, unet, sched, latents, Conditioning(emb), list(range(pairs)),
-                                             seed=0, epoch=next(calls), split_backward=split)
+                                             seed=0, epoch=next(epochs), split_backward=split)
             loss, _ = diffusion_dpo_loss(*errors, beta=2000)
         loss.backward()
         opt.step()
