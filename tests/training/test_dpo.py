@@ -190,14 +190,10 @@ def _family_pipe(family, tmp_path, tiny_sd15, tiny_sdxl):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_flow import build_tiny_flux, build_tiny_sd3
+    from tiny_flow import add_random_transformer_lora, build_tiny_flux, build_tiny_sd3
 
     pipe = (build_tiny_sd3 if family == "sd3" else build_tiny_flux)(tmp_path / family)
-    add_lora(pipe.transformer, rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"])
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    add_random_transformer_lora(pipe.transformer, rank=2)
     return pipe, pipe.transformer, 32, {"guidance": 3.5, "max_sequence_length": 8}
 
 
