@@ -479,9 +479,10 @@ def _encode_split(pipe, pairs, flips: list[bool], batch_size: int, num_workers: 
 @torch.no_grad()
 def _text_table(pipe, captions: list[str], recipe, device, chunk: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from deradiff.training.conditioning import encode_prompts
+    from deradiff.training.families import guidance_input
 
     m = recipe.model
-    kwargs = {"max_sequence_length": m.max_sequence_length, "guidance": _flux_guidance(recipe, pipe)}
+    kwargs = {"max_sequence_length": m.max_sequence_length, "guidance": guidance_input(recipe, pipe)}
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(captions), chunk):
         cond = encode_prompts(pipe, captions[start:start + chunk], device, recipe.data.resolution, **kwargs)
@@ -492,20 +493,6 @@ def _text_table(pipe, captions: list[str], recipe, device, chunk: int, dtype: to
         if table[name].is_floating_point() and name != "guidance":
             table[name] = table[name].to(dtype)
     return table
-
-
-def _flux_guidance(recipe, pipe) -> float | None:
-    """method.guidance_scale where the transformer takes the guidance as an input (FLUX.1-dev's
-    guidance_embeds, read from its config when it is not loaded), else None."""
-    from deradiff.models import component_config
-
-    m = recipe.model
-    if m.kind != "flux":
-        return None
-    transformer = getattr(pipe, "transformer", None)
-    config = transformer.config if transformer is not None else component_config(m.name_or_path, "transformer",
-                                                                                 m.revision)
-    return recipe.method.guidance_scale if config.get("guidance_embeds") else None
 
 
 def _write_split(out: Path, split: str, encoded: dict, text: dict, shard_pairs: int, stats: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 from deradiff.models import adapters_disabled
 from deradiff.seeding import SALT_DPO_NOISE, SALT_DPO_VAE, keyed_randn
 from deradiff.training.conditioning import Conditioning
-from deradiff.training.families import TimestepSampling, check_family, get_family
+from deradiff.training.families import TimestepSampling, check_family, get_family, guidance_input
 from deradiff.training.losses import per_sample_mse
 
 
@@ -203,6 +203,4 @@ def dpo_settings(recipe, pipe) -> DPOSettings:
     check_family(recipe.model.kind, pipe)
     m = recipe.method
     sampling = TimestepSampling(m.sigma_sampling, m.logit_mean, m.logit_std)
-    needs_guidance = recipe.model.kind == "flux" and pipe.transformer.config.guidance_embeds
-    return DPOSettings(recipe.model.kind, sampling, m.guidance_scale if needs_guidance else None,
-                       recipe.model.max_sequence_length)
+    return DPOSettings(recipe.model.kind, sampling, guidance_input(recipe, pipe), recipe.model.max_sequence_length)

@@ -230,6 +230,20 @@ def get_family(name: str) -> UNetFamily | FlowFamily:
     return FAMILIES[name]
 
 
+def guidance_input(recipe, pipe) -> float | None:
+    """method.guidance_scale where the denoiser takes the guidance as an input (FLUX.1-dev's
+    guidance_embeds, read from the transformer's config.json when it is not loaded), else None."""
+    from deradiff.models import component_config
+
+    m = recipe.model
+    if m.kind != "flux":
+        return None
+    transformer = getattr(pipe, "transformer", None)
+    config = transformer.config if transformer is not None else component_config(m.name_or_path, "transformer",
+                                                                                 m.revision)
+    return recipe.method.guidance_scale if config.get("guidance_embeds") else None
+
+
 def family_of(pipe) -> str:
     """The family of a loaded pipeline, from its denoiser (or, left out as when a latent cache is
     built, the pipeline's class) and text encoders (a second text encoder, loaded or left out: a
